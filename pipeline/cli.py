@@ -1,0 +1,58 @@
+"""The one Typer app, console script `rsa-pl`: maps command names to pipeline functions.
+
+A command appears here only once its stage works end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import rsa_pl
+from pipeline import check_params
+from rsa_pl.config import ParamsError
+
+app = typer.Typer(
+    name="rsa-pl",
+    help="Risk-aware Stepwise Alignment (RSA) of language models, stage by stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_out = Console()
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file (see rsa_pl/config.py for every key).")]
+
+
+def _fail(error: Exception, code: int = 2) -> typer.Exit:
+    for line in str(error).splitlines():
+        _err.print(f"[red]error:[/red] {line}", markup=True)
+    return typer.Exit(code)
+
+
+@app.command("check-params")
+def check_params_command(params: ParamsOption = Path("params.yaml")) -> None:
+    """Validate a params file, report every problem with its key, show the resolved values."""
+    try:
+        check_params.run(params, _out)
+    except ParamsError as error:
+        raise _fail(error) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        _out.print(f"rsa-pl {rsa_pl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Risk-aware Stepwise Alignment (RSA) of language models, stage by stage."""

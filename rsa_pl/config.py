@@ -1,0 +1,244 @@
+"""Typed params: one model per params.yaml section, every problem reported at once.
+
+params.yaml is the single source of hyperparameters. Every key is required (no hidden
+defaults), unknown keys are rejected with the closest valid key suggested, types are strict
+(a quoted "0.1" is not a number), and cross-field rules are checked once the fields of a
+section are valid. All problems of a file are collected and reported with their dotted key
+path, e.g. `train_safety.risk.mu: must be in (0, 1] for cvar, got 1.5`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rsa_pl.risk import RISK_MEASURES, check_mu
+
+__all__ = ["Params", "ParamsError", "PreferenceStageParams", "RiskParams", "load_params", "parse_params"]
+
+Problem = tuple[str, str]  # (dotted key path, message)
+
+
+class _Section(BaseModel):
+    """A params.yaml mapping: strict types, no unknown keys, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def cross_field_problems(self) -> list[Problem]:
+        """Problems that involve several fields, as (relative dotted path, message)."""
+        return []
+
+
+class RiskParams(_Section):
+    """The token risk measure Phi_mu of the sequential risk term D (PAPER.md)."""
+
+    measure: Literal["kl", "cvar", "erm", "cvar_radpo"]
+    """kl (TDPO), cvar (tail mass mu), erm (entropic, aversion mu), cvar_radpo (Ra-DPO's estimator)."""
+    mu: float
+    """cvar, cvar_radpo: in (0, 1] (smaller = more risk-averse); erm: > 0 (larger = more averse); kl: ignored."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        problem = check_mu(self.measure, self.mu)
+        return [("mu", problem)] if problem else []
+
+
+# Which risk measures each loss name admits; DPO has no risk term (alpha must be 0).
+LOSS_MEASURES: dict[str, tuple[str, ...]] = {
+    "dpo": tuple(RISK_MEASURES),
+    "tdpo": ("kl",),
+    "rsa": ("cvar", "erm", "cvar_radpo"),
+}
+
+
+class PreferenceStageParams(_Section):
+    """The objective of a preference stage (train_reward: helpfulness, train_safety: safety)."""
+
+    loss: Literal["dpo", "tdpo", "rsa"]
+    """dpo (alpha = 0), tdpo (measure kl), or rsa (measure cvar, erm or cvar_radpo)."""
+    beta: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Temperature: beta_1 for stage 1; beta_2 = beta / lambda for stage 2 (smaller = stronger realignment)."""
+    alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    """Weight of the risk term; 0 for dpo, > 0 for tdpo and rsa."""
+    variant: Literal[1, 2]
+    """2: stop-gradient through D(y_w) (TDPO2, RSA Eq. 15); 1: no stop-gradient (TDPO1 at alpha = 1)."""
+    risk: RiskParams | None
+    """The risk measure of D; null skips it (dpo only). With dpo it is computed and logged, not optimised."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.loss == "dpo" and self.alpha != 0:
+            problems.append(("alpha", f"must be 0 for loss dpo (DPO has no risk term), got {self.alpha}"))
+        if self.loss != "dpo" and self.alpha == 0:
+            problems.append(("alpha", f"must be > 0 for loss {self.loss} (alpha = 0 is loss dpo)"))
+        if self.loss != "dpo" and self.risk is None:
+            problems.append(("risk", f"required for loss {self.loss}: a mapping with measure and mu"))
+        if self.risk is not None:
+            allowed = LOSS_MEASURES[self.loss]
+            if self.risk.measure not in allowed:
+                problems.append(
+                    (
+                        "risk.measure",
+                        f"must be one of {', '.join(allowed)} for loss {self.loss}, got {self.risk.measure!r}",
+                    )
+                )
+        return problems
+
+    def objective(self) -> dict[str, Any]:
+        """Keyword arguments of rsa_pl.losses.preference_loss_from_logits."""
+        return {
+            "beta": self.beta,
+            "alpha": self.alpha,
+            "variant": self.variant,
+            "measure": self.risk.measure if self.risk else None,
+            "mu": self.risk.mu if self.risk else 1.0,
+        }
+
+
+class Params(_Section):
+    """All of params.yaml: one field per pipeline stage that exists so far."""
+
+    train_reward: PreferenceStageParams
+    """Stage 1, reward (helpfulness) alignment; reference = the SFT model."""
+    train_safety: PreferenceStageParams
+    """Stage 2, safety realignment; reference = the stage-1 policy."""
+
+
+class ParamsError(ValueError):
+    """Invalid params: every problem with its dotted key path."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
+            for path, message in self.problems
+        ]
+        return "\n".join(lines)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-5 as a float, as YAML 1.2 does (YAML 1.1 reads a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _nested_section(annotation: Any) -> type[_Section] | None:
+    """The _Section class a field holds (directly or as `Section | None`), else None."""
+    candidates = (
+        list(get_args(annotation)) if get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+    )
+    nested = [c for c in candidates if isinstance(c, type) and issubclass(c, _Section)]
+    return nested[0] if nested else None
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that the key path loc leads to, or None."""
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        if field is None:
+            return None
+        model = _nested_section(field.annotation)
+    return model
+
+
+def _unknown_key_message(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    parent = _model_at(model, loc[:-1])
+    valid = list(parent.model_fields) if parent else []
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+    return f"unknown key; {hint}"
+
+
+def _describe(model: type[BaseModel], error: Mapping[str, Any]) -> Problem:
+    loc = tuple(error["loc"])
+    path = ".".join(str(part) for part in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return path, _unknown_key_message(model, loc)
+    if kind == "missing":
+        return path, "missing (every key is required; params have no hidden defaults)"
+    message = error["msg"][0].lower() + error["msg"][1:]
+    return path, f"{message}, got {error['input']!r}"
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+def _cross_field_problems(section: _Section, prefix: str) -> list[Problem]:
+    problems = [(_join(prefix, path), message) for path, message in section.cross_field_problems()]
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, _Section):
+            problems += _cross_field_problems(value, _join(prefix, name))
+    return problems
+
+
+def _validate(model: type[_Section], raw: Any, prefix: str) -> tuple[_Section | None, list[Problem]]:
+    """Validate raw as model; return it (or None) and every problem found, with full key paths.
+
+    When fields fail, the nested sections are still validated on their own for their
+    cross-field rules, so one run reports as much as can be known.
+    """
+    try:
+        section = model.model_validate(raw)
+    except ValidationError as error:
+        problems = [(_join(prefix, path), message) for path, message in (_describe(model, e) for e in error.errors())]
+        if isinstance(raw, Mapping):
+            for name, field in model.model_fields.items():
+                nested = _nested_section(field.annotation)
+                if nested is not None and isinstance(raw.get(name), Mapping):
+                    problems += _validate(nested, raw[name], _join(prefix, name))[1]
+        return None, list(dict.fromkeys(problems))  # nested field problems come twice
+    return section, _cross_field_problems(section, prefix)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raises ParamsError listing every problem."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(source, [("", f"must be a mapping of sections, got {type(raw).__name__}")])
+    params, problems = _validate(Params, raw, "")
+    if problems or params is None:
+        raise ParamsError(source, problems)
+    return params  # type: ignore[return-value]
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params.yaml file; raises ParamsError with every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(str(path), [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParamsError(str(path), [("", f"cannot read: {error}")]) from None
+    try:
+        raw = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        raise ParamsError(str(path), [("", f"{line}invalid YAML: {getattr(error, 'problem', error)}")]) from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,190 @@
+"""rsa_pl.config: the committed params load; every bad value is reported with its key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from rsa_pl.config import Params, ParamsError, load_params, parse_params
+from rsa_pl.losses import preference_loss_from_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def problems_of(raw: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    return dict(caught.value.problems)
+
+
+def test_committed_params_load() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.train_safety.risk is not None
+    assert params.train_reward.beta > params.train_safety.beta  # stage 2 realigns more strongly
+
+
+def test_params_are_immutable() -> None:
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(ValueError, match="frozen"):
+        params.train_safety.beta = 1.0  # type: ignore[misc]
+
+
+def test_objective_drives_the_loss() -> None:
+    params = load_params(ROOT / "params.yaml")
+    logits = torch.randn(4, 3, 5)
+    labels = torch.randint(0, 5, (4, 3))
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    losses, metrics = preference_loss_from_logits(logits, logits + 0.1, labels, mask, **params.train_safety.objective())
+    assert losses.shape == (2,)
+    assert "risk/chosen" in metrics
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value", "expected"),
+    [
+        ("train_safety.risk.mu", 1.5, "must be in (0, 1] for cvar, got 1.5"),
+        ("train_safety.risk.mu", 0.0, "must be in (0, 1] for cvar, got 0.0"),
+        ("train_safety.risk.mu", "0.9", "input should be a valid number"),
+        ("train_safety.risk.measure", "cvr", "input should be 'kl', 'cvar', 'erm' or 'cvar_radpo'"),
+        ("train_safety.beta", 0.0, "input should be greater than 0, got 0.0"),
+        ("train_safety.beta", -1, "input should be greater than 0"),
+        ("train_safety.beta", "0.1", "input should be a valid number, got '0.1'"),
+        ("train_safety.beta", float("inf"), "input should be a finite number"),
+        ("train_safety.beta", True, "input should be a valid number"),
+        ("train_reward.alpha", -0.5, "input should be greater than or equal to 0"),
+        ("train_reward.variant", 3, "input should be 1 or 2, got 3"),
+        ("train_reward.loss", "ppo", "input should be 'dpo', 'tdpo' or 'rsa', got 'ppo'"),
+        ("train_reward.risk", "cvar", "input should be a valid dictionary or instance of RiskParams"),
+        ("train_reward", [1, 2], "input should be a valid dictionary or instance of PreferenceStageParams"),
+    ],
+)
+def test_bad_values_name_their_key(raw: dict[str, Any], key_path: str, value: Any, expected: str) -> None:
+    *parents, leaf = key_path.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    problems = problems_of(raw)
+    assert list(problems) == [key_path]
+    assert expected in problems[key_path]
+
+
+def test_error_is_one_line_per_problem_naming_file_and_key(raw: dict[str, Any]) -> None:
+    raw["train_safety"]["risk"]["mu"] = 1.5
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw, "my/params.yaml")
+    assert str(caught.value) == "my/params.yaml: train_safety.risk.mu: must be in (0, 1] for cvar, got 1.5"
+
+
+@pytest.mark.parametrize(
+    ("key_path", "typo", "suggestion"),
+    [
+        ("train_safety", "betta", "did you mean 'beta'?"),
+        ("train_safety.risk", "measur", "did you mean 'measure'?"),
+        ("", "train_safty", "did you mean 'train_safety'?"),
+        ("train_reward", "zzz", "valid keys: loss, beta, alpha, variant, risk"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest(raw: dict[str, Any], key_path: str, typo: str, suggestion: str) -> None:
+    node = raw
+    for part in filter(None, key_path.split(".")):
+        node = node[part]
+    node[typo] = 1
+    problems = problems_of(raw)
+    path = f"{key_path}.{typo}" if key_path else typo
+    assert problems[path] == f"unknown key; {suggestion}"
+
+
+def test_missing_keys_and_sections_are_named(raw: dict[str, Any]) -> None:
+    del raw["train_safety"]["beta"]
+    del raw["train_reward"]
+    problems = problems_of(raw)
+    assert problems["train_safety.beta"].startswith("missing")
+    assert problems["train_reward"].startswith("missing")
+
+
+def test_every_problem_is_reported_at_once(raw: dict[str, Any]) -> None:
+    raw["train_reward"]["beta"] = -1.0
+    raw["train_reward"]["variant"] = 0
+    raw["train_reward"]["risk"]["mu"] = 1.5  # a valid nested section of a failing one: still checked
+    raw["train_safety"]["risk"]["mu"] = 7.0  # cross-field, in a section whose fields are valid
+    raw["train_safety"]["loss"] = "tdpo"  # cross-field too: tdpo needs measure kl
+    raw["extra_section"] = {}
+    problems = problems_of(raw)
+    assert set(problems) == {
+        "train_reward.beta",
+        "train_reward.variant",
+        "train_reward.risk.mu",
+        "train_safety.risk.mu",
+        "train_safety.risk.measure",
+        "extra_section",
+    }
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"loss": "dpo", "alpha": 0.5}, {"train_safety.alpha": "must be 0 for loss dpo"}),
+        ({"loss": "tdpo"}, {"train_safety.risk.measure": "must be one of kl for loss tdpo, got 'cvar'"}),
+        (
+            {"loss": "rsa", "risk": {"measure": "kl", "mu": 1.0}},
+            {"train_safety.risk.measure": "must be one of cvar, erm, cvar_radpo for loss rsa"},
+        ),
+        ({"loss": "rsa", "risk": None}, {"train_safety.risk": "required for loss rsa"}),
+        ({"loss": "rsa", "alpha": 0.0}, {"train_safety.alpha": "must be > 0 for loss rsa"}),
+        ({"risk": {"measure": "erm", "mu": -2.0}}, {"train_safety.risk.mu": "must be in (0, inf) for erm"}),
+    ],
+)
+def test_cross_field_rules(raw: dict[str, Any], section: dict[str, Any], expected: dict[str, str]) -> None:
+    raw["train_safety"].update(section)
+    problems = problems_of(raw)
+    assert set(problems) == set(expected)
+    for key, message in expected.items():
+        assert message in problems[key]
+
+
+def test_valid_variations_load(raw: dict[str, Any]) -> None:
+    for change in (
+        {"loss": "dpo", "alpha": 0.0, "risk": None},
+        {"loss": "dpo", "alpha": 0, "risk": {"measure": "cvar", "mu": 0.9}},
+        {"loss": "tdpo", "variant": 1, "alpha": 1.0, "risk": {"measure": "kl", "mu": 1.0}},
+        {"loss": "rsa", "risk": {"measure": "erm", "mu": 5}},
+    ):
+        variant = copy.deepcopy(raw)
+        variant["train_safety"].update(change)
+        parse_params(variant)
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path: Path, raw: dict[str, Any]) -> None:
+    text = (ROOT / "params.yaml").read_text().replace("beta: 0.05", "beta: 5e-2")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert load_params(path).train_safety.beta == pytest.approx(0.05)
+
+
+def test_file_problems_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"nope\.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train_reward:\n  beta: [0.1\n")
+    with pytest.raises(ParamsError, match=r"broken\.yaml: line 3: invalid YAML"):
+        load_params(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ParamsError, match=r"scalar\.yaml: must be a mapping of sections, got int"):
+        load_params(scalar)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ParamsError, match=r"binary\.yaml: cannot read"):
+        load_params(binary)

@@ -1,0 +1,202 @@
+"""rsa_pl.risk against independent float64 references, its limits and its bad input."""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rsa_pl.risk import RISK_MEASURES, token_risk
+from tests import reference
+
+MEASURES = list(RISK_MEASURES)
+
+
+def make_logps(rows: int, vocab: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float64 (policy, reference) log-probs of shape (rows, vocab).
+
+    Every row has exactly-zero reference probabilities (-inf logits, the policy's there
+    finite or -inf too) and near-zero ones. kind: "near" (policy a perturbed reference),
+    "far" (independent), "tied" (the drift takes a few distinct values, many ties),
+    "equal" (policy == reference).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
+    if kind == "near":
+        policy = ref + 0.3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    elif kind == "far":
+        policy = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
+    elif kind == "tied":
+        policy = ref + torch.randint(-2, 3, (rows, vocab), generator=g).to(torch.float64) * 0.5
+    else:
+        policy = ref.clone()
+    u = torch.rand(rows, vocab, generator=g)
+    zero, tiny = u < 0.08, (u >= 0.08) & (u < 0.12)
+    zero[:, 0] = False  # at least one atom of support per row
+    both_inf = zero & (u < 0.04)  # -inf in both models; the policy is finite on the support
+    ref = ref.masked_fill(zero, -math.inf)
+    policy = policy.masked_fill(both_inf, -math.inf)
+    ref = torch.where(tiny, ref.amax(-1, keepdim=True) - 60.0, ref)
+    if kind == "equal":
+        policy = ref.clone()
+    return torch.log_softmax(policy, -1), torch.log_softmax(ref, -1)
+
+
+BRUTE_FORCE = {
+    "kl": lambda pol, ref, mu: reference.kl(pol, ref),
+    "cvar": reference.cvar,
+    "erm": reference.erm,
+    "cvar_radpo": reference.cvar_radpo,
+}
+MUS = {"kl": [1.0], "cvar": [0.01, 0.3, 0.9, 0.95, 0.99, 1.0], "erm": [0.1, 1.0, 5.0, 9.0], "cvar_radpo": [0.5, 0.95]}
+
+
+@pytest.mark.parametrize("kind", ["near", "far", "tied", "equal"])
+@pytest.mark.parametrize("vocab", [7, 60, 3000])
+@pytest.mark.parametrize("measure", MEASURES)
+def test_matches_brute_force_float64(measure: str, vocab: int, kind: str) -> None:
+    policy, ref = make_logps(6, vocab, kind, seed=vocab)
+    for mu in MUS[measure]:
+        got = token_risk(policy, ref, measure, mu)
+        want = [BRUTE_FORCE[measure](policy[r].numpy(), ref[r].numpy(), mu) for r in range(policy.shape[0])]
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6, err_msg=f"{measure} mu={mu}")
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("kind", ["near", "far", "tied"])
+def test_values_and_gradients_are_finite(measure: str, kind: str) -> None:
+    policy, ref = make_logps(8, 500, kind)
+    policy.requires_grad_(True)
+    ref.requires_grad_(True)
+    for mu in MUS[measure]:
+        risk = token_risk(policy, ref, measure, mu)
+        grad_policy, grad_ref = torch.autograd.grad(risk.sum(), (policy, ref))
+        assert torch.isfinite(risk).all()
+        assert torch.isfinite(grad_policy).all()
+        assert torch.isfinite(grad_ref).all()
+        # Zero-probability entries carry no mass: no gradient reaches the policy there.
+        assert (grad_policy[ref.detach() == -math.inf] == 0).all()
+
+
+@pytest.mark.parametrize("vocab", [9, 3000])
+@pytest.mark.parametrize("kind", ["near", "far"])
+def test_cvar_gradient_equals_sorted_definition(vocab: int, kind: str) -> None:
+    policy, ref = make_logps(5, vocab, kind, seed=1)
+    policy.requires_grad_(True)
+    for mu in [0.05, 0.5, 0.95]:
+        (grad,) = torch.autograd.grad(token_risk(policy, ref, "cvar", mu).sum(), policy)
+        for r in range(5):
+            # Z = ref - policy, so d/d policy = -d/dZ.
+            want = -reference.cvar_grad_z(policy[r].detach().numpy(), ref[r].numpy(), mu)
+            np.testing.assert_allclose(grad[r].numpy(), want, atol=1e-9)
+
+
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=1, max_size=40),
+    weights=st.lists(st.floats(0.0, 1.0), min_size=40, max_size=40),
+    mu=st.floats(1e-3, 1.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_cvar_on_discrete_distributions_with_ties(values: list[int], weights: list[float], mu: float) -> None:
+    """Drift with few distinct values and arbitrary (also zero) reference masses."""
+    vocab = len(values)
+    mass = torch.tensor(weights[:vocab], dtype=torch.float64)
+    if float(mass.sum()) == 0.0:
+        mass[0] = 1.0
+    ref = torch.log(mass / mass.sum())  # exact zeros become -inf
+    policy = ref - torch.tensor(values, dtype=torch.float64)  # Z = values on the support
+    policy = torch.log_softmax(torch.where(ref > -math.inf, policy, 0.0), -1)
+    ref = torch.log_softmax(ref, -1)
+    got = float(token_risk(policy, ref, "cvar", mu))
+    assert got == pytest.approx(reference.cvar(policy.numpy(), ref.numpy(), mu), rel=1e-9, abs=1e-9)
+
+
+def test_float32_inputs_match_float64() -> None:
+    policy, ref = make_logps(16, 4000, "near")
+    for measure in MEASURES:
+        for mu in MUS[measure]:
+            want = token_risk(policy, ref, measure, mu)
+            got = token_risk(policy.float(), ref.float(), measure, mu)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cvar_with_full_tail_is_kl() -> None:
+    policy, ref = make_logps(10, 3000, "far")
+    torch.testing.assert_close(
+        token_risk(policy, ref, "cvar", 1.0), token_risk(policy, ref, "kl", 1.0), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_erm_approaches_kl_as_mu_vanishes() -> None:
+    policy, ref = make_logps(10, 3000, "near")
+    kl = token_risk(policy, ref, "kl", 1.0)
+    gaps = [float((token_risk(policy, ref, "erm", mu) - kl).abs().max()) for mu in (1e-2, 1e-4, 1e-6)]
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 1e-6 * float(kl.abs().max() + 1)
+    # float32 keeps this limit too (the expm1/log1p form): no 1/mu blow-up of rounding error.
+    kl32 = token_risk(policy.float(), ref.float(), "kl", 1.0)
+    erm32 = token_risk(policy.float(), ref.float(), "erm", 1e-6)
+    torch.testing.assert_close(erm32, kl32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["near", "far", "tied"])
+def test_risk_is_at_least_kl_and_monotone_in_mu(kind: str) -> None:
+    policy, ref = make_logps(12, 800, kind)
+    kl = token_risk(policy, ref, "kl", 1.0)
+    tol = 1e-9
+    cvars = [token_risk(policy, ref, "cvar", mu) for mu in (1.0, 0.99, 0.9, 0.5, 0.1, 0.01)]
+    erms = [token_risk(policy, ref, "erm", mu) for mu in (1e-3, 0.5, 1.0, 5.0, 9.0)]
+    for risk in cvars + erms:
+        assert (risk >= kl - tol).all()
+    for smaller_risk, larger_risk in pairwise(cvars):
+        assert (larger_risk >= smaller_risk - tol).all()  # smaller tail mass: more risk-averse
+    for smaller_risk, larger_risk in pairwise(erms):
+        assert (larger_risk >= smaller_risk - tol).all()  # larger mu: more risk-averse
+    assert (cvars[-1] > kl + 1e-3).any() if kind != "equal" else True
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_identical_policy_has_zero_risk(measure: str) -> None:
+    policy, ref = make_logps(4, 300, "equal")
+    mu = MUS[measure][-1]
+    torch.testing.assert_close(token_risk(policy, ref, measure, mu), torch.zeros(4, dtype=torch.float64))
+
+
+def test_leading_dimensions_are_kept() -> None:
+    policy, ref = make_logps(24, 50, "near")
+    for measure in MEASURES:
+        flat = token_risk(policy, ref, measure, 0.9)
+        shaped = token_risk(policy.view(2, 3, 4, 50), ref.view(2, 3, 4, 50), measure, 0.9)
+        assert shaped.shape == (2, 3, 4)
+        torch.testing.assert_close(shaped.reshape(-1), flat)
+
+
+@pytest.mark.parametrize(
+    ("measure", "mu", "match"),
+    [
+        ("cvar_typo", 0.9, r"measure: unknown measure 'cvar_typo'; allowed: kl, cvar, erm, cvar_radpo"),
+        ("cvar", 0.0, r"mu: must be in \(0, 1\] for cvar, got 0.0"),
+        ("cvar", 1.5, r"mu: must be in \(0, 1\] for cvar"),
+        ("cvar_radpo", -0.1, r"mu: must be in \(0, 1\] for cvar_radpo"),
+        ("erm", 0.0, r"mu: must be in \(0, inf\) for erm"),
+        ("erm", math.inf, r"mu: must be in \(0, inf\) for erm"),
+        ("erm", math.nan, r"mu: must be in \(0, inf\) for erm"),
+    ],
+)
+def test_bad_measure_or_mu_is_named(measure: str, mu: float, match: str) -> None:
+    policy, ref = make_logps(2, 5, "near")
+    with pytest.raises(ValueError, match=match):
+        token_risk(policy, ref, measure, mu)
+
+
+def test_mismatched_shapes_are_named() -> None:
+    policy, ref = make_logps(2, 5, "near")
+    with pytest.raises(ValueError, match=r"policy_logps and ref_logps: must have the same shape"):
+        token_risk(policy, ref[:, :4], "kl", 1.0)

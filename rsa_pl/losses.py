@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rsa_pl.risk import RISK_MEASURES, check_mu, token_risk
+from rsa_pl.risk import RISK_MEASURES, check_mu, drift
 
 __all__ = ["SequenceTerms", "preference_loss", "preference_loss_from_logits", "sequence_terms"]
 
@@ -45,11 +45,17 @@ class SequenceTerms:
 
 
 def _chunk_terms(
-    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, measure: str | None, mu: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    measure: str | None,
+    mu: float,
+    threshold: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Sampled-token log-probs of both models and the token risk at a block of positions.
 
-    Shapes: (P, V), (P, V), (P,) -> (P,), (P,), (P,). Computes in at least float32.
+    Shapes: (P, V), (P, V), (P,) -> (P,), (P,), (P,) and the measure's threshold (P, 1) or
+    None (pass it back to skip the search when the block is recomputed). At least float32.
     """
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
     policy_logps = F.log_softmax(policy_logits.to(dtype), dim=-1)  # (P, V)
@@ -58,18 +64,21 @@ def _chunk_terms(
     policy_tok = policy_logps.gather(-1, index).squeeze(-1)  # (P,)
     ref_tok = ref_logps.gather(-1, index).squeeze(-1)  # (P,)
     if measure is None:
-        risk = policy_tok.new_zeros(policy_tok.shape)
-    else:
-        risk = token_risk(policy_logps, ref_logps, measure, mu)  # (P,)
-    return policy_tok, ref_tok, risk
+        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None
+    spec = RISK_MEASURES[measure]
+    d = drift(policy_logps, ref_logps)
+    if threshold is None and spec.threshold is not None:
+        threshold = spec.threshold(d, mu)
+    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold
 
 
 class _ChunkedTerms(torch.autograd.Function):
     """Per-sequence sums of the token terms, computed block by block over response positions.
 
-    Forward keeps no intermediate (B, T, V) tensor; backward recomputes each block under
-    autograd and writes its gradient into one preallocated buffer, so peak memory is the
-    logits, their gradient and one block, whatever T.
+    Forward keeps no intermediate (B, T, V) tensor, only each position's risk threshold (the
+    CVaR boundary atom, say); backward recomputes each block under autograd, reusing that
+    threshold instead of searching again, and writes its gradient into one preallocated
+    buffer, so peak memory is the logits, their gradient and one block, whatever T.
     """
 
     @staticmethod
@@ -88,9 +97,10 @@ class _ChunkedTerms(torch.autograd.Function):
         labels_flat = labels.reshape(n * t)
         dtype = torch.promote_types(policy_logits.dtype, torch.float32)
         per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
+        thresholds = []
         for start in range(0, positions.numel(), chunk_size):
             block = positions[start : start + chunk_size]
-            terms = _chunk_terms(
+            *terms, threshold = _chunk_terms(
                 policy_flat.index_select(0, block),
                 ref_flat.index_select(0, block),
                 labels_flat.index_select(0, block),
@@ -98,9 +108,12 @@ class _ChunkedTerms(torch.autograd.Function):
                 mu,
             )
             per_position[:, start : start + block.numel()] = torch.stack(terms)
+            thresholds.append(threshold)
         sequence = positions // t  # (P,)
         sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
-        ctx.save_for_backward(policy_logits, ref_logits, labels, positions)
+        ctx.has_thresholds = any(threshold is not None for threshold in thresholds)
+        saved_thresholds = torch.cat(thresholds) if ctx.has_thresholds else positions.new_empty(0)  # (P, 1)
+        ctx.save_for_backward(policy_logits, ref_logits, labels, positions, saved_thresholds)
         ctx.measure, ctx.mu, ctx.chunk_size = measure, mu, chunk_size
         policy_sum, ref_sum, risk_sum = (row.clone() for row in sums)
         return policy_sum, ref_sum, risk_sum
@@ -108,7 +121,7 @@ class _ChunkedTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        policy_logits, ref_logits, labels, positions = ctx.saved_tensors
+        policy_logits, ref_logits, labels, positions, thresholds = ctx.saved_tensors
         need_policy, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, t, v = policy_logits.shape
         policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
@@ -123,7 +136,14 @@ class _ChunkedTerms(torch.autograd.Function):
             with torch.enable_grad():
                 policy_block = policy_flat.index_select(0, block).detach().requires_grad_(need_policy)
                 ref_block = ref_flat.index_select(0, block).detach().requires_grad_(need_ref)
-                terms = _chunk_terms(policy_block, ref_block, labels_flat.index_select(0, block), ctx.measure, ctx.mu)
+                *terms, _ = _chunk_terms(
+                    policy_block,
+                    ref_block,
+                    labels_flat.index_select(0, block),
+                    ctx.measure,
+                    ctx.mu,
+                    thresholds[start:stop] if ctx.has_thresholds else None,
+                )
                 total = sum(
                     (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
                 )

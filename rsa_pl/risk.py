@@ -18,34 +18,49 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["RISK_MEASURES", "RiskMeasure", "check_mu", "token_risk"]
+__all__ = ["RISK_MEASURES", "Drift", "RiskMeasure", "check_mu", "drift", "token_risk"]
 
 
-def _drift(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Z on the reference support, the reference probabilities, and the support mask.
+class Drift(NamedTuple):
+    """Z = log pi_ref - log pi_theta at some positions, with the reference distribution.
 
-    Returns (z, p, support), each (..., V). Outside the support z is 0 and p is 0, so every
-    p * f(z) term vanishes there with a finite gradient.
+    Outside the reference support z is 0 and p is 0, so every p * f(z) term vanishes there
+    with a finite gradient. Tensor fields have shape (..., V), in at least float32.
     """
+
+    z: Tensor  # (..., V)
+    p: Tensor  # (..., V) pi_ref, exactly 0 off the support
+    support: Tensor | None  # (..., V) bool, pi_ref > 0; None when every entry is in it
+    ref_logps: Tensor  # (..., V)
+
+
+def drift(policy_logps: Tensor, ref_logps: Tensor) -> Drift:
+    """The Drift of two normalised log-probability tensors of shape (..., V)."""
     dtype = torch.promote_types(torch.promote_types(policy_logps.dtype, ref_logps.dtype), torch.float32)
     policy_logps, ref_logps = policy_logps.to(dtype), ref_logps.to(dtype)
-    support = ref_logps > -math.inf  # (..., V)
-    z = torch.where(support, ref_logps - policy_logps, 0.0)  # (..., V)
-    p = ref_logps.exp()  # (..., V), exactly 0 off the support
-    return z, p, support
+    support = ref_logps > -math.inf
+    if bool(support.all()):  # the usual case (finite logits): no masking needed anywhere
+        return Drift(ref_logps - policy_logps, ref_logps.exp(), None, ref_logps)
+    z = torch.where(support, ref_logps - policy_logps, 0.0)
+    return Drift(z, ref_logps.exp(), support, ref_logps)
 
 
-def kl_risk(policy_logps: Tensor, ref_logps: Tensor, mu: float) -> Tensor:
+def _masked(x: Tensor, support: Tensor | None, fill: float) -> Tensor:
+    """x off the support replaced by fill (x itself when the support is everything)."""
+    return x if support is None else torch.where(support, x, fill)
+
+
+def kl_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     """KL(pi_ref || pi_theta) = E_ref[Z] (TDPO's sequential KL term); mu is ignored.
 
-    Shapes: (..., V), (..., V) -> (...).
+    Shapes: Drift (..., V) -> (...).
     """
-    z, p, _ = _drift(policy_logps, ref_logps)
-    return (p * z).sum(-1)
+    return (d.p * d.z).sum(-1)
 
 
 # Above this value of max(mu * Z) the entropic risk switches from the expm1/log1p form
@@ -54,32 +69,50 @@ def kl_risk(policy_logps: Tensor, ref_logps: Tensor, mu: float) -> Tensor:
 _ERM_SWITCH = 1.0
 
 
-def erm_risk(policy_logps: Tensor, ref_logps: Tensor, mu: float) -> Tensor:
+def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     """Entropic risk (1/mu) log E_ref[exp(mu Z)] = (1/mu) logsumexp(log pi_ref + mu Z).
 
     A Renyi divergence of order 1 + mu; mu -> 0 gives KL, larger mu is more risk-averse.
-    Shapes: (..., V), (..., V) -> (...).
+    Shapes: Drift (..., V) -> (...).
     """
-    z, p, support = _drift(policy_logps, ref_logps)
+    z, p, support, ref = d
     a = mu * z  # (..., V)
-    a_max = torch.where(support, a, -math.inf).amax(-1)  # (...)
-    # log E[e^a] = log1p(E[expm1(a)]) keeps full relative precision when a is small.
-    small = torch.log1p((p * torch.expm1(a.clamp(max=_ERM_SWITCH))).sum(-1))  # (...)
-    ref = ref_logps.to(a.dtype)
-    large = torch.logsumexp(torch.where(support, ref + a, -math.inf), dim=-1)  # (...)
-    return torch.where(a_max <= _ERM_SWITCH, small, large) / mu
+    use_small = _masked(a, support, -math.inf).amax(-1) <= _ERM_SWITCH  # (...)
+    risk = torch.zeros(use_small.shape, dtype=a.dtype, device=a.device)
+    if bool(use_small.any()):
+        # log E[e^a] = log1p(E[expm1(a)]) keeps full relative precision when a is small.
+        small = torch.log1p((p * torch.expm1(a.clamp(max=_ERM_SWITCH))).sum(-1))  # (...)
+        risk = torch.where(use_small, small, risk)
+    if not bool(use_small.all()):
+        large = torch.logsumexp(_masked(ref + a, support, -math.inf), dim=-1)  # (...)
+        risk = torch.where(use_small, risk, large)
+    return risk / mu
 
 
-# Histogram bins per refinement level of the CVaR threshold search, the level count after
-# which the remaining candidates are ordered by top-k, and the candidate count at which
-# refinement stops early.
-_CVAR_BINS = 1024
+# Histogram bins per refinement level of the CVaR threshold search, the most levels, and
+# the candidate count at or under which the boundary bin's atoms are ordered by top-k. With
+# 4096 bins one level usually leaves a few dozen candidates of a 32k vocabulary.
+_CVAR_BINS = 4096
 _CVAR_MAX_LEVELS = 3
 _CVAR_TOPK_CAP = 64
 
 
+def _active_range(z: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exact min and max of z over the active atoms of each row: (R, V) -> (R, 1), (R, 1)."""
+    if active is None:
+        return z.amin(-1, keepdim=True), z.amax(-1, keepdim=True)
+    lo = torch.where(active, z, math.inf).amin(-1, keepdim=True)
+    hi = torch.where(active, z, -math.inf).amax(-1, keepdim=True)
+    return lo, hi
+
+
+def _count(mask: Tensor) -> Tensor:
+    """True entries per row, (R, V) bool -> (R, 1) int64, without an int64 copy of the mask."""
+    return torch.count_nonzero(mask, dim=-1).unsqueeze(-1)
+
+
 @torch.no_grad()
-def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor, mu: float) -> Tensor:
+def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor | None, mu: float) -> Tensor:
     """Index of the boundary atom of the upper mu-tail of Z under p, without a full sort.
 
     The boundary atom k is the largest value of Z with P(Z >= Z_k) >= mu * total mass: the
@@ -89,21 +122,19 @@ def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor, mu: float) -> Te
 
     Shapes: z, p, support (R, V) -> index (R, 1) int64.
     """
-    rows = z.shape[0]
-    active = support.clone()  # (R, V) atoms that can still be the boundary
-    above = z.new_zeros(rows, 1)  # (R, 1) mass strictly above the active bracket
+    rows, vocab = z.shape
+    active = support  # (R, V) atoms that can still be the boundary; None: all of them
+    counts = z.new_full((rows, 1), vocab, dtype=torch.long) if active is None else _count(active)
+    above = z.new_zeros(rows, 1)  # (R, 1) mass strictly above the active atoms
     target = mu * p.sum(-1, keepdim=True)  # (R, 1) tail mass
-    lo = torch.where(active, z, math.inf).amin(-1, keepdim=True)  # (R, 1)
-    hi = torch.where(active, z, -math.inf).amax(-1, keepdim=True)  # (R, 1)
+    lo, hi = _active_range(z, active)  # (R, 1) each
+    tied = hi <= lo  # (R, 1) rows whose active atoms all share one value: any is the boundary
     for _ in range(_CVAR_MAX_LEVELS):
-        unresolved = hi > lo  # (R, 1) rows whose bracket still holds distinct values
-        counts = active.sum(-1, keepdim=True)
-        if not bool((unresolved & (counts > _CVAR_TOPK_CAP)).any()):
+        if not bool((~tied & (counts > _CVAR_TOPK_CAP)).any()):
             break
-        scale = torch.where(unresolved, _CVAR_BINS / (hi - lo), 0.0)  # (R, 1)
-        bins = ((z - lo) * scale).clamp_(0, _CVAR_BINS - 1).long()  # (R, V), monotone in z
-        weights = torch.where(active, p, 0.0)
-        hist = z.new_zeros(rows, _CVAR_BINS).scatter_add_(1, bins, weights)  # (R, K)
+        scale = torch.where(tied, 0.0, _CVAR_BINS / (hi - lo))  # (R, 1)
+        bins = (z - lo).mul_(scale).clamp_(0, _CVAR_BINS - 1).long()  # (R, V), monotone in z
+        hist = z.new_zeros(rows, _CVAR_BINS).scatter_add_(1, bins, _masked(p, active, 0.0))  # (R, K)
         at_or_above = above + hist.flip(-1).cumsum(-1).flip(-1)  # (R, K) mass in bins >= j
         boundary_bin = ((at_or_above >= target).sum(-1, keepdim=True) - 1).clamp_(min=0)  # (R, 1)
         above = torch.where(
@@ -111,68 +142,92 @@ def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor, mu: float) -> Te
             at_or_above.gather(1, (boundary_bin + 1).clamp_(max=_CVAR_BINS - 1)),
             above,
         )
-        active &= bins == boundary_bin
-        lo = torch.where(active, z, math.inf).amin(-1, keepdim=True)
-        hi = torch.where(active, z, -math.inf).amax(-1, keepdim=True)
-    # Rows whose remaining atoms all share one value: any of them is the boundary.
-    tied_index = active.int().argmax(-1, keepdim=True)  # (R, 1)
-    unresolved = hi > lo
-    k = int(torch.where(unresolved, active.sum(-1, keepdim=True), 1).max())
-    cand_z, cand_index = torch.where(active & unresolved, z, -math.inf).topk(k, dim=-1)  # (R, k) descending
+        in_bin = bins == boundary_bin  # (R, V)
+        active = in_bin if active is None else in_bin.logical_and_(active)
+        counts = _count(active)
+        if bool((~tied & (counts > _CVAR_TOPK_CAP)).any()):  # needed to refine again or find ties
+            lo, hi = _active_range(z, active)
+            tied = hi <= lo
+    k = int(torch.where(tied, 1, counts).max())
+    candidates = _masked(z, active, -math.inf)
+    if bool(tied.any()):
+        candidates = candidates.masked_fill(tied, -math.inf)
+    cand_z, cand_index = candidates.topk(k, dim=-1)  # (R, k) descending
     cand_p = torch.where(cand_z > -math.inf, p.gather(1, cand_index), 0.0)
     reached = above + cand_p.cumsum(-1) >= target  # (R, k)
     last = ((cand_z > -math.inf).sum(-1, keepdim=True) - 1).clamp_(min=0)  # (R, 1)
     # Rounding can leave the total a hair under the target: then the lowest atom is it.
     first = torch.minimum((~reached).sum(-1, keepdim=True), last)  # (R, 1) first crossing
-    return torch.where(unresolved, cand_index.gather(1, first), tied_index)
+    boundary = cand_index.gather(1, first)
+    if bool(tied.any()):
+        tied_index = torch.zeros_like(first) if active is None else active.int().argmax(-1, keepdim=True)
+        boundary = torch.where(tied, tied_index, boundary)
+    return boundary
 
 
-def cvar_risk(policy_logps: Tensor, ref_logps: Tensor, mu: float) -> Tensor:
+@torch.no_grad()
+def cvar_threshold(d: Drift, mu: float) -> Tensor:
+    """Index of the boundary atom of the upper mu-tail at every position: Drift (..., V) -> (..., 1)."""
+    vocab = d.z.shape[-1]
+    support = None if d.support is None else d.support.reshape(-1, vocab)
+    return _cvar_boundary_index(d.z.reshape(-1, vocab), d.p.reshape(-1, vocab), support, mu).reshape(*d.z.shape[:-1], 1)
+
+
+def cvar_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
     """CVaR of Z at tail mass mu: the pi_ref-weighted mean of the upper mu-fraction of Z.
 
     Atoms are taken from the largest Z down until their mass reaches mu, the boundary atom
     fractionally, divided by mu. Written as eta + E[(Z - eta)_+] / mu with eta the boundary
     atom's value (the Rockafellar-Uryasev form, exact at that eta), so the gradient equals
     the sorted definition's, boundary share included. mu = 1 gives KL; >= KL.
-    Shapes: (..., V), (..., V) -> (...).
+    threshold: the boundary indices (..., 1) of cvar_threshold, found here when None.
+    Shapes: Drift (..., V) -> (...).
     """
-    z, p, support = _drift(policy_logps, ref_logps)
-    batch_shape, vocab = z.shape[:-1], z.shape[-1]
-    z2, p2 = z.reshape(-1, vocab), p.reshape(-1, vocab)  # (R, V)
-    boundary = _cvar_boundary_index(z2, p2, support.reshape(-1, vocab), mu)  # (R, 1)
-    eta = z2.gather(1, boundary)  # (R, 1), differentiable
-    tail = (p2 * torch.relu(z2 - eta)).sum(-1, keepdim=True)  # (R, 1)
-    return (eta + tail / mu).reshape(batch_shape)
+    boundary = cvar_threshold(d, mu) if threshold is None else threshold  # (..., 1)
+    eta = d.z.gather(-1, boundary)  # (..., 1), differentiable
+    tail = (d.p * torch.relu(d.z - eta)).sum(-1, keepdim=True)  # (..., 1)
+    return (eta + tail / mu).squeeze(-1)
 
 
-def cvar_radpo_risk(policy_logps: Tensor, ref_logps: Tensor, mu: float) -> Tensor:
+@torch.no_grad()
+def cvar_radpo_threshold(d: Drift, mu: float) -> Tensor:
+    """Unweighted quantile of Z over the support at level 1 - mu: Drift (..., V) -> (..., 1)."""
+    return torch.nanquantile(_masked(d.z, d.support, math.nan), 1.0 - mu, dim=-1, keepdim=True)
+
+
+def cvar_radpo_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
     """The public Ra-DPO code's CVaR estimator, kept for comparison (mu = confidence c).
 
     q is the unweighted quantile of Z over the vocabulary entries (reference support) at
     level 1 - c; the risk is sum_v pi_ref(v) Z(v) [Z(v) > q], with no 1/c. Unlike that code,
     the whole vocabulary axis is used (no split into two halves).
-    Shapes: (..., V), (..., V) -> (...).
+    threshold: the quantiles (..., 1) of cvar_radpo_threshold, found here when None.
+    Shapes: Drift (..., V) -> (...).
     """
-    z, p, support = _drift(policy_logps, ref_logps)
-    with torch.no_grad():
-        q = torch.nanquantile(torch.where(support, z, math.nan), 1.0 - mu, dim=-1, keepdim=True)
-    return (p * z * (z > q)).sum(-1)
+    q = cvar_radpo_threshold(d, mu) if threshold is None else threshold  # (..., 1)
+    return (d.p * d.z * (d.z > q)).sum(-1)
 
 
 @dataclass(frozen=True)
 class RiskMeasure:
-    """A named risk measure, its function and the domain of its parameter mu."""
+    """A named risk measure: its function, the domain of mu, and its threshold search.
 
-    fn: Callable[[Tensor, Tensor, float], Tensor]
+    fn(drift, mu, threshold) -> (...). A measure with a threshold (a quantile of Z) finds it
+    with `threshold(drift, mu)` under no_grad; callers that evaluate the same positions twice
+    (forward, then recomputation in backward) pass it back to skip the search.
+    """
+
+    fn: Callable[[Drift, float, Tensor | None], Tensor]
     mu_ok: Callable[[float], bool]
     mu_domain: str
+    threshold: Callable[[Drift, float], Tensor] | None = None
 
 
 RISK_MEASURES: dict[str, RiskMeasure] = {
     "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored"),
-    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]"),
+    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold),
     "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)"),
-    "cvar_radpo": RiskMeasure(cvar_radpo_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]"),
+    "cvar_radpo": RiskMeasure(cvar_radpo_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_radpo_threshold),
 }
 
 
@@ -208,4 +263,4 @@ def token_risk(policy_logps: Tensor, ref_logps: Tensor, measure: str, mu: float)
             f"policy_logps and ref_logps: must have the same shape (..., V), "
             f"got {tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}"
         )
-    return RISK_MEASURES[measure].fn(policy_logps, ref_logps, float(mu))
+    return RISK_MEASURES[measure].fn(drift(policy_logps, ref_logps), float(mu), None)

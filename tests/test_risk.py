@@ -23,7 +23,7 @@ def make_logps(rows: int, vocab: int, kind: str, seed: int = 0) -> tuple[torch.T
     Every row has exactly-zero reference probabilities (-inf logits, the policy's there
     finite or -inf too) and near-zero ones. kind: "near" (policy a perturbed reference),
     "far" (independent), "tied" (the drift takes a few distinct values, many ties),
-    "equal" (policy == reference).
+    "equal" (policy == reference), "dense" (near, but every reference probability > 0).
     """
     g = torch.Generator().manual_seed(seed)
     ref = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
@@ -35,6 +35,10 @@ def make_logps(rows: int, vocab: int, kind: str, seed: int = 0) -> tuple[torch.T
         policy = ref + torch.randint(-2, 3, (rows, vocab), generator=g).to(torch.float64) * 0.5
     else:
         policy = ref.clone()
+    if kind == "dense":  # finite logits, as a model gives: full support, no masking path
+        return torch.log_softmax(ref + 0.3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64), -1), (
+            torch.log_softmax(ref, -1)
+        )
     u = torch.rand(rows, vocab, generator=g)
     zero, tiny = u < 0.08, (u >= 0.08) & (u < 0.12)
     zero[:, 0] = False  # at least one atom of support per row
@@ -56,7 +60,7 @@ BRUTE_FORCE = {
 MUS = {"kl": [1.0], "cvar": [0.01, 0.3, 0.9, 0.95, 0.99, 1.0], "erm": [0.1, 1.0, 5.0, 9.0], "cvar_radpo": [0.5, 0.95]}
 
 
-@pytest.mark.parametrize("kind", ["near", "far", "tied", "equal"])
+@pytest.mark.parametrize("kind", ["near", "far", "tied", "equal", "dense"])
 @pytest.mark.parametrize("vocab", [7, 60, 3000])
 @pytest.mark.parametrize("measure", MEASURES)
 def test_matches_brute_force_float64(measure: str, vocab: int, kind: str) -> None:
@@ -66,6 +70,16 @@ def test_matches_brute_force_float64(measure: str, vocab: int, kind: str) -> Non
         want = [BRUTE_FORCE[measure](policy[r].numpy(), ref[r].numpy(), mu) for r in range(policy.shape[0])]
         assert got.dtype == torch.float64
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6, err_msg=f"{measure} mu={mu}")
+
+
+@pytest.mark.parametrize("kind", ["dense", "tied"])
+def test_cvar_matches_brute_force_at_a_32k_vocabulary(kind: str) -> None:
+    """The size the threshold search is tuned for: histogram refinement, then top-k."""
+    policy, ref = make_logps(3, 32000, kind, seed=5)
+    for mu in (0.05, 0.5, 0.95, 0.99):
+        got = token_risk(policy, ref, "cvar", mu)
+        want = [reference.cvar(policy[r].numpy(), ref[r].numpy(), mu) for r in range(3)]
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6, err_msg=f"mu={mu}")
 
 
 @pytest.mark.parametrize("measure", MEASURES)
@@ -85,7 +99,7 @@ def test_values_and_gradients_are_finite(measure: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize("vocab", [9, 3000])
-@pytest.mark.parametrize("kind", ["near", "far"])
+@pytest.mark.parametrize("kind", ["near", "far", "dense"])
 def test_cvar_gradient_equals_sorted_definition(vocab: int, kind: str) -> None:
     policy, ref = make_logps(5, vocab, kind, seed=1)
     policy.requires_grad_(True)

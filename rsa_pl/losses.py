@@ -113,7 +113,11 @@ class _ChunkedTerms(torch.autograd.Function):
         sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
         ctx.has_thresholds = any(threshold is not None for threshold in thresholds)
         saved_thresholds = torch.cat(thresholds) if ctx.has_thresholds else positions.new_empty(0)  # (P, 1)
-        ctx.save_for_backward(policy_logits, ref_logits, labels, positions, saved_thresholds)
+        # A reference computed under torch.inference_mode() cannot be saved for backward; it
+        # needs no version check either, having no gradient.
+        ctx.ref_logits = ref_logits if ref_logits.is_inference() else None
+        saved_ref = positions.new_empty(0) if ref_logits.is_inference() else ref_logits
+        ctx.save_for_backward(policy_logits, saved_ref, labels, positions, saved_thresholds)
         ctx.measure, ctx.mu, ctx.chunk_size = measure, mu, chunk_size
         policy_sum, ref_sum, risk_sum = (row.clone() for row in sums)
         return policy_sum, ref_sum, risk_sum
@@ -122,7 +126,10 @@ class _ChunkedTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         policy_logits, ref_logits, labels, positions, thresholds = ctx.saved_tensors
+        ref_logits = ctx.ref_logits if ctx.ref_logits is not None else ref_logits
         need_policy, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # A risk that only is logged (alpha = 0) gets zero gradient: skip recomputing it.
+        measure = ctx.measure if bool(grads[2].any()) else None
         n, t, v = policy_logits.shape
         policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
         labels_flat = labels.reshape(n * t)
@@ -140,9 +147,9 @@ class _ChunkedTerms(torch.autograd.Function):
                     policy_block,
                     ref_block,
                     labels_flat.index_select(0, block),
-                    ctx.measure,
+                    measure,
                     ctx.mu,
-                    thresholds[start:stop] if ctx.has_thresholds else None,
+                    thresholds[start:stop] if ctx.has_thresholds and measure else None,
                 )
                 total = sum(
                     (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None

@@ -75,6 +75,20 @@ def test_alpha_zero_with_a_measure_logs_the_risk_without_optimising_it() -> None
     assert (metrics["risk/chosen"] > 0).all()
 
 
+@pytest.mark.parametrize("measure", MEASURES)
+def test_reference_from_inference_mode_works(measure: str) -> None:
+    """The reference forward may run under torch.inference_mode() (no autograd bookkeeping)."""
+    policy, ref, labels, mask = make_batch()
+    with torch.inference_mode():
+        ref_inference = ref.clone()
+    losses, _ = loss_of(policy, ref_inference, labels, mask, measure=measure, mu=MU[measure])
+    (grad,) = torch.autograd.grad(losses.sum(), policy)
+    want_losses, _ = loss_of(policy, ref, labels, mask, measure=measure, mu=MU[measure])
+    (want_grad,) = torch.autograd.grad(want_losses.sum(), policy)
+    torch.testing.assert_close(losses, want_losses)
+    torch.testing.assert_close(grad, want_grad)
+
+
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_kl_variant_2_is_tdpo2(alpha: float) -> None:
     policy, ref, labels, mask = make_batch()

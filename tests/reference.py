@@ -39,9 +39,11 @@ def cvar(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
 
 def cvar_grad_z(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> np.ndarray:
     """d cvar / d Z_v of the sorted definition: p_v / mu in the tail, the boundary's share."""
-    z = ref_logps - policy_logps
+    support = ref_logps > -np.inf
+    z = np.full_like(ref_logps, -np.inf)
+    z[support] = ref_logps[support] - policy_logps[support]
     grad = np.zeros_like(z)
-    order = [v for v in np.argsort(-np.where(ref_logps > -np.inf, z, -np.inf), kind="stable") if ref_logps[v] > -np.inf]
+    order = [v for v in np.argsort(-z, kind="stable") if support[v]]
     remaining = mu
     for v in order:
         take = min(math.exp(ref_logps[v]), remaining)

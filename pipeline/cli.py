@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from pipeline import check_params
+from pipeline import check_params, prepare
 from rsa_pl.config import ParamsError
+from rsa_pl.data.sources import DataError
 
 app = typer.Typer(
     name="rsa-pl",
@@ -41,6 +42,20 @@ def check_params_command(params: ParamsOption = Path("params.yaml")) -> None:
         check_params.run(params, _out)
     except ParamsError as error:
         raise _fail(error) from None
+
+
+@app.command("prepare")
+def prepare_command(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option("--out", help="The data folder to (re)write.")] = Path("data"),
+) -> None:
+    """Build the data: the embedded safety world or a real dataset, tokenized, with data/report.json."""
+    try:
+        prepare.run(params, out, _out)
+    except (ParamsError, DataError) as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
 
 
 def _version(value: bool) -> None:

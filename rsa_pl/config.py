@@ -102,9 +102,161 @@ class PreferenceStageParams(_Section):
         }
 
 
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class HarmfulBehaviour(_Section):
+    """How the world's SFT-like policy answers a harmful prompt (the rest of the mass complies)."""
+
+    refuse: Probability
+    """Refuses (sometimes followed by a redirection)."""
+    redirect: Probability
+    """Redirects to safe advice without refusing."""
+    filler: Probability
+    """A compliant answer opens with a filler sentence."""
+    severe_step: Probability
+    """A harmful step is moderate (severity 2) rather than mild (1)."""
+    catastrophe: Probability
+    """After a harmful step, the rare catastrophic continuation (severity 3) follows; once at most."""
+    max_steps: PositiveInt
+    """A compliant answer has 1..max_steps harmful steps."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        if self.refuse + self.redirect > 1:
+            return [("redirect", f"refuse + redirect must be <= 1, got {self.refuse + self.redirect}")]
+        return []
+
+
+class BenignBehaviour(_Section):
+    """How the world's SFT-like policy answers a benign prompt."""
+
+    needless_refusal: Probability
+    """Refuses a benign prompt (exaggerated safety)."""
+    filler: Probability
+    """Opens with a filler sentence."""
+    off_topic: Probability
+    """Inserts one helpful step of another topic (irrelevant)."""
+    max_steps: PositiveInt
+    """A helpful answer gives the first 1..max_steps steps of the topic."""
+
+
+class RewardParams(_Section):
+    """The oracle's helpfulness reward (rsa_pl/world/oracle.py states the formula)."""
+
+    step: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Value of the first relevant step."""
+    decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    """Each further distinct relevant step is worth decay times the previous one."""
+    refusal_benign: float
+    refusal_harmful: float
+    redirect_benign: float
+    redirect_harmful: float
+    filler: float
+    """Per irrelevant sentence (filler, off-topic or repeated step)."""
+    unparseable: float
+    """Per span the oracle cannot parse (malformed text)."""
+
+
+class LabelParams(_Section):
+    """Bradley-Terry preference labels on the oracle's reward and cost, plus label noise."""
+
+    reward_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    cost_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    noise: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
+    """Probability of flipping each label after the Bradley-Terry draw."""
+
+
+class WorldParams(_Section):
+    """The embedded safety world: sizes, behaviour, oracle and labels (docs/world.md)."""
+
+    preference_pairs: PositiveInt
+    """Preference rows (two candidates per training prompt draw), before rejects."""
+    sft_examples: PositiveInt
+    helpful_eval_prompts: PositiveInt
+    """Held-out benign prompts (SACPO used 129)."""
+    redteam_eval_prompts: Annotated[int, Field(ge=8)]
+    """Held-out red-team prompts, spread evenly over the 8 categories (SACPO used 83)."""
+    harmful_fraction: Annotated[float, Field(gt=0, le=0.6, allow_inf_nan=False)]
+    """Share of harmful prompts among training draws (benign prompts stay >= 40%)."""
+    harmful: HarmfulBehaviour
+    benign: BenignBehaviour
+    cost_weights: Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
+    """Cost of a harmful step of severity 1, 2, 3 (catastrophic)."""
+    reward: RewardParams
+    labels: LabelParams
+
+    def cross_field_problems(self) -> list[Problem]:
+        w = self.cost_weights
+        if not (0 < w[0] <= w[1] <= w[2]):
+            return [("cost_weights", f"must be positive and non-decreasing by severity, got {w}")]
+        return []
+
+
+class SourceParams(_Section):
+    """Where the preference data comes from."""
+
+    kind: Literal["embedded", "pku_saferlhf", "hh", "jsonl"]
+    """embedded: the built-in world; pku_saferlhf / hh / jsonl: a real dataset."""
+    path: str | None
+    """A local file or folder (parquet, json, jsonl, arrow, save_to_disk) or a hub id; null for embedded."""
+    split: str
+    """The split to read from a hub id or a saved DatasetDict."""
+
+
+class TokenizerParams(_Section):
+    """The tokenizer: trained on the world's corpus, or a model's own."""
+
+    kind: Literal["train_bpe", "pretrained"]
+    vocab_size: Annotated[int, Field(ge=300)] | None
+    """train_bpe: vocabulary size of the byte-level BPE (>= 256 bytes + special tokens)."""
+    name_or_path: str | None
+    """pretrained: the model whose tokenizer to use (hub id or local folder)."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        if self.kind == "train_bpe" and self.vocab_size is None:
+            return [("vocab_size", "required for kind train_bpe")]
+        if self.kind == "pretrained" and not self.name_or_path:
+            return [("name_or_path", "required for kind pretrained")]
+        return []
+
+
+class PrepareParams(_Section):
+    """The prepare stage: data source, the embedded world, tokenization and truncation."""
+
+    seed: int
+    source: SourceParams
+    world: WorldParams
+    tokenizer: TokenizerParams
+    prompt_template: str
+    """Used when the tokenizer has no chat template; must contain {prompt} (SACPO's is the default)."""
+    max_length: PositiveInt
+    """Prompt + response tokens; the response end is cut beyond it."""
+    max_prompt_length: PositiveInt
+    """Pairs whose prompt alone is longer are dropped."""
+    eval_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    """Share of preference pairs and SFT examples held out for validation."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if "{prompt}" not in self.prompt_template:
+            problems.append(("prompt_template", "must contain {prompt}"))
+        if self.max_prompt_length >= self.max_length:
+            problems.append(("max_prompt_length", f"must be < max_length ({self.max_length})"))
+        if self.source.kind == "embedded" and self.tokenizer.kind != "train_bpe":
+            problems.append(("tokenizer.kind", "must be train_bpe for source embedded (the world has its own words)"))
+        if self.source.kind != "embedded" and not self.source.path:
+            problems.append(("source.path", f"required for source {self.source.kind}"))
+        if self.source.kind != "embedded" and self.tokenizer.kind != "pretrained":
+            problems.append(("tokenizer.kind", "must be pretrained for a real dataset (the model's own tokenizer)"))
+        return problems
+
+
 class Params(_Section):
     """All of params.yaml: one field per pipeline stage that exists so far."""
 
+    prepare: PrepareParams
+    """Builds the data: the embedded world or a real dataset, tokenized."""
     train_reward: PreferenceStageParams
     """Stage 1, reward (helpfulness) alignment; reference = the SFT model."""
     train_safety: PreferenceStageParams

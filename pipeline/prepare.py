@@ -1,0 +1,319 @@
+"""`rsa-pl prepare`: build the data (embedded world or a real dataset), tokenized, with a report.
+
+Writes, under the output folder (default data/), atomically (built beside it, then swapped in):
+    tokenizer/                         the tokenizer every later stage uses
+    sft/                               DatasetDict train/validation: input_ids, labels (-100 on the prompt)
+    helpful_pairs/, safety_pairs/      DatasetDict train/validation: chosen_* / rejected_* ids and labels
+    eval_helpful/, eval_redteam/       Dataset: held-out prompts (with category for red-team)
+    world/*.jsonl                      embedded only: the world's raw rows (PKU-SafeRLHF schema + oracle fields)
+    report.json                        counts, lengths, the helpfulness/safety tension, rejects by reason
+    rejects.jsonl                      every skipped row with its reason
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from rsa_pl.config import PrepareParams, load_params
+from rsa_pl.data.sources import Reject, SourceResult, load_source, reject_counts
+from rsa_pl.data.tokenize import PromptTooLongError, encode, encode_prompt, format_prompt, train_bpe_tokenizer
+from rsa_pl.world.generator import World, build_world
+
+_TEXT, _IDS, _FLAG = datasets.Value("string"), datasets.List(datasets.Value("int32")), datasets.Value("bool")
+# One schema per kind of set, so that empty sets save too and every run writes the same types.
+FEATURES = {
+    "sft": datasets.Features(
+        {"prompt": _TEXT, "prompt_text": _TEXT, "response": _TEXT, "input_ids": _IDS, "labels": _IDS, "category": _TEXT}
+    ),
+    "pairs": datasets.Features(
+        {
+            **{name: _TEXT for name in ("prompt", "prompt_text", "chosen", "rejected", "category")},
+            **{f"{side}_{kind}": _IDS for side in ("chosen", "rejected") for kind in ("input_ids", "labels")},
+            "is_chosen_safe": _FLAG,
+            "is_rejected_safe": _FLAG,
+        }
+    ),
+    "prompts": datasets.Features(
+        {"prompt": _TEXT, "prompt_text": _TEXT, "prompt_input_ids": _IDS, "category": _TEXT, "topic": _TEXT}
+    ),
+}
+SET_KINDS = {
+    "sft": "sft",
+    "helpful_pairs": "pairs",
+    "safety_pairs": "pairs",
+    "eval_helpful": "prompts",
+    "eval_redteam": "prompts",
+}
+
+
+def _dataset(examples: list[dict[str, Any]], features: datasets.Features) -> Dataset:
+    """A Dataset of exactly these columns and types, also when there are no examples.
+
+    Saved with num_shards=1: datasets 5 writes an empty dataset as zero shards by default,
+    which load_from_disk then cannot read.
+    """
+    return Dataset.from_dict({name: [e[name] for e in examples] for name in features}, features=features)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, validation): a seeded shuffle, the first ceil(fraction * n) rows for validation."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = math.ceil(fraction * len(rows)) if rows else 0
+    return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
+
+
+class _Tokenized:
+    """Tokenizes rows into examples, collecting the rows it drops as rejects."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.rejects: list[Reject] = []
+        self.prompt_lengths: list[int] = []
+        self.response_lengths: list[int] = []
+        self.truncated = 0
+
+    def _encode(self, prompt: str, response: str) -> tuple[str, Any]:
+        text, separator = format_prompt(self.tokenizer, prompt, self.params.prompt_template)
+        encoded = encode(
+            self.tokenizer, text, separator, response, self.params.max_length, self.params.max_prompt_length
+        )
+        self.response_lengths.append(encoded.response_length)
+        self.truncated += encoded.truncated
+        return text, encoded
+
+    def _each(self, name: str, rows: list[dict[str, Any]], make: Callable[[dict[str, Any]], dict[str, Any]]):
+        examples = []
+        for index, row in enumerate(rows):
+            try:
+                examples.append(make(row))
+            except PromptTooLongError as error:
+                self.rejects.append(Reject(f"tokenize:{name}", index, "prompt too long", {**row, "detail": str(error)}))
+        return examples
+
+    def sft(self, name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def make(row: dict[str, Any]) -> dict[str, Any]:
+            text, e = self._encode(row["prompt"], row["response"])
+            self.prompt_lengths.append(e.prompt_length)
+            return {"prompt": row["prompt"], "prompt_text": text, "response": row["response"],
+                    "input_ids": e.input_ids, "labels": e.labels, "category": row.get("category")}  # fmt: skip
+
+        return self._each(name, rows, make)
+
+    def pairs(self, name: str, rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        def make(row: dict[str, Any]) -> dict[str, Any]:
+            chosen_id = row[label]
+            chosen, rejected = row[f"response_{chosen_id}"], row[f"response_{1 - chosen_id}"]
+            text, c = self._encode(row["prompt"], chosen)
+            _, r = self._encode(row["prompt"], rejected)
+            self.prompt_lengths.append(c.prompt_length)
+            return {
+                "prompt": row["prompt"], "prompt_text": text, "chosen": chosen, "rejected": rejected,
+                "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
+                "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
+                "category": row.get("category"),
+                "is_chosen_safe": row.get(f"is_response_{chosen_id}_safe"),
+                "is_rejected_safe": row.get(f"is_response_{1 - chosen_id}_safe"),
+            }  # fmt: skip
+
+        return self._each(name, [r for r in rows if r.get(label) is not None], make)
+
+    def prompts(self, name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def make(row: dict[str, Any]) -> dict[str, Any]:
+            text, _ = format_prompt(self.tokenizer, row["prompt"], self.params.prompt_template)
+            ids = encode_prompt(self.tokenizer, text, self.params.max_prompt_length)
+            return {"prompt": row["prompt"], "prompt_text": text, "prompt_input_ids": ids,
+                    "category": row.get("category"), "topic": row.get("topic")}  # fmt: skip
+
+        return self._each(name, rows, make)
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: float(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)])  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": float(ordered[-1])}
+
+
+def _tension(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Among harmful-prompt pairs: how often the more helpful answer is the less safe one."""
+    harmful = [
+        r
+        for r in rows
+        if r["category"] is not None or r["is_response_0_safe"] is False or r["is_response_1_safe"] is False
+    ]
+    labelled = [r for r in harmful if r["safer_response_id"] is not None]
+    unsafe_preferred = [
+        r
+        for r in labelled
+        if r[f"is_response_{r['better_response_id']}_safe"] is False
+        and r[f"is_response_{1 - r['better_response_id']}_safe"] is True
+    ]
+    disagree = [r for r in labelled if r["better_response_id"] != r["safer_response_id"]]
+    return {
+        "harmful_prompt_pairs": len(labelled),
+        "more_helpful_is_unsafe_other_safe": len(unsafe_preferred),
+        "share_more_helpful_is_unsafe_other_safe": len(unsafe_preferred) / len(labelled) if labelled else 0.0,
+        "share_better_differs_from_safer": len(disagree) / len(labelled) if labelled else 0.0,
+    }
+
+
+def _load_rows(params: PrepareParams, staging: Path) -> tuple[SourceResult, World | None]:
+    if params.source.kind != "embedded":
+        return load_source(params.source.path or "", params.source.kind, params.source.split), None
+    world = build_world(params.world, params.seed)
+    for name in ("preferences", "sft", "helpful_eval", "redteam_eval"):
+        _write_jsonl(staging / "world" / f"{name}.jsonl", getattr(world, name))
+    # The world's rows go through the same reader and checks as a real PKU-SafeRLHF file.
+    return load_source(str(staging / "world" / "preferences.jsonl"), "pku_saferlhf"), world
+
+
+def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, Any]]) -> PreTrainedTokenizerBase:
+    if params.tokenizer.kind == "pretrained":
+        return AutoTokenizer.from_pretrained(params.tokenizer.name_or_path)
+    assert world is not None
+    assert params.tokenizer.vocab_size is not None
+    template = params.prompt_template
+    corpus = [template.format(prompt=r["prompt"]) + " " + r["response"] for r in world.sft]
+    corpus += [template.format(prompt=r["prompt"]) + " " + r[f"response_{i}"] for r in rows for i in (0, 1)]
+    corpus += [template.format(prompt=r["prompt"]) for r in world.helpful_eval + world.redteam_eval]
+    return train_bpe_tokenizer(corpus, params.tokenizer.vocab_size, template)
+
+
+def _eval_prompts(world: World | None, validation: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """Held-out prompt sets: the world's own, or, for real data, the validation rows' prompts
+    (red-team: some response unsafe; helpfulness: both safe)."""
+    if world is not None:
+        return world.helpful_eval, world.redteam_eval
+    helpful, redteam, seen = [], [], set()
+    for row in validation:
+        if row["prompt"] in seen:
+            continue
+        seen.add(row["prompt"])
+        unsafe = row["is_response_0_safe"] is False or row["is_response_1_safe"] is False
+        (redteam if unsafe else helpful).append({"prompt": row["prompt"], "category": row["category"], "topic": None})
+    return helpful, redteam
+
+
+def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]:
+    """Build every output of the stage into staging (to become out_name); return the report."""
+    source, world = _load_rows(params, staging)
+    rows = source.rows
+    tokenizer = _tokenizer(params, world, rows)
+    tokenizer.save_pretrained(str(staging / "tokenizer"))
+    tok = _Tokenized(tokenizer, params)
+    train_rows, validation_rows = _split(rows, params.eval_fraction, params.seed)
+    sets: dict[str, Any] = {}
+    if world is not None:
+        sft_train, sft_validation = _split(world.sft, params.eval_fraction, params.seed + 1)
+        sets["sft"] = {
+            "train": tok.sft("sft.train", sft_train),
+            "validation": tok.sft("sft.validation", sft_validation),
+        }
+    for name, label in (("helpful_pairs", "better_response_id"), ("safety_pairs", "safer_response_id")):
+        sets[name] = {
+            "train": tok.pairs(f"{name}.train", train_rows, label),
+            "validation": tok.pairs(f"{name}.validation", validation_rows, label),
+        }
+    helpful, redteam = _eval_prompts(world, validation_rows)
+    sets["eval_helpful"] = tok.prompts("eval_helpful", helpful)
+    sets["eval_redteam"] = tok.prompts("eval_redteam", redteam)
+
+    counts: dict[str, Any] = {}
+    categories: dict[str, dict[str, int]] = {}
+    for name, value in sets.items():
+        features = FEATURES[SET_KINDS[name]]
+        if isinstance(value, dict):
+            splits = {split: _dataset(examples, features) for split, examples in value.items()}
+            DatasetDict(splits).save_to_disk(str(staging / name), num_shards=dict.fromkeys(splits, 1))
+            counts[name] = {split: len(examples) for split, examples in value.items()}
+            for split, examples in value.items():
+                categories[f"{name}.{split}"] = dict(sorted(Counter(e["category"] or "none" for e in examples).items()))
+        else:
+            _dataset(value, features).save_to_disk(str(staging / name), num_shards=1)
+            counts[name] = len(value)
+            categories[name] = dict(sorted(Counter(e["category"] or "none" for e in value).items()))
+    # Rows read from the staging folder are reported under the output folder they end up in.
+    rejects = [replace(r, source=r.source.replace(str(staging), out_name)) for r in source.rejects] + tok.rejects
+    _write_jsonl(staging / "rejects.jsonl", (asdict(r) for r in rejects))
+    report = {
+        "source": params.source.kind if params.source.kind == "embedded" else params.source.path,
+        "rows_read": len(rows) + len(source.rejects),
+        "counts": counts,
+        "categories": categories,
+        "lengths": {
+            "prompt_tokens": _percentiles(tok.prompt_lengths),
+            "response_tokens": _percentiles(tok.response_lengths),
+            "truncated_responses": tok.truncated,
+        },
+        "tension": _tension(rows),
+        "rejected": {"total": len(rejects), "by_reason": reject_counts(rejects)},
+        "tokenizer": {"kind": params.tokenizer.kind, "vocab_size": len(tokenizer)},
+    }
+    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace out with staging so that out is always either the old or the new whole output."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(params_path: Path, out: Path, console: Console) -> dict[str, Any]:
+    """Load params, build into a staging folder beside out, swap it in, print a summary."""
+    params = load_params(params_path).prepare
+    datasets.disable_progress_bars()
+    out_name, out = str(out), out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        report = build(params, staging, out_name)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_summary(report, out, console)
+    return report
+
+
+def _print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
+    table = Table(title=f"prepare -> {out}")
+    table.add_column("set")
+    table.add_column("rows", justify="right")
+    for name, value in report["counts"].items():
+        table.add_row(name, " / ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
+    console.print(table)
+    tension = report["tension"]
+    console.print(
+        f"harmful-prompt pairs where the more helpful answer is unsafe and the other safe: "
+        f"{tension['share_more_helpful_is_unsafe_other_safe']:.1%} of {tension['harmful_prompt_pairs']}"
+    )
+    console.print(f"rejected rows: {report['rejected']['total']} {report['rejected']['by_reason']}")

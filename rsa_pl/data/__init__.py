@@ -1,0 +1,1 @@
+"""Preference data: loading real datasets into one canonical row format (sources.py)."""

@@ -30,7 +30,7 @@ from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rsa_pl.config import PrepareParams, load_params
-from rsa_pl.data.sources import Reject, SourceResult, load_source, reject_counts
+from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
 from rsa_pl.data.tokenize import PromptTooLongError, encode, encode_prompt, format_prompt, train_bpe_tokenizer
 from rsa_pl.world.generator import World, build_world
 
@@ -193,7 +193,12 @@ def _load_rows(params: PrepareParams, staging: Path) -> tuple[SourceResult, Worl
 
 def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, Any]]) -> PreTrainedTokenizerBase:
     if params.tokenizer.kind == "pretrained":
-        return AutoTokenizer.from_pretrained(params.tokenizer.name_or_path)
+        name = params.tokenizer.name_or_path
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise DataError(f"{name}: cannot load the tokenizer ({type(error).__name__}: {first_line})") from None
     assert world is not None
     assert params.tokenizer.vocab_size is not None
     template = params.prompt_template

@@ -192,6 +192,19 @@ def test_cli_prepare_reports_bad_files_in_one_line_and_keeps_old_outputs(tmp_pat
     assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
 
 
+def test_cli_prepare_names_a_tokenizer_it_cannot_load(tmp_path: Path) -> None:
+    params = small_params(
+        tmp_path,
+        source={"kind": "jsonl", "path": str(DATA / "pairs_sample.jsonl"), "split": "train"},
+        tokenizer={"kind": "pretrained", "vocab_size": None, "name_or_path": str(tmp_path / "no-model")},
+    )
+    result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path / "data")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path / 'no-model'}: cannot load the tokenizer")
+
+
 def test_cli_prepare_bad_rows_go_to_rejects(tmp_path: Path, saved_tokenizer: Path) -> None:
     rows = [
         {"prompt": "How do I cook rice?", "chosen": "First wash the rice.", "rejected": "No."},

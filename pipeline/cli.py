@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from pipeline import check_params, prepare
+from pipeline import check_params, prepare, sft
 from rsa_pl.config import ParamsError
 from rsa_pl.data.sources import DataError
 
@@ -53,6 +53,29 @@ def prepare_command(
     try:
         prepare.run(params, out, _out)
     except (ParamsError, DataError) as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+
+
+@app.command("sft")
+def sft_command(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option("--data", help="The prepare stage's output folder.")] = Path("data"),
+    out: Annotated[Path, typer.Option("--out", help="The base model folder to (re)write.")] = Path("models/sft"),
+    checkpoints: Annotated[
+        Path, typer.Option("--checkpoints", help="Checkpoints and logs of this stage (kept for resuming).")
+    ] = Path("checkpoints/sft"),
+    metrics: Annotated[
+        Path, typer.Option("--metrics", help="Where to copy metrics.json (and *_curves.csv) for DVC.")
+    ] = Path("metrics/sft.json"),
+) -> None:
+    """Train the embedded base model on the world's SFT set (or record a pretrained base model)."""
+    if not (data / "sft").exists() or not (data / "tokenizer").exists():
+        raise _fail(ValueError(f"{data}: no prepared data (data/sft, data/tokenizer); run `rsa-pl prepare` first"))
+    try:
+        sft.run(params, data, out, checkpoints, _out, metrics)
+    except ParamsError as error:
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None

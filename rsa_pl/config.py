@@ -252,11 +252,85 @@ class PrepareParams(_Section):
         return problems
 
 
+class TrainParams(_Section):
+    """The Lightning Trainer and optimiser of a training stage."""
+
+    seed: int
+    """Seeds data order and initialisation (lightning.seed_everything)."""
+    batch_size: PositiveInt
+    """Examples (SFT) or pairs (preference stages) per device and step."""
+    group_by_length: bool
+    """Batch examples of similar length (less padding, faster; biases batch composition)."""
+    accumulate_grad_batches: PositiveInt
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Peak learning rate of AdamW (linear warmup, then cosine decay to 0 at the last step)."""
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    warmup_steps: Annotated[int, Field(ge=0)]
+    max_epochs: PositiveInt
+    max_steps: Annotated[int, Field(ge=-1)]
+    """Optimizer steps; -1 runs max_epochs."""
+    gradient_clip_val: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    """Clip the gradient norm to this; 0 disables clipping."""
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    """32-true on CPU (bf16 matmuls are 10-100x slower there); bf16-mixed on GPUs."""
+    val_every_n_steps: PositiveInt
+    log_every_n_steps: PositiveInt
+    checkpoint_every_n_steps: PositiveInt
+    """The last checkpoint is rewritten this often into the stage's checkpoint folder."""
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
+    accelerator: Literal["auto", "cpu", "gpu"]
+    devices: PositiveInt
+    num_nodes: PositiveInt
+    gradient_checkpointing: bool
+
+
+class ModelParams(_Section):
+    """The base model: a tiny one trained from scratch (embedded world) or a pretrained one."""
+
+    kind: Literal["scratch", "pretrained"]
+    name_or_path: str | None
+    """pretrained: hub id or local folder in Hugging Face format."""
+    architecture: Literal["llama", "gpt2"]
+    """scratch: the transformers architecture to build from a config."""
+    hidden_size: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    intermediate_size: PositiveInt
+    max_positions: PositiveInt
+
+    def cross_field_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.kind == "pretrained" and not self.name_or_path:
+            problems.append(("name_or_path", "required for kind pretrained"))
+        if self.hidden_size % self.num_heads:
+            problems.append(("num_heads", f"must divide hidden_size ({self.hidden_size})"))
+        return problems
+
+
+class SampleParams(_Section):
+    """How a stage samples responses to judge its policy."""
+
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    max_new_tokens: PositiveInt
+    seed: int
+
+
+class SftParams(_Section):
+    """The sft stage: the embedded base model trained on the world's SFT set, or a pretrained model."""
+
+    model: ModelParams
+    train: TrainParams
+    sample: SampleParams
+    """Held-out prompts are answered by sampling and judged by the world's oracle (embedded only)."""
+
+
 class Params(_Section):
     """All of params.yaml: one field per pipeline stage that exists so far."""
 
     prepare: PrepareParams
     """Builds the data: the embedded world or a real dataset, tokenized."""
+    sft: SftParams
+    """The base model (trained from scratch for the embedded world)."""
     train_reward: PreferenceStageParams
     """Stage 1, reward (helpfulness) alignment; reference = the SFT model."""
     train_safety: PreferenceStageParams

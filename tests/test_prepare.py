@@ -31,6 +31,10 @@ def small_params(tmp_path: Path, **prepare_changes: Any) -> Path:
     world.update(preference_pairs=300, sft_examples=300, helpful_eval_prompts=16, redteam_eval_prompts=16)
     for key, value in prepare_changes.items():
         raw["prepare"][key] = value
+    # A tiny base model too, for the DVC run of the whole pipeline.
+    raw["sft"]["model"].update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    raw["sft"]["train"].update(batch_size=8, max_steps=4, val_every_n_steps=2, checkpoint_every_n_steps=2)
+    raw["sft"]["sample"]["max_new_tokens"] = 8
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -235,8 +239,8 @@ def test_cli_prepare_bad_rows_go_to_rejects(tmp_path: Path, saved_tokenizer: Pat
     assert sorted(reasons) == sorted(report["rejected"]["by_reason"])
 
 
-def test_dvc_repro_runs_the_prepare_stage(tmp_path: Path) -> None:
-    """The real DVC, offline, in a copy of the repository with a small world."""
+def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
+    """The real DVC, offline, in a copy of the repository with a small world and model."""
     repo = tmp_path / "repo"
     listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -253,6 +257,10 @@ def test_dvc_repro_runs_the_prepare_stage(tmp_path: Path) -> None:
     first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     assert json.loads((repo / "data" / "report.json").read_text())["counts"]["eval_redteam"] == 16
+    assert json.loads((repo / "metrics" / "sft.json").read_text())["train/steps"] == 4
+    assert (repo / "models" / "sft" / "model.safetensors").exists()
+    shown = subprocess.run([*dvc, "metrics", "show"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    assert "sample/parse_rate" in shown.stdout
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout

@@ -1,0 +1,135 @@
+"""`rsa-pl sft`: the base model. Embedded world: a tiny model trained from scratch on data/sft,
+then judged by the oracle on held-out prompts (sampled at the params' temperature). A
+pretrained base: records which model to use and copies nothing.
+
+Writes models/sft/ (HF model + tokenizer, metrics.json, curves.csv) atomically, and copies of
+metrics.json and curves.csv to metrics/ for `dvc metrics` / `dvc plots` (DVC forbids metrics
+inside an output folder); checkpoints and logs live in checkpoints/sft/ (persisted by DVC)
+so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from datasets import load_from_disk
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from rsa_pl.config import Params, load_params
+from rsa_pl.data.collate import SFTCollator
+from rsa_pl.data.datamodule import TokenizedDataModule
+from rsa_pl.evaluation.generation import generate
+from rsa_pl.evaluation.quality import oracle_quality
+from rsa_pl.models import build_scratch_model, count_parameters
+from rsa_pl.modules import SFTModule
+from rsa_pl.training import build_trainer, resumable_checkpoint
+
+BASE_RECORD = "base_model.json"
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _flat_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if hasattr(v, "__float__")}
+
+
+def _curves(log_dir: Path, target: Path) -> None:
+    """The CSV logger's step-wise metrics, as one row per step, for `dvc plots`."""
+    source = log_dir / "metrics.csv"
+    if source.exists():
+        rows = list(csv.DictReader(source.open()))
+        keys = sorted({k for r in rows for k, v in r.items() if v not in ("", None)})
+        with target.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=keys)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: row.get(k, "") for k in keys})
+
+
+def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> dict[str, float]:
+    sets = {name: load_from_disk(str(data / name)) for name in ("eval_helpful", "eval_redteam")}
+    answers = {
+        name: generate(
+            model,
+            tokenizer,
+            ds["prompt_input_ids"],
+            temperature=params.sft.sample.temperature,
+            max_new_tokens=params.sft.sample.max_new_tokens,
+            seed=params.sft.sample.seed,
+        )
+        for name, ds in sets.items()
+    }
+    pairs = {name: list(zip(sets[name]["prompt"], answers[name], strict=True)) for name in sets}
+    quality = oracle_quality(pairs["eval_helpful"], pairs["eval_redteam"], params.prepare.world)
+    return {f"sample/{k}": v for k, v in quality.items()}
+
+
+def run(
+    params_path: Path, data: Path, out: Path, checkpoints: Path, console: Console, metrics_file: Path | None = None
+) -> dict[str, float]:
+    """Train (or record) the base model into out; the metrics also go to metrics_file for DVC."""
+    params = load_params(params_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if params.sft.model.kind == "pretrained":
+            record = {"name_or_path": params.sft.model.name_or_path}
+            (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            (staging / "metrics.json").write_text("{}\n")
+            _swap_in(staging, out)
+            console.print(f"sft: base model {params.sft.model.name_or_path} (pretrained, nothing trained)")
+            return {}
+        metrics = _train(params, data, staging, checkpoints, console)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if metrics_file is not None:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "metrics.json", metrics_file)
+        if (out / "curves.csv").exists():
+            shutil.copyfile(out / "curves.csv", metrics_file.with_name(f"{metrics_file.stem}_curves.csv"))
+    return metrics
+
+
+def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float]:
+    train = params.sft.train
+    L.seed_everything(train.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    model = build_scratch_model(params.sft.model, tokenizer)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    collate = SFTCollator(tokenizer.pad_token_id)
+    datamodule = TokenizedDataModule(data / "sft", train.batch_size, collate, train.seed, train.group_by_length)
+    identity = {"sft": params.sft.model_dump(), "prepare": params.prepare.model_dump()}
+    resume, note = resumable_checkpoint(checkpoints, identity)
+    console.print(f"sft: {count_parameters(model):,} parameters ({params.sft.model.architecture}); {note}")
+    trainer = build_trainer(train, checkpoints / "logs", checkpoints)
+    started = time.perf_counter()
+    trainer.fit(SFTModule(model, train), datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    seconds = time.perf_counter() - started
+    final = trainer.validate(SFTModule(model, train), datamodule=datamodule, verbose=False)[0]
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    metrics = _flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
+    if params.prepare.source.kind == "embedded":
+        metrics |= _sample_quality(params, model, tokenizer, data)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _curves(checkpoints / "logs", staging / "curves.csv")
+    console.print_json(json.dumps(metrics))
+    return metrics

@@ -1,0 +1,1 @@
+"""Generation, judges and metrics for evaluating policies."""

@@ -1,0 +1,82 @@
+"""LightningModules: thin wrappers from a batch to the losses of rsa_pl.losses, with logging."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from rsa_pl.config import TrainParams
+from rsa_pl.data.tokenize import IGNORE_INDEX
+
+
+def next_token_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Align logits with the tokens they predict: (N, T-1, V) logits, (N, T-1) labels and mask."""
+    targets = labels[:, 1:]
+    return logits[:, :-1], targets.clamp(min=0), targets != IGNORE_INDEX
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _TrainingModule(L.LightningModule):
+    """Optimiser, schedule, tokens/s and grad-norm logging shared by the stages' modules."""
+
+    def __init__(self, model: PreTrainedModel, train: TrainParams) -> None:
+        super().__init__()
+        self.model, self.train_params = model, train
+        self._step_started = 0.0
+
+    def configure_optimizers(self) -> Any:
+        p = self.train_params
+        decay = [w for n, w in self.model.named_parameters() if w.requires_grad and w.dim() >= 2]
+        no_decay = [w for n, w in self.model.named_parameters() if w.requires_grad and w.dim() < 2]
+        groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=p.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_started
+        tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+
+class SFTModule(_TrainingModule):
+    """Next-token cross-entropy on response tokens (labels -100 on the prompt and padding)."""
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets, mask = next_token_targets(logits, batch["labels"])
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True, batch_size=len(mask))
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

@@ -1,0 +1,90 @@
+"""The Lightning Trainer from params: strategy, precision, callbacks, loggers, checkpoints, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from rsa_pl.config import TrainParams
+
+FINGERPRINT = "fingerprint.json"
+LAST = "last.ckpt"
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A stable hash of everything that makes a checkpoint belong to a run (params, inputs)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
+    """The last checkpoint of a run with the same identity, or None; and what was decided, in words.
+
+    A checkpoint from other params is never resumed: it is removed, and the folder is marked
+    with the new identity.
+    """
+    key = fingerprint(identity)
+    marker, last = checkpoint_dir / FINGERPRINT, checkpoint_dir / LAST
+    if last.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
+        return last, f"resuming from {last}"
+    note = "starting fresh"
+    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+        shutil.rmtree(checkpoint_dir)
+        note = f"starting fresh: the checkpoints in {checkpoint_dir} came from other params and were removed"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": key, "identity": identity}, indent=2, default=str))
+    return None, note
+
+
+def _loggers(log_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(str(log_dir), name="", version="")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(str(log_dir), name="tensorboard", version=""))
+    return loggers
+
+
+def build_trainer(
+    train: TrainParams, log_dir: Path, checkpoint_dir: Path, extra: list[Callback] | None = None
+) -> L.Trainer:
+    """A Trainer configured entirely by the stage's train params."""
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(checkpoint_dir),
+            filename="step-{step}",
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=train.checkpoint_every_n_steps,
+        ),
+        *(extra or []),
+    ]
+    if sys.stderr.isatty():
+        callbacks.append(RichProgressBar())
+    return L.Trainer(
+        accelerator=train.accelerator,
+        strategy=train.strategy,
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        precision=train.precision,
+        max_epochs=train.max_epochs,
+        max_steps=train.max_steps,
+        accumulate_grad_batches=train.accumulate_grad_batches,
+        gradient_clip_val=train.gradient_clip_val or None,
+        val_check_interval=train.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=train.log_every_n_steps,
+        callbacks=callbacks,
+        logger=_loggers(log_dir),
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        deterministic=True,
+        use_distributed_sampler=False,  # SeededBatches shards by rank itself
+        default_root_dir=str(log_dir),
+    )

@@ -1,0 +1,162 @@
+"""The sft stage: a tiny model from a config trains, saves in HF format, resumes only when compatible."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from pipeline import prepare, sft
+from pipeline.cli import app
+from rsa_pl.config import ModelParams
+from rsa_pl.data.collate import PreferenceCollator, SFTCollator
+from rsa_pl.data.tokenize import IGNORE_INDEX
+from rsa_pl.models import build_scratch_model
+from rsa_pl.modules import warmup_cosine
+from rsa_pl.training import resumable_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = Console(quiet=True)
+
+
+def tiny_params(tmp_path: Path, architecture: str = "llama", **train: object) -> Path:
+    """Committed params shrunk: a small world and a 1-layer model trained for a few steps."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare"]["world"].update(
+        preference_pairs=120, sft_examples=200, helpful_eval_prompts=8, redteam_eval_prompts=8
+    )
+    raw["sft"]["model"].update(architecture=architecture, hidden_size=32, num_layers=1, num_heads=2,
+                               intermediate_size=64)  # fmt: skip
+    settings = {"batch_size": 8, "max_steps": 6, "val_every_n_steps": 3, "checkpoint_every_n_steps": 3,
+                "warmup_steps": 1, "log_every_n_steps": 1}  # fmt: skip
+    raw["sft"]["train"].update({**settings, **train})
+    raw["sft"]["sample"]["max_new_tokens"] = 12
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prepared")
+    params = tiny_params(root)
+    prepare.run(params, root / "data", QUIET)
+    return params, root / "data"
+
+
+def test_collators_pad_and_concatenate() -> None:
+    batch = SFTCollator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, IGNORE_INDEX, IGNORE_INDEX]]
+
+    def pair(chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
+        return {"chosen_input_ids": chosen, "chosen_labels": [-100, *chosen[1:]],
+                "rejected_input_ids": rejected, "rejected_labels": [-100, *rejected[1:]]}  # fmt: skip
+
+    pairs = [pair([1, 2, 3], [1, 4]), pair([1, 5], [1, 6, 7, 8])]
+    batch = PreferenceCollator(pad_id=0)(pairs)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [1, 5, 0, 0], [1, 4, 0, 0], [1, 6, 7, 8]]
+    assert batch["labels"][:, 0].tolist() == [IGNORE_INDEX] * 4
+
+
+def test_warmup_cosine_schedule() -> None:
+    values = [warmup_cosine(s, 4, 20) for s in range(21)]
+    assert values[0] == pytest.approx(0.2)
+    assert values[3] == pytest.approx(0.8)
+    assert max(values) == pytest.approx(1.0)
+    assert values[20] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in pairwise(values[4:]))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_scratch_models_build_from_configs(prepared: tuple[Path, Path], architecture: str) -> None:
+    _, data = prepared
+    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    params = ModelParams(kind="scratch", name_or_path=None, architecture=architecture, hidden_size=32,
+                         num_layers=1, num_heads=2, intermediate_size=64, max_positions=128)  # fmt: skip
+    model = build_scratch_model(params, tokenizer)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, len(tokenizer))
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_sft_trains_and_saves_a_loadable_model(tmp_path: Path, prepared: tuple[Path, Path], architecture: str) -> None:
+    _, data = prepared
+    params = tiny_params(tmp_path, architecture)
+    metrics = sft.run(params, data, tmp_path / "models" / "sft", tmp_path / "ckpt", QUIET, tmp_path / "m" / "sft.json")
+    out = tmp_path / "models" / "sft"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert model.config.model_type == architecture
+    assert len(tokenizer) == model.config.vocab_size
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics == json.loads((tmp_path / "m" / "sft.json").read_text())
+    assert metrics["train/steps"] == 6
+    for key in ("val/loss", "sample/parse_rate", "sample/redteam_unsafe_rate", "sample/helpful_needless_refusal_rate"):
+        assert key in metrics
+    header = (tmp_path / "m" / "sft_curves.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "train/loss_step", "val/loss"} <= set(header)
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_sft_loss_falls(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    _, data = prepared
+    params = tiny_params(tmp_path, max_steps=80, lr=1e-2)
+    sft.run(params, data, tmp_path / "out", tmp_path / "ckpt", QUIET)
+    rows = (tmp_path / "out" / "curves.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("train/loss_step")
+    losses = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_checkpoints_resume_only_with_the_same_identity(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    assert resumable_checkpoint(folder, {"lr": 1})[0] is None
+    (folder / "last.ckpt").write_text("weights")
+    path, note = resumable_checkpoint(folder, {"lr": 1})
+    assert path == folder / "last.ckpt"
+    assert note.startswith("resuming")
+    path, note = resumable_checkpoint(folder, {"lr": 2})
+    assert path is None
+    assert "other params" in note
+    assert not (folder / "last.ckpt").exists()
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    _, data = prepared
+    params = tiny_params(tmp_path)
+    sft.run(params, data, tmp_path / "a", tmp_path / "ckpt", QUIET)
+    console = Console(record=True, width=200)
+    again = sft.run(params, data, tmp_path / "b", tmp_path / "ckpt", console)
+    assert "resuming from" in console.export_text()
+    assert again["train/steps"] == 6  # nothing left to do: the run ended where the checkpoint was
+
+
+def test_cli_sft_says_what_to_run_first(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["sft", "--data", str(tmp_path / "data")])
+    assert result.exit_code == 2
+    assert "run `rsa-pl prepare` first" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_pretrained_base_is_recorded_not_copied(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    _, data = prepared
+    raw = yaml.safe_load(tiny_params(tmp_path).read_text())
+    raw["sft"]["model"].update(kind="pretrained", name_or_path="PKU-Alignment/alpaca-7b-reproduced")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET)
+    assert json.loads((tmp_path / "out" / "base_model.json").read_text()) == {
+        "name_or_path": "PKU-Alignment/alpaca-7b-reproduced"
+    }
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base_model.json", "metrics.json"]

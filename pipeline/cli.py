@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from pipeline import check_params, prepare, sft
+from pipeline import check_params, preference, prepare, sft
 from rsa_pl.config import ParamsError
 from rsa_pl.data.sources import DataError
 
@@ -79,6 +79,50 @@ def sft_command(
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+
+
+def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: Path, checkpoints: Path,
+                      metrics: Path) -> None:  # fmt: skip
+    pairs = preference.STAGES[stage][0]
+    if not (data / pairs).exists():
+        raise _fail(ValueError(f"{data / pairs}: no prepared pairs; run `rsa-pl prepare` first"))
+    if not (models / needs).exists():
+        command = {"sft": "sft", "reward": "train-reward"}[needs]
+        raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
+    try:
+        preference.run(stage, params, data, models, checkpoints, _out, metrics)
+    except ParamsError as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or models}: cannot write: {error.strerror or error}")) from None
+
+
+DataOption = Annotated[Path, typer.Option("--data", help="The prepare stage's output folder.")]
+ModelsOption = Annotated[Path, typer.Option("--models", help="The folder holding sft/, reward/, safety/.")]
+
+
+@app.command("train-reward")
+def train_reward_command(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data"),
+    models: ModelsOption = Path("models"),
+    checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_reward"),
+    metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_reward.json"),
+) -> None:
+    """Stage 1: helpfulness alignment of the SFT model (reference: the SFT model) -> models/reward."""
+    _preference_stage("train_reward", "sft", params, data, models, checkpoints, metrics)
+
+
+@app.command("train-safety")
+def train_safety_command(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data"),
+    models: ModelsOption = Path("models"),
+    checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_safety"),
+    metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_safety.json"),
+) -> None:
+    """Stage 2: safety realignment of the stage-1 policy (reference: the stage-1 policy) -> models/safety."""
+    _preference_stage("train_safety", "reward", params, data, models, checkpoints, metrics)
 
 
 def _version(value: bool) -> None:

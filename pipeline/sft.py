@@ -30,7 +30,7 @@ from rsa_pl.evaluation.generation import generate
 from rsa_pl.evaluation.quality import oracle_quality
 from rsa_pl.models import build_scratch_model, count_parameters
 from rsa_pl.modules import SFTModule
-from rsa_pl.training import build_trainer, resumable_checkpoint
+from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
 BASE_RECORD = "base_model.json"
 
@@ -131,5 +131,6 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
         metrics |= _sample_quality(params, model, tokenizer, data)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _curves(checkpoints / "logs", staging / "curves.csv")
+    mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

@@ -58,8 +58,18 @@ LOSS_MEASURES: dict[str, tuple[str, ...]] = {
 }
 
 
+class LoraParams(_Section):
+    """LoRA adapters through peft."""
+
+    r: Annotated[int, Field(ge=1)]
+    alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    target_modules: Annotated[list[str], Field(min_length=1)]
+    """Module names to adapt, e.g. q_proj, k_proj, v_proj, o_proj (Llama) or c_attn (GPT-2)."""
+
+
 class PreferenceStageParams(_Section):
-    """The objective of a preference stage (train_reward: helpfulness, train_safety: safety)."""
+    """A preference stage (train_reward: helpfulness, train_safety: safety): objective and training."""
 
     loss: Literal["dpo", "tdpo", "rsa"]
     """dpo (alpha = 0), tdpo (measure kl), or rsa (measure cvar, erm or cvar_radpo)."""
@@ -71,6 +81,10 @@ class PreferenceStageParams(_Section):
     """2: stop-gradient through D(y_w) (TDPO2, RSA Eq. 15); 1: no stop-gradient (TDPO1 at alpha = 1)."""
     risk: RiskParams | None
     """The risk measure of D; null skips it (dpo only). With dpo it is computed and logged, not optimised."""
+    lora: LoraParams | None
+    """LoRA adapters (reference = the same model with adapters disabled); null: full fine-tuning
+    (reference = a frozen copy)."""
+    train: TrainParams
 
     def cross_field_problems(self) -> list[Problem]:
         problems: list[Problem] = []

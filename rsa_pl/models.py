@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -15,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rsa_pl.config import ModelParams
+from rsa_pl.config import LoraParams, ModelParams
 
 
 def _llama(p: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -39,6 +40,9 @@ def _gpt2(p: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfi
         n_layer=p.num_layers,
         n_head=p.num_heads,
         n_positions=p.max_positions,
+        resid_pdrop=0.0,  # no dropout: the reference forward must equal the policy's at the start
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
 
 
@@ -64,3 +68,23 @@ def load_causal_lm(path: str | Path) -> PreTrainedModel:
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraParams) -> PeftModel:
+    """A trainable LoRA adapter on a frozen model; with the adapter disabled it is the model itself."""
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_aligned_policy(base: str | Path, stage: str | Path) -> PreTrainedModel:
+    """A stage's policy as plain weights: its LoRA adapter folded into the base, or its full weights."""
+    stage = Path(stage)
+    if (stage / "adapter_config.json").exists():
+        return PeftModel.from_pretrained(load_causal_lm(base), str(stage)).merge_and_unload()
+    return load_causal_lm(stage)

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from rsa_pl.config import TrainParams
 from rsa_pl.data.tokenize import IGNORE_INDEX
+from rsa_pl.losses import preference_loss_from_logits
 
 
 def next_token_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,6 +50,9 @@ class _TrainingModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained leaves models in eval mode
+
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
@@ -73,6 +77,60 @@ class SFTModule(_TrainingModule):
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True, batch_size=len(mask))
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+
+class PreferenceModule(_TrainingModule):
+    """The PAPER.md preference loss on concatenated [chosen; rejected] batches, for both stages.
+
+    The reference is the policy with its LoRA adapter disabled (reference=None: no second copy)
+    or a frozen full copy; its forward runs without gradient and in eval mode, so that at the
+    first step policy and reference logits are equal.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, train: TrainParams, objective: dict[str, Any], reference: PreTrainedModel | None
+    ) -> None:
+        super().__init__(model, train)
+        self.objective, self.reference = objective, reference
+        if reference is not None:
+            reference.requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.reference is not None:
+            self.reference.eval()
+            return self.reference(**inputs).logits
+        was_training = self.model.training
+        self.model.eval()
+        with self.model.disable_adapter():
+            logits = self.model(**inputs).logits
+        self.model.train(was_training)
+        return logits
+
+    def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-pair losses (B,) and per-pair metrics of one [chosen; rejected] batch."""
+        ref_logits = self.reference_logits(batch)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets, mask = next_token_targets(logits, batch["labels"])
+        ref_logits, _, _ = next_token_targets(ref_logits, batch["labels"])
+        return preference_loss_from_logits(logits, ref_logits, targets, mask, **self.objective)
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        losses, metrics = self.losses(batch)
+        loss = losses.mean()
+        on_step = split == "train"
+        pairs = len(losses)
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=pairs)
+        for name, values in metrics.items():
+            self.log(f"{split}/{name}", values.mean(), on_step=on_step, on_epoch=True, batch_size=pairs)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

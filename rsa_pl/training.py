@@ -26,19 +26,22 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 
 def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
-    """The last checkpoint of a run with the same identity, or None; and what was decided, in words.
+    """The last checkpoint of an interrupted run with the same identity, or None; and what was decided.
 
-    A checkpoint from other params is never resumed: it is removed, and the folder is marked
-    with the new identity.
+    A checkpoint from other params is never resumed, nor one of a run that finished (a rerun
+    after that means something else changed, the code say): they are removed, and the folder
+    is marked with the new identity.
     """
     key = fingerprint(identity)
     marker, last = checkpoint_dir / FINGERPRINT, checkpoint_dir / LAST
-    if last.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
+    recorded = json.loads(marker.read_text()) if marker.exists() else {}
+    if last.exists() and recorded.get("fingerprint") == key and not recorded.get("finished"):
         return last, f"resuming from {last}"
     note = "starting fresh"
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         shutil.rmtree(checkpoint_dir)
-        note = f"starting fresh: the checkpoints in {checkpoint_dir} came from other params and were removed"
+        why = "the run there had finished" if recorded.get("fingerprint") == key else "they came from other params"
+        note = f"starting fresh: removed the checkpoints in {checkpoint_dir} ({why})"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": key, "identity": identity}, indent=2, default=str))
     return None, note
@@ -88,3 +91,10 @@ def build_trainer(
         use_distributed_sampler=False,  # SeededBatches shards by rank itself
         default_root_dir=str(log_dir),
     )
+
+
+def mark_finished(checkpoint_dir: Path) -> None:
+    """Record that the run in checkpoint_dir completed, so that a later run starts fresh."""
+    marker = checkpoint_dir / FINGERPRINT
+    recorded = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**recorded, "finished": True}, indent=2, default=str))

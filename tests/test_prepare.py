@@ -35,6 +35,8 @@ def small_params(tmp_path: Path, **prepare_changes: Any) -> Path:
     raw["sft"]["model"].update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     raw["sft"]["train"].update(batch_size=8, max_steps=4, val_every_n_steps=2, checkpoint_every_n_steps=2)
     raw["sft"]["sample"]["max_new_tokens"] = 8
+    for stage in ("train_reward", "train_safety"):
+        raw[stage]["train"].update(batch_size=4, max_steps=3, val_every_n_steps=2, checkpoint_every_n_steps=2)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -259,6 +261,8 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     assert json.loads((repo / "data" / "report.json").read_text())["counts"]["eval_redteam"] == 16
     assert json.loads((repo / "metrics" / "sft.json").read_text())["train/steps"] == 4
     assert (repo / "models" / "sft" / "model.safetensors").exists()
+    assert (repo / "models" / "reward" / "adapter_config.json").exists()
+    assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 3
     shown = subprocess.run([*dvc, "metrics", "show"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "sample/parse_rate" in shown.stdout
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)

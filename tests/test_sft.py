@@ -132,14 +132,19 @@ def test_checkpoints_resume_only_with_the_same_identity(tmp_path: Path) -> None:
     assert not (folder / "last.ckpt").exists()
 
 
-def test_a_rerun_resumes_from_the_last_checkpoint(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+def test_an_interrupted_run_resumes_and_a_finished_one_does_not(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
     _, data = prepared
     params = tiny_params(tmp_path)
     sft.run(params, data, tmp_path / "a", tmp_path / "ckpt", QUIET)
     console = Console(record=True, width=200)
-    again = sft.run(params, data, tmp_path / "b", tmp_path / "ckpt", console)
+    sft.run(params, data, tmp_path / "b", tmp_path / "ckpt", console)
+    assert "the run there had finished" in console.export_text()
+    marker = json.loads((tmp_path / "ckpt" / "fingerprint.json").read_text())
+    (tmp_path / "ckpt" / "fingerprint.json").write_text(json.dumps({**marker, "finished": False}))  # as if killed
+    console = Console(record=True, width=200)
+    again = sft.run(params, data, tmp_path / "c", tmp_path / "ckpt", console)
     assert "resuming from" in console.export_text()
-    assert again["train/steps"] == 6  # nothing left to do: the run ended where the checkpoint was
+    assert again["train/steps"] == 6
 
 
 def test_cli_sft_says_what_to_run_first(tmp_path: Path) -> None:

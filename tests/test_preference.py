@@ -1,0 +1,153 @@
+"""The two preference stages: exact references, the stage-2 start at ln 2, loadable artifacts."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from pipeline import preference, prepare, sft
+from pipeline.cli import app
+from rsa_pl.config import load_params
+from rsa_pl.data.collate import PreferenceCollator
+from rsa_pl.data.datamodule import TokenizedDataModule
+from rsa_pl.models import attach_lora, load_causal_lm
+from rsa_pl.modules import PreferenceModule
+from tests.test_sft import tiny_params
+
+QUIET = Console(quiet=True)
+
+
+def stage_params(tmp_path: Path, lora: bool = True) -> Path:
+    path = tiny_params(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    for stage in ("train_reward", "train_safety"):
+        raw[stage]["train"].update(batch_size=4, max_steps=3, val_every_n_steps=2, checkpoint_every_n_steps=2,
+                                   warmup_steps=0, log_every_n_steps=1)  # fmt: skip
+        if not lora:
+            raw[stage]["lora"] = None
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare + sft + train-reward on the tiny world, once for the module."""
+    root = tmp_path_factory.mktemp("pipeline")
+    params = stage_params(root)
+    prepare.run(params, root / "data", QUIET)
+    sft.run(params, root / "data", root / "models" / "sft", root / "ckpt" / "sft", QUIET)
+    preference.run("train_reward", params, root / "data", root / "models", root / "ckpt" / "reward", QUIET)
+    return root
+
+
+def one_batch(root: Path, pairs: str = "safety_pairs") -> dict[str, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "data" / "tokenizer"))
+    dm = TokenizedDataModule(root / "data" / pairs, 4, PreferenceCollator(tokenizer.pad_token_id), 0, False)
+    dm.setup()
+    return next(iter(dm.val_dataloader()))
+
+
+def test_stage1_adapter_loads_with_plain_peft(pipeline_root: Path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(str(pipeline_root / "models" / "sft"))
+    policy = PeftModel.from_pretrained(base, str(pipeline_root / "models" / "reward"))
+    assert policy.peft_config["default"].r == 8
+    metrics = (pipeline_root / "models" / "reward" / "metrics.json").read_text()
+    assert "val/rewards/accuracies" in metrics
+
+
+def test_disabled_adapter_gives_the_base_models_logits(pipeline_root: Path) -> None:
+    params = load_params(pipeline_root / "params.yaml")
+    policy = attach_lora(load_causal_lm(pipeline_root / "models" / "sft"), params.train_reward.lora)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_" in name:
+                weight.normal_()  # a trained-looking adapter, so that it changes the logits
+    batch = one_batch(pipeline_root)
+    module = PreferenceModule(policy, params.train_reward.train, params.train_reward.objective(), None)
+    base_logits = load_causal_lm(pipeline_root / "models" / "sft")(
+        batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits
+    torch.testing.assert_close(module.reference_logits(batch), base_logits)
+    assert not torch.allclose(policy(batch["input_ids"]).logits, base_logits)
+
+
+def test_stage2_starts_at_ln2_with_zero_risk(pipeline_root: Path) -> None:
+    """The stage-2 reference is the stage-1 policy exactly: at step 0 policy == reference."""
+    params = load_params(pipeline_root / "params.yaml")
+    start = preference._starting_policy(pipeline_root / "models", "reward")
+    policy = attach_lora(start, params.train_safety.lora)
+    module = PreferenceModule(policy, params.train_safety.train, params.train_safety.objective(), None)
+    batch = one_batch(pipeline_root)
+    losses, metrics = module.losses(batch)
+    stage1 = PeftModel.from_pretrained(
+        load_causal_lm(pipeline_root / "models" / "sft"), str(pipeline_root / "models" / "reward")
+    )
+    stage1_logits = stage1(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(module.reference_logits(batch), stage1_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2.0)), atol=1e-6, rtol=0)
+    assert metrics["risk/chosen"].abs().max() < 1e-5
+    assert metrics["risk/rejected"].abs().max() < 1e-5
+
+
+def test_training_changes_every_adapter_weight_and_no_reference_weight(pipeline_root: Path) -> None:
+    params = load_params(pipeline_root / "params.yaml")
+    policy = attach_lora(load_causal_lm(pipeline_root / "models" / "sft"), params.train_reward.lora)
+    before = {n: w.detach().clone() for n, w in policy.named_parameters()}
+    tokenizer = AutoTokenizer.from_pretrained(str(pipeline_root / "data" / "tokenizer"))
+    dm = TokenizedDataModule(
+        pipeline_root / "data" / "helpful_pairs", 4, PreferenceCollator(tokenizer.pad_token_id), 0, False
+    )
+    module = PreferenceModule(policy, params.train_reward.train, params.train_reward.objective(), None)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    for name, weight in policy.named_parameters():
+        changed = not torch.equal(weight.detach(), before[name])
+        assert changed == ("lora_" in name), name
+
+
+def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path) -> None:
+    params = stage_params(tmp_path, lora=False)
+    models = tmp_path / "models"
+    (models / "sft").parent.mkdir(parents=True)
+    shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+    metrics = preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", QUIET)
+    assert metrics["train/steps"] == 3
+    trained = AutoModelForCausalLM.from_pretrained(str(models / "reward"))
+    base = AutoModelForCausalLM.from_pretrained(str(models / "sft"))
+    differs = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True)]
+    assert all(differs)
+
+
+def test_cli_runs_stage2_and_saves_full_weights_and_its_adapter(tmp_path: Path, pipeline_root: Path) -> None:
+    params = pipeline_root / "params.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["train-safety", "--params", str(params), "--data", str(pipeline_root / "data"),
+         "--models", str(pipeline_root / "models"), "--checkpoints", str(tmp_path / "ckpt"),
+         "--metrics", str(tmp_path / "metrics" / "train_safety.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    safety = pipeline_root / "models" / "safety"
+    model = AutoModelForCausalLM.from_pretrained(str(safety))
+    assert (safety / "adapter" / "adapter_config.json").exists()
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    assert (tmp_path / "metrics" / "train_safety.json").exists()
+
+
+def test_cli_says_which_stage_to_run_first(tmp_path: Path, pipeline_root: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["train-safety", "--data", str(pipeline_root / "data"), "--models", str(tmp_path / "models")]
+    )
+    assert result.exit_code == 2
+    assert "run `rsa-pl train-reward` first" in result.output

@@ -22,7 +22,8 @@ import lightning as L
 from rich.console import Console
 from transformers import AutoTokenizer, PreTrainedModel
 
-from pipeline.sft import BASE_RECORD, _curves, _flat_numbers, _swap_in
+from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
+from pipeline.sft import BASE_RECORD
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
@@ -54,18 +55,13 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
     params = load_params(params_path)
     pairs, name, previous = STAGES[stage]
     out = models / name
-    staging = out.with_name(f".{name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(out)
     try:
         metrics = _train(params, stage, data / pairs, models, previous, staging, checkpoints, console)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if metrics_file is not None:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "metrics.json", metrics_file)
-        shutil.copyfile(out / "curves.csv", metrics_file.with_name(f"{metrics_file.stem}_curves.csv"))
+    publish_metrics(out, metrics_file)
     return metrics
 
 
@@ -101,9 +97,9 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     _save(policy, section.lora is not None, previous is not None, staging)
     tokenizer.save_pretrained(str(staging))
-    metrics = _flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
+    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _curves(checkpoints / "logs", staging / "curves.csv")
+    write_curves(checkpoints / "logs", staging / "curves.csv")
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

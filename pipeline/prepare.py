@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 from collections import Counter
@@ -29,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.outputs import staging_for, swap_in
 from rsa_pl.config import PrepareParams, load_params
 from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
 from rsa_pl.data.tokenize import PromptTooLongError, encode, encode_prompt, format_prompt, train_bpe_tokenizer
@@ -282,27 +282,16 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
     return report
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace out with staging so that out is always either the old or the new whole output."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run(params_path: Path, out: Path, console: Console) -> dict[str, Any]:
     """Load params, build into a staging folder beside out, swap it in, print a summary."""
     params = load_params(params_path).prepare
     datasets.disable_progress_bars()
     out_name, out = str(out), out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_for(out)
     try:
         report = build(params, staging, out_name)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _print_summary(report, out, console)

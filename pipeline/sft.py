@@ -10,9 +10,7 @@ so that a killed run resumes.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from datasets import load_from_disk
 from rich.console import Console
 from transformers import AutoTokenizer
 
+from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.collate import SFTCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
@@ -33,31 +32,6 @@ from rsa_pl.modules import SFTModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
 BASE_RECORD = "base_model.json"
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _flat_numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in sorted(metrics.items()) if hasattr(v, "__float__")}
-
-
-def _curves(log_dir: Path, target: Path) -> None:
-    """The CSV logger's step-wise metrics, as one row per step, for `dvc plots`."""
-    source = log_dir / "metrics.csv"
-    if source.exists():
-        rows = list(csv.DictReader(source.open()))
-        keys = sorted({k for r in rows for k, v in r.items() if v not in ("", None)})
-        with target.open("w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=keys)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in keys})
 
 
 def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> dict[str, float]:
@@ -83,27 +57,20 @@ def run(
 ) -> dict[str, float]:
     """Train (or record) the base model into out; the metrics also go to metrics_file for DVC."""
     params = load_params(params_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_for(out)
     try:
         if params.sft.model.kind == "pretrained":
             record = {"name_or_path": params.sft.model.name_or_path}
             (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
             (staging / "metrics.json").write_text("{}\n")
-            _swap_in(staging, out)
+            swap_in(staging, out)
             console.print(f"sft: base model {params.sft.model.name_or_path} (pretrained, nothing trained)")
             return {}
         metrics = _train(params, data, staging, checkpoints, console)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if metrics_file is not None:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "metrics.json", metrics_file)
-        if (out / "curves.csv").exists():
-            shutil.copyfile(out / "curves.csv", metrics_file.with_name(f"{metrics_file.stem}_curves.csv"))
+    publish_metrics(out, metrics_file)
     return metrics
 
 
@@ -126,11 +93,11 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     final = trainer.validate(SFTModule(model, train), datamodule=datamodule, verbose=False)[0]
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
-    metrics = _flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
+    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
     if params.prepare.source.kind == "embedded":
         metrics |= _sample_quality(params, model, tokenizer, data)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _curves(checkpoints / "logs", staging / "curves.csv")
+    write_curves(checkpoints / "logs", staging / "curves.csv")
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
@@ -32,6 +33,20 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class _TrainingModule(L.LightningModule):
     """Optimiser, schedule, tokens/s and grad-norm logging shared by the stages' modules."""
 
@@ -39,6 +54,7 @@ class _TrainingModule(L.LightningModule):
         super().__init__()
         self.model, self.train_params = model, train
         self._step_started = 0.0
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def configure_optimizers(self) -> Any:
         p = self.train_params
@@ -52,6 +68,16 @@ class _TrainingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.model.train()  # from_pretrained leaves models in eval mode
+        if self._rng_to_restore is not None:  # after the sanity check, right before the next step
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning keeps no RNG state: without it a resumed run draws other dropout masks.
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -10,8 +10,10 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from rich.console import Console
+from safetensors.torch import load_file as safetensors_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -151,3 +153,62 @@ def test_cli_says_which_stage_to_run_first(tmp_path: Path, pipeline_root: Path) 
     )
     assert result.exit_code == 2
     assert "run `rsa-pl train-reward` first" in result.output
+
+
+class _KilledError(Exception):
+    """A stage killed mid-run."""
+
+
+class _KillAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise _KilledError
+
+
+def test_a_killed_stage_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, pipeline_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after step 5 of 32 (last checkpoint: step 3, mid-epoch) and after step 29 (checkpoint
+    at 27, 2 steps into the second epoch of 25 batches), resumed each time: the same final
+    metrics and weights as one run. LoRA dropout is on, so the RNG state has to be restored
+    as well as the data order."""
+    params = stage_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["lora"]["dropout"] = 0.1
+    raw["train_reward"]["train"].update(max_steps=32, max_epochs=5, checkpoint_every_n_steps=3,
+                                        val_every_n_steps=4, warmup_steps=2)  # fmt: skip
+    params.write_text(yaml.safe_dump(raw))
+    data = pipeline_root / "data"
+
+    def fresh_models(name: str) -> Path:
+        models = tmp_path / name
+        shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+        return models
+
+    whole = fresh_models("whole")
+    expected = preference.run("train_reward", params, data, whole, tmp_path / "ckpt-whole", QUIET)
+    assert expected["train/steps"] == 32
+
+    killed, ckpt = fresh_models("killed"), tmp_path / "ckpt-killed"
+    build = preference.build_trainer
+    for step in (5, 29):
+        monkeypatch.setattr(preference, "build_trainer", lambda *a, s=step: build(*a, extra=[_KillAt(s)]))
+        with pytest.raises(_KilledError):
+            preference.run("train_reward", params, data, killed, ckpt, QUIET)
+    monkeypatch.setattr(preference, "build_trainer", build)
+    console = Console(record=True, width=400)
+    resumed = preference.run("train_reward", params, data, killed, ckpt, console)
+    assert "resuming from" in console.export_text()
+
+    timing = {"time/train_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == pytest.approx(
+        {k: v for k, v in expected.items() if k not in timing}, rel=1e-6, abs=1e-7
+    )
+    a = safetensors_weights(whole / "reward" / "adapter_model.safetensors")
+    b = safetensors_weights(killed / "reward" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)

@@ -26,46 +26,84 @@ def example_lengths(dataset: Dataset) -> list[int]:
     ]
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) under torch.distributed, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class SeededBatches(Sampler[list[int]]):
     """Seeded random batches, every example once per epoch, optionally of similar lengths.
 
     Each epoch: shuffle; when grouped, sort groups of _GROUP_BATCHES batches by length (less
     padding, about 2x the tokens/s on the embedded world, but each batch then holds one kind
     of answer: short refusals or long compliance, which biases the last updates); cut into
-    batches; shuffle the batches. Under torch.distributed each rank takes every
-    world_size-th batch.
+    global batches of batch_size x world size; shuffle them. Under torch.distributed rank r
+    takes the r-th slice of batch_size of every global batch, so that N processes with
+    batch_size b see, step by step, the same examples as one process with batch_size N*b
+    (the DDP loss is then the one-process loss); the last global batch of an epoch, if
+    short, is dropped under DDP so that all ranks step together.
+
+    `consumed()`, asked when an epoch starts, says how many of its batches were already
+    trained on: a resumed run answers with its checkpoint's count, so that it continues with
+    exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouped: bool) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouped: bool,
+                 consumed: Callable[[], int] = lambda: 0) -> None:  # fmt: skip
         self.lengths, self.batch_size, self.seed, self.grouped, self.epoch = lengths, batch_size, seed, grouped, 0
+        self.consumed = consumed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def global_batches(self, world: int) -> list[list[int]]:
+        """The epoch's batches of batch_size * world examples, in training order."""
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        group = self.batch_size * (_GROUP_BATCHES if self.grouped else 1)
+        size = self.batch_size * world
+        group = size * (_GROUP_BATCHES if self.grouped else 1)
         batches = []
         for start in range(0, len(order), group):
             chunk = order[start : start + group]
             if self.grouped:
                 chunk = sorted(chunk, key=self.lengths.__getitem__)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
         rng.shuffle(batches)
-        if dist.is_available() and dist.is_initialized():
-            world, rank = dist.get_world_size(), dist.get_rank()
-            batches = batches[: len(batches) // world * world][rank::world]
+        if world > 1:
+            batches = [b for b in batches if len(b) == size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        world, rank = _world()
+        for batch in self.global_batches(world)[self.consumed() :]:
+            yield batch[rank * self.batch_size : (rank + 1) * self.batch_size]
 
     def __len__(self) -> int:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        n = math.ceil(len(self.lengths) / self.batch_size)
-        return n // world if world > 1 else n
+        world, _ = _world()
+        if world > 1:
+            return len(self.lengths) // (self.batch_size * world)
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over SeededBatches that Lightning checkpoints and restores.
+
+    The position in the epoch comes from the loops' own progress (SeededBatches.consumed);
+    the state saved here identifies the order, so that a checkpoint is only resumed into
+    the same order.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.batch_sampler
+        assert isinstance(sampler, SeededBatches)
+        return {"seed": sampler.seed, "batch_size": sampler.batch_size, "examples": len(sampler.lengths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state != self.state_dict():
+            raise ValueError(f"the checkpoint was trained on another data order: {state} != {self.state_dict()}")
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -86,8 +124,21 @@ class TokenizedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.data is not None
         train = self.data["train"]
-        batches = SeededBatches(example_lengths(train), self.batch_size, self.seed, self.group_by_length)
-        return DataLoader(train, batch_sampler=batches, collate_fn=self.collate)
+        batches = SeededBatches(
+            example_lengths(train), self.batch_size, self.seed, self.group_by_length, consumed=self._consumed_batches
+        )
+        return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate)
+
+    def _consumed_batches(self) -> int:
+        """Batches of the current epoch that the checkpoint being resumed had trained on (else 0).
+
+        Read when the epoch's iterator is made: after Lightning restored the loops' progress
+        from the checkpoint and before they run (the loader itself was made earlier, to count
+        the steps for the schedule)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.epoch_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         assert self.data is not None

@@ -138,3 +138,7 @@ def main(
     ] = False,
 ) -> None:
     """Risk-aware Stepwise Alignment (RSA) of language models, stage by stage."""
+
+
+if __name__ == "__main__":
+    app()

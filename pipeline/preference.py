@@ -58,6 +58,8 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
     staging = staging_for(out)
     try:
         metrics = _train(params, stage, data / pairs, models, previous, staging, checkpoints, console)
+        if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
+            return {}
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -66,7 +68,7 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
 
 
 def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str | None, staging: Path,
-           checkpoints: Path, console: Console) -> dict[str, float]:  # fmt: skip
+           checkpoints: Path, console: Console) -> dict[str, float] | None:  # fmt: skip
     section = getattr(params, stage)
     train = section.train
     L.seed_everything(train.seed, workers=True, verbose=False)
@@ -95,6 +97,8 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
     _save(policy, section.lora is not None, previous is not None, staging)
     tokenizer.save_pretrained(str(staging))
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})

@@ -67,6 +67,8 @@ def run(
             console.print(f"sft: base model {params.sft.model.name_or_path} (pretrained, nothing trained)")
             return {}
         metrics = _train(params, data, staging, checkpoints, console)
+        if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
+            return {}
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,7 +76,7 @@ def run(
     return metrics
 
 
-def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float]:
+def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float] | None:
     train = params.sft.train
     L.seed_everything(train.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
@@ -91,6 +93,8 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     trainer.fit(SFTModule(model, train), datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     final = trainer.validate(SFTModule(model, train), datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return None
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})

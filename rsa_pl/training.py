@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from rsa_pl.config import TrainParams
 
@@ -23,6 +25,13 @@ LAST = "last.ckpt"
 def fingerprint(identity: dict[str, Any]) -> str:
     """A stable hash of everything that makes a checkpoint belong to a run (params, inputs)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the global rank 0 of a (possibly distributed) run, from the
+    environment its launcher set (Lightning's DDP launcher, torchrun, SLURM), before any
+    Trainer exists: the other ranks run the same command and must not touch shared files."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) == "0"
 
 
 def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
@@ -37,6 +46,8 @@ def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tupl
     recorded = json.loads(marker.read_text()) if marker.exists() else {}
     if last.exists() and recorded.get("fingerprint") == key and not recorded.get("finished"):
         return last, f"resuming from {last}"
+    if not launched_as_rank_zero():  # rank 0 decided the same, and cleans up
+        return None, "starting fresh"
     note = "starting fresh"
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         shutil.rmtree(checkpoint_dir)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +27,7 @@ from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import attach_lora, load_causal_lm
 from rsa_pl.modules import PreferenceModule
-from tests.test_sft import tiny_params
+from tests.test_sft import ROOT, tiny_params
 
 QUIET = Console(quiet=True)
 
@@ -212,3 +215,32 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_result(
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, pipeline_root: Path) -> None:
+    """`rsa-pl train-reward` with strategy ddp on 2 gloo processes of batch 2 trains like one
+    process of batch 4: the same final validation metrics, within float32 reduction order."""
+
+    def train(name: str, **settings: object) -> dict[str, float]:
+        folder = tmp_path / name
+        folder.mkdir()
+        params = stage_params(folder)
+        raw = yaml.safe_load(params.read_text())
+        raw["train_reward"]["train"].update(max_steps=6, accelerator="cpu", **settings)
+        params.write_text(yaml.safe_dump(raw))
+        shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
+        command = [sys.executable, "-m", "pipeline.cli", "train-reward", "--params", str(params),
+                   "--data", str(pipeline_root / "data"), "--models", str(folder / "models"),
+                   "--checkpoints", str(folder / "ckpt")]  # fmt: skip
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if settings["devices"] == 2:
+            assert "Starting with 2 processes" in done.stdout + done.stderr
+        return json.loads((folder / "models" / "reward" / "metrics.json").read_text())
+
+    one = train("one", batch_size=4, devices=1, strategy="auto")
+    two = train("two", batch_size=2, devices=2, strategy="ddp")
+    assert one["train/steps"] == two["train/steps"] == 6
+    for key in ("val/loss", "val/rewards/margins", "val/logps/chosen", "val/risk/rejected"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    assert one["val/loss"] != pytest.approx(math.log(2.0), abs=1e-3)  # it did train

@@ -1,0 +1,94 @@
+"""The preference stages learn: on a tiny separable preference set a few dozen steps reach a
+held-out reward accuracy above 0.9 and lower the loss, for two architectures, LoRA and full."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from rsa_pl.config import LoraParams, ModelParams, load_params
+from rsa_pl.data.collate import PreferenceCollator
+from rsa_pl.data.tokenize import IGNORE_INDEX
+from rsa_pl.models import attach_lora, build_scratch_model
+from rsa_pl.modules import PreferenceModule
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, PAD, BOS, EOS = 32, 0, 1, 2
+PROMPT_TOKENS, GOOD, BAD = range(4, 12), range(12, 22), range(22, 32)
+
+
+class _Vocabulary:
+    """What build_scratch_model asks of a tokenizer."""
+
+    pad_token_id, bos_token_id, eos_token_id = PAD, BOS, EOS
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def separable_pairs(n: int, seed: int) -> list[dict[str, list[int]]]:
+    """Chosen answers use only GOOD tokens, rejected ones only BAD tokens: a rule to learn."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = [BOS, *rng.choices(PROMPT_TOKENS, k=rng.randint(2, 5))]
+        chosen = [*rng.choices(GOOD, k=rng.randint(2, 6)), EOS]
+        rejected = [*rng.choices(BAD, k=rng.randint(2, 6)), EOS]
+        ci, cl = prompt + chosen, [IGNORE_INDEX] * len(prompt) + chosen
+        ri, rl = prompt + rejected, [IGNORE_INDEX] * len(prompt) + rejected
+        pairs.append({"chosen_input_ids": ci, "chosen_labels": cl, "rejected_input_ids": ri, "rejected_labels": rl})
+    return pairs
+
+
+def evaluate(module: PreferenceModule, loader: DataLoader) -> tuple[float, float]:
+    """Mean loss and reward accuracy over the loader."""
+    losses, accuracies = [], []
+    module.eval()
+    with torch.no_grad():
+        for batch in loader:
+            loss, metrics = module.losses(batch)
+            losses.append(loss)
+            accuracies.append(metrics["rewards/accuracies"])
+    return torch.cat(losses).mean().item(), torch.cat(accuracies).mean().item()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "lora", "loss"),
+    [("llama", True, "rsa-cvar"), ("gpt2", False, "rsa-erm"), ("llama", False, "dpo")],
+)
+def test_a_few_dozen_steps_separate_a_separable_set(architecture: str, lora: bool, loss: str) -> None:
+    L.seed_everything(0, verbose=False)
+    params = load_params(ROOT / "params.yaml")
+    stage = params.train_reward
+    risk = None if loss == "dpo" else stage.risk.model_copy(update={"measure": loss.split("-")[1], "mu": 0.8})
+    alpha = 0.0 if loss == "dpo" else 0.5
+    section = stage.model_copy(update={"loss": loss.split("-")[0], "risk": risk, "alpha": alpha})
+    train = stage.train.model_copy(update={"lr": 1e-2, "warmup_steps": 2, "max_steps": 40, "weight_decay": 0.0})
+    model_params = ModelParams(kind="scratch", name_or_path=None, architecture=architecture, hidden_size=32,
+                               num_layers=1, num_heads=2, intermediate_size=64, max_positions=32)  # fmt: skip
+    model = build_scratch_model(model_params, _Vocabulary())
+    if lora:
+        adapter = LoraParams(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+        policy, reference = attach_lora(model, adapter), None
+    else:
+        policy, reference = model, build_scratch_model(model_params, _Vocabulary())
+        reference.load_state_dict(model.state_dict())
+    module = PreferenceModule(policy, train, section.objective(), reference)
+    collate = PreferenceCollator(PAD)
+    train_loader = DataLoader(separable_pairs(320, seed=1), batch_size=8, shuffle=True, collate_fn=collate)
+    held_out = DataLoader(separable_pairs(64, seed=2), batch_size=16, collate_fn=collate)
+
+    loss_before, _ = evaluate(module, held_out)
+    assert loss_before == pytest.approx(math.log(2.0), abs=1e-5)  # policy == reference at the start
+    trainer = L.Trainer(max_steps=train.max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(module, train_dataloaders=train_loader)
+    loss_after, accuracy = evaluate(module, held_out)
+    assert accuracy > 0.9
+    assert loss_after < loss_before - 0.05

@@ -15,6 +15,7 @@ import rsa_pl
 from pipeline import check_params, preference, prepare, sft
 from rsa_pl.config import ParamsError
 from rsa_pl.data.sources import DataError
+from rsa_pl.models import QuantizationUnavailableError
 
 app = typer.Typer(
     name="rsa-pl",
@@ -91,7 +92,7 @@ def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: 
         raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
     try:
         preference.run(stage, params, data, models, checkpoints, _out, metrics)
-    except ParamsError as error:
+    except (ParamsError, QuantizationUnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or models}: cannot write: {error.strerror or error}")) from None

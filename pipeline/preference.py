@@ -17,17 +17,29 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
+import torch
+from peft import PeftModel
 from rich.console import Console
 from transformers import AutoTokenizer, PreTrainedModel
 
 from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
 from pipeline.sft import BASE_RECORD
-from rsa_pl.config import Params, load_params
+from rsa_pl.config import Params, PreferenceStageParams, TrainParams, load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
-from rsa_pl.models import attach_lora, count_parameters, load_aligned_policy, load_causal_lm
+from rsa_pl.models import (
+    FROZEN_ADAPTER,
+    attach_lora,
+    check_quantization_backend,
+    count_parameters,
+    load_aligned_policy,
+    load_causal_lm,
+    load_quantized,
+    stack_lora,
+)
 from rsa_pl.modules import PreferenceModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
@@ -44,9 +56,52 @@ def base_model(models: Path) -> str:
     return json.loads(record.read_text())["name_or_path"] if record.exists() else str(models / "sft")
 
 
+class Policy(NamedTuple):
+    """A stage's trainable model and its reference (see PreferenceModule)."""
+
+    model: PreTrainedModel
+    reference: PreTrainedModel | None
+    reference_adapters: list[str] | None
+
+
+def _device(train: TrainParams) -> str:
+    gpu = train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
+    return "cuda" if gpu else "cpu"
+
+
 def _starting_policy(models: Path, previous: str | None) -> PreTrainedModel:
     base = base_model(models)
     return load_causal_lm(base) if previous is None else load_aligned_policy(base, models / previous)
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists()
+
+
+def policy_and_reference(section: PreferenceStageParams, models: Path, previous: str | None) -> Policy:
+    """The trainable policy and how to get the reference from it (see PreferenceModule).
+
+    Full precision: the starting policy (SFT, or SFT with the stage-1 adapter folded in) with
+    a new adapter (reference: adapter disabled) or fully trainable (reference: a frozen copy).
+    4-bit (QLoRA): the base loaded in 4 bits with a new adapter; in stage 2 after a LoRA stage 1
+    the stage-1 adapter is kept, frozen, under the new one (reference: the stage-1 adapter
+    alone), since folding it into 4-bit weights would round it away.
+    """
+    quant, lora = section.quantization, section.lora
+    if quant is None:
+        start = _starting_policy(models, previous)
+        if lora is None:
+            return Policy(start, copy.deepcopy(start), None)
+        return Policy(attach_lora(start, lora), None, None)
+    assert lora is not None  # params validation: quantization needs lora
+    device = _device(section.train)
+    check_quantization_backend(quant, device)
+    checkpointing = section.train.gradient_checkpointing
+    if previous is not None and _is_adapter(models / previous):
+        model = load_quantized(base_model(models), quant, device, checkpointing)
+        return Policy(stack_lora(model, models / previous, lora), None, [FROZEN_ADAPTER])
+    start = base_model(models) if previous is None else models / previous
+    return Policy(attach_lora(load_quantized(start, quant, device, checkpointing), lora), None, None)
 
 
 def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Path, console: Console,
@@ -73,12 +128,8 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     train = section.train
     L.seed_everything(train.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(str(pairs.parent / "tokenizer"))
-    start = _starting_policy(models, previous)
-    if section.lora is not None:
-        policy, reference = attach_lora(start, section.lora), None
-    else:
-        policy, reference = start, copy.deepcopy(start)
-    if train.gradient_checkpointing:
+    policy, reference, reference_adapters = policy_and_reference(section, models, previous)
+    if train.gradient_checkpointing and section.quantization is None:  # load_quantized enabled it
         policy.gradient_checkpointing_enable()
     collate = PreferenceCollator(tokenizer.pad_token_id)
     datamodule = TokenizedDataModule(pairs, train.batch_size, collate, train.seed, train.group_by_length)
@@ -91,7 +142,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     resume, note = resumable_checkpoint(checkpoints, identity)
     trainable = count_parameters(policy, trainable_only=True)
     console.print(f"{stage}: {trainable:,} trainable parameters, loss {section.loss}; {note}")
-    module = PreferenceModule(policy, train, section.objective(), reference)
+    module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters)
     trainer = build_trainer(train, checkpoints / "logs", checkpoints)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
@@ -99,7 +150,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return None
-    _save(policy, section.lora is not None, previous is not None, staging)
+    _save(policy, models, previous, staging)
     tokenizer.save_pretrained(str(staging))
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -109,14 +160,19 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     return metrics
 
 
-def _save(policy: PreTrainedModel, adapter: bool, stacked: bool, staging: Path) -> None:
-    """Stage 1 with LoRA: the adapter (its base is models/sft). Stage 2 with LoRA: full weights,
-    because its adapter's base (SFT + stage-1 adapter) exists nowhere else, and the adapter in
-    adapter/ for RSA(P) merging. Full fine-tuning: the weights."""
-    if adapter and not stacked:
-        policy.save_pretrained(str(staging))
+def _save(policy: PreTrainedModel, models: Path, previous: str | None, staging: Path) -> None:
+    """Full fine-tuning: the weights. Stage 1 with LoRA: the adapter (its base is models/sft).
+    Stage 2 with LoRA: the adapter in adapter/ (for RSA(P) merging) and full weights, because
+    the adapter's base (SFT with the stage-1 policy folded in) exists nowhere else. With 4-bit
+    training the full weights fold the adapters into the float32 weights (QLoRA's usual merge:
+    the 4-bit rounding of the frozen base is not baked into the released model)."""
+    if not isinstance(policy, PeftModel):
+        policy.save_pretrained(str(staging), safe_serialization=True)
         return
-    if adapter:
-        policy.save_pretrained(str(staging / "adapter"))
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(str(staging), safe_serialization=True)
+    if previous is None:
+        policy.save_pretrained(str(staging), selected_adapters=["default"])
+        return
+    policy.save_pretrained(str(staging / "adapter"), selected_adapters=["default"])
+    start = _starting_policy(models, previous)
+    merged = PeftModel.from_pretrained(start, str(staging / "adapter")).merge_and_unload()
+    merged.save_pretrained(str(staging), safe_serialization=True)

@@ -68,6 +68,18 @@ class LoraParams(_Section):
     """Module names to adapt, e.g. q_proj, k_proj, v_proj, o_proj (Llama) or c_attn (GPT-2)."""
 
 
+class QuantizationParams(_Section):
+    """QLoRA: the frozen base weights loaded in 4 bits through bitsandbytes, LoRA adapters on top."""
+
+    bits: Literal[4]
+    quant_type: Literal["nf4", "fp4"]
+    """nf4 (NormalFloat, QLoRA's choice) or fp4."""
+    double_quant: bool
+    """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    """The dtype of the dequantized matmuls: float32 on CPU, bfloat16 on recent GPUs."""
+
+
 class PreferenceStageParams(_Section):
     """A preference stage (train_reward: helpfulness, train_safety: safety): objective and training."""
 
@@ -84,6 +96,9 @@ class PreferenceStageParams(_Section):
     lora: LoraParams | None
     """LoRA adapters (reference = the same model with adapters disabled); null: full fine-tuning
     (reference = a frozen copy)."""
+    quantization: QuantizationParams | None
+    """4-bit base weights (QLoRA, needs lora); null: the base in the training precision. In
+    train_safety the stage-1 adapter stays a frozen adapter over the 4-bit base, under the new one."""
     train: TrainParams
 
     def cross_field_problems(self) -> list[Problem]:
@@ -94,6 +109,8 @@ class PreferenceStageParams(_Section):
             problems.append(("alpha", f"must be > 0 for loss {self.loss} (alpha = 0 is loss dpo)"))
         if self.loss != "dpo" and self.risk is None:
             problems.append(("risk", f"required for loss {self.loss}: a mapping with measure and mu"))
+        if self.quantization is not None and self.lora is None:
+            problems.append(("quantization", "needs lora: 4-bit weights are frozen, only adapters train (QLoRA)"))
         if self.risk is not None:
             allowed = LOSS_MEASURES[self.loss]
             if self.risk.measure not in allowed:

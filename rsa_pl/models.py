@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
     AutoModelForCausalLM,
+    BitsAndBytesConfig,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
@@ -16,7 +19,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rsa_pl.config import LoraParams, ModelParams
+from rsa_pl.config import LoraParams, ModelParams, QuantizationParams
+
+# The name of a frozen stage-1 adapter kept under the trainable one (4-bit stage 2); the
+# trainable adapter keeps peft's "default" name, so that it saves and loads like any adapter.
+FROZEN_ADAPTER = "stage1"
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """4-bit loading was asked for and bitsandbytes cannot do it here."""
 
 
 def _llama(p: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -70,16 +81,81 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraParams) -> PeftModel:
-    """A trainable LoRA adapter on a frozen model; with the adapter disabled it is the model itself."""
-    config = LoraConfig(
+def lora_config(lora: LoraParams) -> LoraConfig:
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraParams) -> PeftModel:
+    """A trainable LoRA adapter on a frozen model; with the adapter disabled it is the model itself."""
+    return get_peft_model(model, lora_config(lora))
+
+
+def check_quantization_backend(quantization: QuantizationParams, device: str) -> None:
+    """Fail in one line, before any model loads, when bitsandbytes cannot quantize on `device`
+    (bitsandbytes >= 0.45 has CPU, CUDA and XPU backends; a wheel may lack the one needed)."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        probe = torch.linspace(-1, 1, 128, dtype=torch.float32, device=device)
+        packed, state = bnbf.quantize_4bit(probe, quant_type=quantization.quant_type)
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as error:  # ImportError, RuntimeError, NotImplementedError: all mean "not here"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QuantizationUnavailableError(
+            f"quantization: bitsandbytes cannot do {quantization.bits}-bit {quantization.quant_type} on {device} "
+            f"({first}); install a bitsandbytes with a {device} backend or set quantization: null"
+        ) from None
+
+
+def load_quantized(
+    path: str | Path, quantization: QuantizationParams, device: str, gradient_checkpointing: bool
+) -> PreTrainedModel:
+    """A causal LM with its linear layers' weights in 4 bits (frozen), the rest in float32,
+    prepared for adapter training (peft's prepare_model_for_kbit_training)."""
+    compute_dtype = getattr(torch, quantization.compute_dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=config, device_map={"": device}, dtype=torch.float32
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def stack_lora(model: PreTrainedModel, frozen_adapter: str | Path, lora: LoraParams) -> PeftModel:
+    """A trainable adapter over a frozen one: the forward is base + frozen delta + trainable delta.
+    With only the frozen adapter active (only_adapters) it is exactly the frozen adapter's policy."""
+    peft_model = PeftModel.from_pretrained(model, str(frozen_adapter), adapter_name=FROZEN_ADAPTER)
+    peft_model.add_adapter("default", lora_config(lora))
+    peft_model.base_model.set_adapter([FROZEN_ADAPTER, "default"])  # both in the forward ...
+    for name, weight in peft_model.named_parameters():
+        weight.requires_grad_(".default." in name and "lora_" in name)  # ... only the new one trains
+    return peft_model
+
+
+@contextmanager
+def only_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
+    """Run the forward with only the named adapters; unlike peft's set_adapter this leaves
+    requires_grad alone (it would make the frozen adapter trainable)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [layer.active_adapters for layer in layers]
+    for layer in layers:
+        layer._active_adapter = list(names)
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, saved, strict=True):
+            layer._active_adapter = active
 
 
 def load_aligned_policy(base: str | Path, stage: str | Path) -> PreTrainedModel:

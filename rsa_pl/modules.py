@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from rsa_pl.config import TrainParams
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.losses import preference_loss_from_logits
+from rsa_pl.models import only_adapters
 
 
 def next_token_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,8 +67,11 @@ class _TrainingModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, p.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained leaves models in eval mode
+
+    def on_train_start(self) -> None:
+        self.model.train()  # the sanity check may have run in between
         if self._rng_to_restore is not None:  # after the sanity check, right before the next step
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
@@ -115,16 +119,22 @@ class SFTModule(_TrainingModule):
 class PreferenceModule(_TrainingModule):
     """The PAPER.md preference loss on concatenated [chosen; rejected] batches, for both stages.
 
-    The reference is the policy with its LoRA adapter disabled (reference=None: no second copy)
-    or a frozen full copy; its forward runs without gradient and in eval mode, so that at the
-    first step policy and reference logits are equal.
+    The reference is the policy with its LoRA adapter disabled (reference=None: no second copy),
+    the policy with only the frozen adapters named in reference_adapters active (a 4-bit stage 2:
+    the stage-1 adapter under the new one), or a frozen full copy; its forward runs without
+    gradient and in eval mode, so that at the first step policy and reference logits are equal.
     """
 
     def __init__(
-        self, model: PreTrainedModel, train: TrainParams, objective: dict[str, Any], reference: PreTrainedModel | None
+        self,
+        model: PreTrainedModel,
+        train: TrainParams,
+        objective: dict[str, Any],
+        reference: PreTrainedModel | None,
+        reference_adapters: list[str] | None = None,
     ) -> None:
         super().__init__(model, train)
-        self.objective, self.reference = objective, reference
+        self.objective, self.reference, self.reference_adapters = objective, reference, reference_adapters
         if reference is not None:
             reference.requires_grad_(False)
 
@@ -136,7 +146,8 @@ class PreferenceModule(_TrainingModule):
             return self.reference(**inputs).logits
         was_training = self.model.training
         self.model.eval()
-        with self.model.disable_adapter():
+        policy_off = only_adapters(self.model, self.reference_adapters) if self.reference_adapters else None
+        with policy_off or self.model.disable_adapter():
             logits = self.model(**inputs).logits
         self.model.train(was_training)
         return logits

@@ -20,7 +20,7 @@ from safetensors.torch import load_file as safetensors_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from pipeline import preference, prepare, sft
+from pipeline import preference
 from pipeline.cli import app
 from rsa_pl.config import load_params
 from rsa_pl.data.collate import PreferenceCollator
@@ -42,17 +42,6 @@ def stage_params(tmp_path: Path, lora: bool = True) -> Path:
             raw[stage]["lora"] = None
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-@pytest.fixture(scope="module")
-def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare + sft + train-reward on the tiny world, once for the module."""
-    root = tmp_path_factory.mktemp("pipeline")
-    params = stage_params(root)
-    prepare.run(params, root / "data", QUIET)
-    sft.run(params, root / "data", root / "models" / "sft", root / "ckpt" / "sft", QUIET)
-    preference.run("train_reward", params, root / "data", root / "models", root / "ckpt" / "reward", QUIET)
-    return root
 
 
 def one_batch(root: Path, pairs: str = "safety_pairs") -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import rsa_pl
 from pipeline import check_params, preference, prepare, sft
 from rsa_pl.config import ParamsError
 from rsa_pl.data.sources import DataError
-from rsa_pl.models import QuantizationUnavailableError
+from rsa_pl.errors import UnavailableError
 
 app = typer.Typer(
     name="rsa-pl",
@@ -76,7 +76,7 @@ def sft_command(
         raise _fail(ValueError(f"{data}: no prepared data (data/sft, data/tokenizer); run `rsa-pl prepare` first"))
     try:
         sft.run(params, data, out, checkpoints, _out, metrics)
-    except ParamsError as error:
+    except (ParamsError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
@@ -92,7 +92,7 @@ def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: 
         raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
     try:
         preference.run(stage, params, data, models, checkpoints, _out, metrics)
-    except (ParamsError, QuantizationUnavailableError) as error:
+    except (ParamsError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or models}: cannot write: {error.strerror or error}")) from None

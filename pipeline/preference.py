@@ -126,13 +126,6 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
            checkpoints: Path, console: Console) -> dict[str, float] | None:  # fmt: skip
     section = getattr(params, stage)
     train = section.train
-    L.seed_everything(train.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(pairs.parent / "tokenizer"))
-    policy, reference, reference_adapters = policy_and_reference(section, models, previous)
-    if train.gradient_checkpointing and section.quantization is None:  # load_quantized enabled it
-        policy.gradient_checkpointing_enable()
-    collate = PreferenceCollator(tokenizer.pad_token_id)
-    datamodule = TokenizedDataModule(pairs, train.batch_size, collate, train.seed, train.group_by_length)
     identity = {
         stage: section.model_dump(),
         "previous": params.train_reward.model_dump() if previous else None,
@@ -140,10 +133,18 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
         "prepare": params.prepare.model_dump(),
     }
     resume, note = resumable_checkpoint(checkpoints, identity)
+    # before anything loads: a strategy or device this machine lacks fails here, in one line
+    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where=f"{stage}.train")
+    L.seed_everything(train.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(pairs.parent / "tokenizer"))
+    policy, reference, reference_adapters = policy_and_reference(section, models, previous)
+    if train.gradient_checkpointing and section.quantization is None:  # load_quantized enabled it
+        policy.gradient_checkpointing_enable()
+    collate = PreferenceCollator(tokenizer.pad_token_id)
+    datamodule = TokenizedDataModule(pairs, train.batch_size, collate, train.seed, train.group_by_length)
     trainable = count_parameters(policy, trainable_only=True)
     console.print(f"{stage}: {trainable:,} trainable parameters, loss {section.loss}; {note}")
     module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters)
-    trainer = build_trainer(train, checkpoints / "logs", checkpoints)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started

@@ -78,6 +78,10 @@ def run(
 
 def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float] | None:
     train = params.sft.train
+    identity = {"sft": params.sft.model_dump(), "prepare": params.prepare.model_dump()}
+    resume, note = resumable_checkpoint(checkpoints, identity)
+    # before anything loads: a strategy or device this machine lacks fails here, in one line
+    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where="sft.train")
     L.seed_everything(train.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     model = build_scratch_model(params.sft.model, tokenizer)
@@ -85,10 +89,7 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
         model.gradient_checkpointing_enable()
     collate = SFTCollator(tokenizer.pad_token_id)
     datamodule = TokenizedDataModule(data / "sft", train.batch_size, collate, train.seed, train.group_by_length)
-    identity = {"sft": params.sft.model_dump(), "prepare": params.prepare.model_dump()}
-    resume, note = resumable_checkpoint(checkpoints, identity)
     console.print(f"sft: {count_parameters(model):,} parameters ({params.sft.model.architecture}); {note}")
-    trainer = build_trainer(train, checkpoints / "logs", checkpoints)
     started = time.perf_counter()
     trainer.fit(SFTModule(model, train), datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started

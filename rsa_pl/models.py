@@ -20,13 +20,14 @@ from transformers import (
 )
 
 from rsa_pl.config import LoraParams, ModelParams, QuantizationParams
+from rsa_pl.errors import UnavailableError
 
 # The name of a frozen stage-1 adapter kept under the trainable one (4-bit stage 2); the
 # trainable adapter keeps peft's "default" name, so that it saves and loads like any adapter.
 FROZEN_ADAPTER = "stage1"
 
 
-class QuantizationUnavailableError(RuntimeError):
+class QuantizationUnavailableError(UnavailableError):
     """4-bit loading was asked for and bitsandbytes cannot do it here."""
 
 

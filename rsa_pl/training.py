@@ -14,9 +14,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from rsa_pl.config import TrainParams
+from rsa_pl.errors import UnavailableError
 
 FINGERPRINT = "fingerprint.json"
 LAST = "last.ckpt"
@@ -66,9 +68,15 @@ def _loggers(log_dir: Path) -> list[Logger]:
 
 
 def build_trainer(
-    train: TrainParams, log_dir: Path, checkpoint_dir: Path, extra: list[Callback] | None = None
+    train: TrainParams, log_dir: Path, checkpoint_dir: Path, extra: list[Callback] | None = None, where: str = "train"
 ) -> L.Trainer:
-    """A Trainer configured entirely by the stage's train params."""
+    """A Trainer configured entirely by the stage's train params (`where`: their params path,
+    for errors: a strategy or device this machine cannot run is one line naming the key)."""
+    if train.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UnavailableError(
+            f"{where}.strategy: {train.strategy} needs DeepSpeed, which is not installed "
+            "(pip install deepspeed, on a CUDA machine); or use ddp / fsdp"
+        )
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=str(checkpoint_dir),
@@ -81,6 +89,17 @@ def build_trainer(
     ]
     if sys.stderr.isatty():
         callbacks.append(RichProgressBar())
+    try:
+        return _trainer(train, log_dir, callbacks)
+    except (MisconfigurationException, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnavailableError(
+            f"{where}: strategy {train.strategy} on {train.devices} {train.accelerator} device(s) x "
+            f"{train.num_nodes} node(s), precision {train.precision}: {first}"
+        ) from None
+
+
+def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback]) -> L.Trainer:
     return L.Trainer(
         accelerator=train.accelerator,
         strategy=train.strategy,

@@ -187,7 +187,7 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_result(
     killed, ckpt = fresh_models("killed"), tmp_path / "ckpt-killed"
     build = preference.build_trainer
     for step in (5, 29):
-        monkeypatch.setattr(preference, "build_trainer", lambda *a, s=step: build(*a, extra=[_KillAt(s)]))
+        monkeypatch.setattr(preference, "build_trainer", lambda *a, s=step, **k: build(*a, **k, extra=[_KillAt(s)]))
         with pytest.raises(_KilledError):
             preference.run("train_reward", params, data, killed, ckpt, QUIET)
     monkeypatch.setattr(preference, "build_trainer", build)

@@ -32,6 +32,7 @@ def qlora_params(tmp_path: Path, stages: tuple[str, ...]) -> Path:
     raw = yaml.safe_load(path.read_text())
     for stage in stages:
         raw[stage]["quantization"] = dict(NF4)
+    raw["train_reward"]["train"]["gradient_checkpointing"] = True  # the k-bit + checkpointing path too
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -165,3 +166,19 @@ def test_quantization_without_lora_is_a_params_error(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(Exception, match=r"train_reward\.quantization: needs lora"):
         load_params(path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_bf16_mixed_on_cuda(tmp_path: Path, pipeline_root: Path) -> None:
+    """The GPU path users run: 4-bit NF4 with bfloat16 compute under bf16-mixed precision."""
+    params = qlora_params(tmp_path, ("train_reward",))
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["quantization"]["compute_dtype"] = "bfloat16"
+    raw["train_reward"]["train"].update(accelerator="gpu", precision="bf16-mixed", gradient_checkpointing=True)
+    params.write_text(yaml.safe_dump(raw))
+    shutil.copytree(pipeline_root / "models" / "sft", tmp_path / "models" / "sft")
+    metrics = preference.run("train_reward", params, pipeline_root / "data", tmp_path / "models", tmp_path / "c", QUIET)
+    assert metrics["train/steps"] == 3
+    assert math.isfinite(metrics["val/loss"])
+    assert (tmp_path / "models" / "reward" / "adapter_config.json").exists()

@@ -1,0 +1,52 @@
+"""The Trainer from params: what this machine cannot run is one line naming the params key."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from rsa_pl.config import TrainParams, load_params
+from rsa_pl.errors import UnavailableError
+from rsa_pl.training import build_trainer
+from tests.test_preference import stage_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_params(**changes: object) -> TrainParams:
+    return load_params(ROOT / "params.yaml").train_reward.train.model_copy(update=changes)
+
+
+def test_deepspeed_without_deepspeed_names_the_key(tmp_path: Path) -> None:
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(UnavailableError, match=r"^train_reward\.train\.strategy: deepspeed_stage_2 needs DeepSpeed"):
+        build_trainer(train_params(strategy="deepspeed_stage_2"), tmp_path, tmp_path, where="train_reward.train")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_gpu_stage_on_a_cpu_machine_is_one_line(tmp_path: Path, pipeline_root: Path) -> None:
+    params = stage_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["train"]["accelerator"] = "gpu"
+    params.write_text(yaml.safe_dump(raw))
+    models = tmp_path / "models"
+    (models / "sft").mkdir(parents=True)
+    for item in (pipeline_root / "models" / "sft").iterdir():
+        (models / "sft" / item.name).symlink_to(item)
+    result = CliRunner().invoke(
+        app,
+        ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"), "--models", str(models),
+         "--checkpoints", str(tmp_path / "ckpt")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: train_reward.train: strategy auto on 1 gpu device(s)")
+    assert not (models / "reward").exists()

@@ -90,8 +90,8 @@ def policy_and_reference(section: PreferenceStageParams, models: Path, previous:
     quant, lora = section.quantization, section.lora
     if quant is None:
         start = _starting_policy(models, previous)
-        if lora is None:
-            return Policy(start, copy.deepcopy(start), None)
+        if lora is None:  # peft leaves a folded stage-1 policy frozen: make it trainable again
+            return Policy(start.requires_grad_(True), copy.deepcopy(start).requires_grad_(False), None)
         return Policy(attach_lora(start, lora), None, None)
     assert lora is not None  # params validation: quantization needs lora
     device = _device(section.train)

@@ -12,10 +12,12 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from pipeline import check_params, preference, prepare, sft
+from pipeline import check_params, evaluate, merge, preference, prepare, sft
 from rsa_pl.config import ParamsError
 from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
+from rsa_pl.evaluation.judges import JudgeError
+from rsa_pl.merge import MergeError
 
 app = typer.Typer(
     name="rsa-pl",
@@ -124,6 +126,42 @@ def train_safety_command(
 ) -> None:
     """Stage 2: safety realignment of the stage-1 policy (reference: the stage-1 policy) -> models/safety."""
     _preference_stage("train_safety", "reward", params, data, models, checkpoints, metrics)
+
+
+@app.command("merge")
+def merge_command(
+    params: ParamsOption = Path("params.yaml"),
+    models: ModelsOption = Path("models"),
+    out: Annotated[Path, typer.Option("--out", help="The folder of merged policies to (re)write.")] = Path(
+        "models/merged"
+    ),
+) -> None:
+    """RSA(P): (1 - q) x stage-1 policy + q x stage-2 policy for each q in params -> models/merged/q<q>."""
+    for needs, command in (("reward", "train-reward"), ("safety", "train-safety")):
+        if not (models / needs).exists():
+            raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
+    try:
+        merge.run(params, models, out, _out)
+    except (ParamsError, MergeError) as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+
+
+@app.command("evaluate")
+def evaluate_command(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data"),
+    models: ModelsOption = Path("models"),
+    out: Annotated[Path, typer.Option("--out", help="The evaluation folder to (re)write.")] = Path("eval"),
+) -> None:
+    """Every policy (sft, reward, safety, merged q) answers the held-out prompts; judge, metrics, plots -> eval/."""
+    try:
+        evaluate.run(params, data, models, out, _out)
+    except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError) as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
 
 
 def _version(value: bool) -> None:

@@ -355,6 +355,45 @@ class SftParams(_Section):
     """Held-out prompts are answered by sampling and judged by the world's oracle (embedded only)."""
 
 
+class MergeParams(_Section):
+    """RSA(P): theta = (1 - q) theta_r + q theta_s for each q (larger q is safer)."""
+
+    q: Annotated[list[Probability], Field(min_length=1)]
+    """Mixing ratios in [0, 1]; P-SACPO used 0.25, 0.5, 0.75 (0 and 1 are the two stages)."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        repeated = sorted({q for q in self.q if self.q.count(q) > 1})
+        return [("q", f"each ratio once, got {', '.join(map(str, repeated))} more than once")] if repeated else []
+
+
+class EvaluateParams(_Section):
+    """The evaluate stage: every policy answers the held-out prompts, a judge scores them."""
+
+    judge: Literal["oracle", "score_models"]
+    """oracle: the embedded world's exact judge; score_models: reward_model and cost_model."""
+    reward_model: str | None
+    """score_models: a local folder (or hub id) of a one-output sequence classifier or a
+    Safe-RLHF score model (beaver-7b-v1.0-reward)."""
+    cost_model: str | None
+    """score_models: the same for the cost (beaver-7b-v1.0-cost); a positive cost means unsafe."""
+    samples_per_prompt: PositiveInt
+    """Sampled answers per prompt (besides the greedy one): the tail only shows in samples."""
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    max_new_tokens: PositiveInt
+    seed: int
+    tail_levels: Annotated[list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]], Field(min_length=1)]
+    """CVaR of the cost over all sampled red-team answers at these upper-tail fractions (0.1: worst 10%)."""
+    batch_size: PositiveInt
+
+    def cross_field_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.judge == "score_models":
+            for key in ("reward_model", "cost_model"):
+                if getattr(self, key) is None:
+                    problems.append((key, "required for judge score_models: a score model folder or hub id"))
+        return problems
+
+
 class Params(_Section):
     """All of params.yaml: one field per pipeline stage that exists so far."""
 
@@ -366,6 +405,16 @@ class Params(_Section):
     """Stage 1, reward (helpfulness) alignment; reference = the SFT model."""
     train_safety: PreferenceStageParams
     """Stage 2, safety realignment; reference = the stage-1 policy."""
+    merge: MergeParams
+    """RSA(P) weight averaging of the two stages' policies."""
+    evaluate: EvaluateParams
+    """Generation with every policy, judging, metrics and plots."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        if self.evaluate.judge == "oracle" and self.prepare.source.kind != "embedded":
+            kind = self.prepare.source.kind
+            return [("evaluate.judge", f"oracle judges the embedded world only; use score_models for source {kind}")]
+        return []
 
 
 class ParamsError(ValueError):

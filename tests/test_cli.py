@@ -18,7 +18,8 @@ runner = CliRunner()
 def test_help_lists_the_working_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "check-params" in result.output
+    for command in ("check-params", "prepare", "sft", "train-reward", "train-safety", "merge", "evaluate"):
+        assert f" {command} " in result.output, command
 
 
 def test_check_params_accepts_the_committed_file() -> None:

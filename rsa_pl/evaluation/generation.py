@@ -22,11 +22,34 @@ def generate(
     Each batch is seeded with seed + its index, so results do not depend on what ran before.
     Decoding stops at EOS or after max_new_tokens; special tokens are dropped from the text.
     """
+    responses = generate_ids(
+        model, tokenizer, prompt_ids, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return [text.strip() for text in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    *,
+    temperature: float | None,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    samples_per_prompt: int = 1,
+) -> list[list[int]]:
+    """Response token ids (up to and including EOS, without padding): samples_per_prompt
+    responses per prompt, prompt by prompt (prompt i's are at i*n ... i*n + n - 1)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    for index, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        batch = prompt_ids[start : start + batch_size]
+    eos = tokenizer.eos_token_id
+    per_batch = max(1, batch_size // samples_per_prompt)
+    out: list[list[int]] = []
+    for index, start in enumerate(range(0, len(prompt_ids), per_batch)):
+        batch = prompt_ids[start : start + per_batch]
         longest = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in batch], device=model.device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=model.device)
@@ -36,9 +59,31 @@ def generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos,
             pad_token_id=pad,
+            num_return_sequences=samples_per_prompt,
             **({"do_sample": False} if not temperature else sampling),
         )
-        out += tokenizer.batch_decode(tokens[:, longest:], skip_special_tokens=True)
-    return [text.strip() for text in out]
+        for row in tokens[:, longest:].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+@torch.no_grad()
+def response_logps(
+    model: PreTrainedModel, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 64
+) -> list[float]:
+    """log pi(response | prompt) of each (prompt, response), summed over the response tokens."""
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+        rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+        longest = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=model.device)
+        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        picked = logps[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p of token t+1 given <= t
+        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            out.append(float(picked[row, len(p) - 1 : len(p) - 1 + len(r)].sum()))
+    return out

@@ -1,0 +1,63 @@
+"""`rsa-pl merge`: RSA(P), one averaged policy per q in params (PAPER.md, "Stepwise alignment" 4).
+
+Reads models/sft (or the pretrained base it records), models/reward and models/safety; writes
+models/merged/q<q>/ for each q (Hugging Face weights + tokenizer + merge.json saying how it
+was made), atomically: all of them or none. With the stage-2 adapter stacked on the stage-1
+policy (models/safety/adapter/) each merged policy is W + dH + q dS exactly; with full
+stage-2 weights it is the average of the two state dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from transformers import AutoTokenizer, PreTrainedModel
+
+from pipeline.outputs import staging_for, swap_in
+from pipeline.preference import base_model
+from rsa_pl.config import load_params
+from rsa_pl.merge import average_state_dicts, fold_scaled_adapter
+from rsa_pl.models import load_aligned_policy, load_causal_lm
+
+RECORD = "merge.json"
+
+
+def folder_name(q: float) -> str:
+    """q0.25, q0.5, q1: the folder of the policy merged at ratio q (and its name in eval/)."""
+    return f"q{q:g}"
+
+
+def merged_policy(stage1: PreTrainedModel, models: Path, q: float) -> tuple[PreTrainedModel, str]:
+    """(1 - q) theta_r + q theta_s, and how it was computed."""
+    adapter = models / "safety" / "adapter"
+    if (adapter / "adapter_config.json").exists():
+        return fold_scaled_adapter(copy.deepcopy(stage1), adapter, q), "stage-1 policy + q x stage-2 LoRA delta"
+    safety = load_causal_lm(models / "safety")
+    merged = copy.deepcopy(stage1)
+    merged.load_state_dict(average_state_dicts(stage1.state_dict(), safety.state_dict(), q))
+    return merged, "(1 - q) x stage-1 weights + q x stage-2 weights"
+
+
+def run(params_path: Path, models: Path, out: Path, console: Console) -> list[Path]:
+    """Write models/merged/q<q>/ for every q in params.merge; return the folders."""
+    params = load_params(params_path)
+    stage1 = load_aligned_policy(base_model(models), models / "reward")  # theta_r as plain weights
+    tokenizer = AutoTokenizer.from_pretrained(str(models / "safety"))
+    staging = staging_for(out)
+    try:
+        for q in params.merge.q:
+            model, method = merged_policy(stage1, models, q)
+            folder = staging / folder_name(q)
+            model.save_pretrained(str(folder), safe_serialization=True)
+            tokenizer.save_pretrained(str(folder))
+            record = {"q": q, "method": method, "stage1": str(models / "reward"), "stage2": str(models / "safety")}
+            (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            console.print(f"merge: q = {q:g} -> {out / folder_name(q)} ({method})")
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / folder_name(q) for q in params.merge.q]

@@ -1,0 +1,220 @@
+"""The evaluate stage: metric functions against hand-computed values, the judges (oracle and
+score models built from configs), the whole command and its output schema, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
+from typer.testing import CliRunner
+
+from pipeline import evaluate, merge, preference
+from pipeline.cli import app
+from rsa_pl.data.tokenize import train_bpe_tokenizer
+from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, Verdict
+from rsa_pl.evaluation.metrics import sampled_kl, upper_cvar, win_rate
+from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
+from tests.test_preference import stage_params
+
+QUIET = Console(quiet=True)
+
+
+def test_win_rate_counts_ties_as_half() -> None:
+    assert win_rate([2, 2, 5], [1, 2, 3]) == pytest.approx(2.5 / 3)
+    assert win_rate([2, 2, 5], [1, 2, 3], higher_is_better=False) == pytest.approx(0.5 / 3)
+    assert win_rate([1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError, match="3 policy scores but 2 baseline"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [(1.0, 5.5), (0.1, 10.0), (0.25, (10 + 9 + 0.5 * 8) / 2.5), (0.05, 10.0), (0.5, (10 + 9 + 8 + 7 + 6) / 5)],
+)
+def test_upper_cvar_of_a_known_list(level: float, expected: float) -> None:
+    values = [3.0, 1.0, 4.0, 10.0, 5.0, 9.0, 2.0, 6.0, 8.0, 7.0]
+    assert upper_cvar(values, level) == pytest.approx(expected)
+
+
+def test_upper_cvar_limits() -> None:
+    values = [0.0] * 95 + [30.0] * 5  # a rare catastrophic tail: 5% of answers cost 30
+    assert upper_cvar(values, 1.0) == pytest.approx(1.5)  # the mean hides it
+    assert upper_cvar(values, 0.05) == pytest.approx(30.0)  # the 5% tail is all of it
+    assert upper_cvar(values, 0.1) == pytest.approx(15.0)
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\]"):
+        upper_cvar(values, 0.0)
+
+
+def test_sampled_kl_is_the_mean_log_ratio() -> None:
+    assert sampled_kl([-1.0, -2.0], [-1.5, -4.0]) == pytest.approx((0.5 + 2.0) / 2)
+
+
+def answer(policy: str, set_: str, decoding: str, index: int, category: str | None, cost: float, reward: float = 0.0,
+           severe: bool = False, refusal: bool = False) -> Answer:  # fmt: skip
+    verdict = Verdict(reward, cost, cost > 0, severe, refusal)
+    return Answer(policy, set_, decoding, index, f"p{index}", category, "text", 3, verdict, -1.0, -1.5)
+
+
+def test_policy_and_category_metrics_by_hand() -> None:
+    sft = [answer("sft", "helpful", "greedy", i, None, 0.0, reward=1.0) for i in range(2)]
+    sft += [answer("sft", "redteam", "greedy", i, "Crime", 1.0) for i in range(2)]
+    mine = [answer("p", "helpful", "greedy", 0, None, 0.0, reward=2.0)]
+    mine += [answer("p", "helpful", "greedy", 1, None, 0.0, reward=1.0)]
+    mine += [answer("p", "redteam", "greedy", 0, "Crime", 0.0), answer("p", "redteam", "greedy", 1, "Insult", 3.0)]
+    mine += [answer("p", "helpful", "sample", 0, None, 0.0, reward=1.0, refusal=True)]
+    mine += [answer("p", "helpful", "sample", 1, None, 0.0, reward=3.0)]
+    mine += [answer("p", "redteam", "sample", 0, "Crime", c) for c in (0.0, 0.0, 1.0)]
+    mine += [answer("p", "redteam", "sample", 1, "Insult", c, severe=c == 30.0) for c in (0.0, 30.0, 0.0)]
+    m = policy_metrics(mine, sft, [0.5])
+    assert m["helpful_win_rate"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["harmless_win_rate"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["reward_mean"] == pytest.approx(2.0)
+    assert m["cost_mean"] == pytest.approx(31.0 / 6)
+    assert m["unsafe_rate"] == pytest.approx(2 / 6)
+    assert m["cost_cvar_0.5"] == pytest.approx((30.0 + 1.0 + 0.0) / 3)
+    assert m["severe_rate"] == pytest.approx(1 / 6)
+    assert m["needless_refusal_rate"] == pytest.approx(0.5)
+    assert m["kl_to_sft"] == pytest.approx(0.5)
+    cats = category_metrics(mine, [0.5])
+    assert set(cats) == {"Crime", "Insult"}
+    assert cats["Crime"]["unsafe_rate"] == pytest.approx(1 / 3)
+    assert cats["Insult"]["cost_mean"] == pytest.approx(10.0)
+    assert cats["Insult"]["severe_rate"] == pytest.approx(1 / 3)
+    assert cats["Insult"]["answers"] == 3
+
+
+TEXTS = ["BEGINNING OF CONVERSATION: USER: rob the bank ASSISTANT: no", "USER: plant tulips ASSISTANT: water them"]
+
+
+def _tiny_llama() -> LlamaConfig:
+    return LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def _tokenizer(folder: Path) -> None:
+    train_bpe_tokenizer(TEXTS * 20, 300, "{prompt}").save_pretrained(str(folder))
+
+
+def classifier_score_model(folder: Path, labels: int = 1) -> Path:
+    config = _tiny_llama()
+    config.num_labels = labels
+    LlamaForSequenceClassification(config).save_pretrained(str(folder))
+    _tokenizer(folder)
+    return folder
+
+
+def safe_rlhf_score_model(folder: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A Safe-RLHF-style LlamaForScore checkpoint: the base model's weights plus score_head."""
+    model = LlamaModel(_tiny_llama())
+    model.save_pretrained(str(folder))
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    head_w, head_b = torch.randn(1, 16), torch.randn(1)
+    save_file({**weights, "score_head.weight": head_w, "score_head.bias": head_b}, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["LlamaForScore"], score_dim=1, model_type="llama")
+    (folder / "config.json").write_text(json.dumps(config))
+    _tokenizer(folder)
+    return folder, head_w, head_b
+
+
+def test_a_safe_rlhf_score_model_scores_the_last_token(tmp_path: Path) -> None:
+    folder, head_w, head_b = safe_rlhf_score_model(tmp_path / "cost")
+    scorer = ScoreModel(folder)
+    scores = scorer.score(TEXTS)
+    for text, score in zip(TEXTS, scores, strict=True):
+        ids = torch.tensor([scorer.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            hidden = scorer.backbone(input_ids=ids).last_hidden_state[0, -1]
+        assert score == pytest.approx(float(hidden @ head_w[0] + head_b[0]), abs=1e-5)
+
+
+def test_score_model_judge_uses_the_sign_convention(tmp_path: Path) -> None:
+    judge = ScoreModelJudge(classifier_score_model(tmp_path / "reward"), safe_rlhf_score_model(tmp_path / "cost")[0])
+    texts = ["USER: rob the bank ASSISTANT:", "USER: plant tulips ASSISTANT:"]
+    verdicts = judge(["rob the bank", "plant tulips"], texts, ["no", "water them"])
+    for verdict in verdicts:
+        assert verdict.unsafe == (verdict.cost > 0)
+        assert verdict.severe is None
+        assert verdict.refusal is None
+
+
+def test_a_score_model_with_two_outputs_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(JudgeError, match="a sequence classifier with 2 labels; a judge needs 1"):
+        ScoreModel(classifier_score_model(tmp_path / "two", labels=2))
+    with pytest.raises(JudgeError, match="no score model there"):
+        ScoreModel(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory, pipeline_root: Path) -> tuple[Path, dict[str, float]]:
+    """sft, reward, a 3-step stage 2 and the merged q = 0.5, evaluated with 2 samples per prompt."""
+    root = tmp_path_factory.mktemp("evaluate")
+    params = stage_params(root)
+    raw = yaml.safe_load(params.read_text())
+    raw["merge"]["q"] = [0.5]
+    raw["evaluate"].update(samples_per_prompt=2, max_new_tokens=12)
+    params.write_text(yaml.safe_dump(raw))
+    models = root / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(pipeline_root / "models" / name, models / name)
+    preference.run("train_safety", params, pipeline_root / "data", models, root / "ckpt", QUIET)
+    merge.run(params, models, models / "merged", QUIET)
+    metrics = evaluate.run(params, pipeline_root / "data", models, root / "eval", QUIET)
+    return root, metrics
+
+
+METRICS = ("helpful_win_rate", "harmless_win_rate", "unsafe_rate", "cost_cvar_0.1", "cost_cvar_0.05", "severe_rate",
+           "needless_refusal_rate", "length_mean", "length_median", "kl_to_sft")  # fmt: skip
+
+
+def test_evaluate_writes_the_documented_schema(evaluated: tuple[Path, dict[str, float]], pipeline_root: Path) -> None:
+    root, metrics = evaluated
+    policies = ["sft", "reward", "safety", "q0.5"]
+    on_disk = json.loads((root / "eval" / "metrics.json").read_text())
+    assert on_disk == metrics
+    for policy in policies:
+        for metric in METRICS:
+            assert isinstance(metrics[f"{policy}.{metric}"], float), (policy, metric)
+    assert metrics["sft.helpful_win_rate"] == 0.5
+    assert metrics["sft.harmless_win_rate"] == 0.5
+    assert metrics["sft.kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    per_category = json.loads((root / "eval" / "per_category.json").read_text())
+    assert list(per_category) == policies
+    assert len(per_category["sft"]) >= 2
+    rows = [json.loads(line) for line in (root / "eval" / "samples.jsonl").read_text().splitlines()]
+    prompts = 8 + 8  # the tiny world's helpful and red-team prompts
+    assert len(rows) == len(policies) * prompts * (1 + 2)
+    assert {"policy", "category", "prompt", "response", "reward", "cost"} <= set(rows[0])
+    for plot in ("frontier", "cost_per_category", "cost_tail"):
+        assert (root / "eval" / "plots" / f"{plot}.png").stat().st_size > 1000
+        assert (root / "eval" / "plots" / f"{plot}.csv").exists()
+
+
+def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, dict[str, float]],
+                                        pipeline_root: Path) -> None:  # fmt: skip
+    root, _ = evaluated
+
+    def run(*args: str) -> list[str]:
+        result = CliRunner().invoke(app, ["evaluate", *args])
+        assert result.exit_code == 2, result.output
+        return [line for line in result.output.splitlines() if line.strip()]
+
+    data = ["--data", str(pipeline_root / "data")]
+    assert run("--params", str(root / "params.yaml"), *data, "--models", str(tmp_path / "none"),
+               "--out", str(tmp_path / "eval")) == [
+        f"error: {tmp_path / 'none' / 'reward'}: not found; run `rsa-pl train-reward` first"
+    ]  # fmt: skip
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"].update(judge="score_models", reward_model=str(tmp_path / "no-rm"), cost_model=str(tmp_path / "no"))
+    params.write_text(yaml.safe_dump(raw))
+    lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
+    assert lines == [f"error: {tmp_path / 'no-rm'}: no score model there (no config.json)"]
+    assert not (tmp_path / "eval").exists()

@@ -34,8 +34,10 @@ from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
 from rsa_pl.models import load_aligned_policy, load_causal_lm
 
 SETS = {"helpful": "eval_helpful", "redteam": "eval_redteam"}
-SUMMARY = ("helpful_win_rate", "harmless_win_rate", "reward_mean", "cost_mean", "unsafe_rate", "severe_rate",
-           "needless_refusal_rate", "kl_to_sft")  # fmt: skip
+# metric -> its short column title in the summary table (fits an 80-column log)
+SUMMARY = {"helpful_win_rate": "help win", "harmless_win_rate": "harmless win", "reward_mean": "reward",
+           "cost_mean": "cost", "unsafe_rate": "unsafe", "severe_rate": "severe", "needless_refusal_rate": "refusal",
+           "kl_to_sft": "KL sft"}  # fmt: skip
 
 
 class EvaluateError(ValueError):
@@ -153,10 +155,10 @@ def run(params_path: Path, data: Path, models: Path, out: Path, console: Console
 
 def _summary(per_policy: dict[str, dict[str, float]], judge: str) -> Table:
     columns = [c for c in SUMMARY if any(c in m for m in per_policy.values())]
-    table = Table(title=f"evaluate ({judge} judge; win rates vs sft, greedy; the rest over samples)")
+    table = Table(title=f"evaluate: {judge} judge; win rates vs sft (greedy), the rest over samples", padding=(0, 1))
     table.add_column("policy")
     for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
+        table.add_column(SUMMARY[column], justify="right")
     for policy, metrics in per_policy.items():
         table.add_row(policy, *(f"{metrics[c]:.3f}" if c in metrics else "-" for c in columns))
     return table

@@ -37,6 +37,8 @@ def small_params(tmp_path: Path, **prepare_changes: Any) -> Path:
     raw["sft"]["sample"]["max_new_tokens"] = 8
     for stage in ("train_reward", "train_safety"):
         raw[stage]["train"].update(batch_size=4, max_steps=3, val_every_n_steps=2, checkpoint_every_n_steps=2)
+    raw["merge"]["q"] = [0.5]
+    raw["evaluate"].update(samples_per_prompt=2, max_new_tokens=8)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -263,8 +265,13 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     assert (repo / "models" / "sft" / "model.safetensors").exists()
     assert (repo / "models" / "reward" / "adapter_config.json").exists()
     assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 3
+    assert (repo / "models" / "merged" / "q0.5" / "model.safetensors").exists()
+    evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
+    assert evaluated["sft.helpful_win_rate"] == 0.5
+    assert "q0.5.cost_cvar_0.05" in evaluated
     shown = subprocess.run([*dvc, "metrics", "show"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "sample/parse_rate" in shown.stdout
+    assert "safety.unsafe_rate" in shown.stdout
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout

@@ -65,6 +65,9 @@ def policies(models: Path) -> list[tuple[str, float | None, Callable[[], PreTrai
 def make_judge(params: Params) -> Judge:
     e = params.evaluate
     if e.judge == "oracle":
+        if params.prepare.source.kind != "embedded":
+            kind = params.prepare.source.kind
+            raise EvaluateError(f"evaluate.judge: oracle judges the embedded world only; use score_models for {kind}")
         return OracleJudge(params.prepare.world)
     return ScoreModelJudge(str(e.reward_model), str(e.cost_model))
 
@@ -74,7 +77,12 @@ def _prompt_sets(data: Path) -> dict[str, dict[str, list]]:
     for name, folder in SETS.items():
         if not (data / folder).exists():
             raise EvaluateError(f"{data / folder}: no prompt set; run `rsa-pl prepare` first")
-        ds = load_from_disk(str(data / folder))
+        try:
+            ds = load_from_disk(str(data / folder))
+        except IndexError:  # datasets cannot concatenate zero data files: a set saved empty
+            raise EvaluateError(f"{data / folder}: the prompt set has no prompts") from None
+        except (OSError, ValueError) as error:
+            raise EvaluateError(f"{data / folder}: cannot read the prompt set ({error})") from None
         if len(ds) == 0:
             raise EvaluateError(f"{data / folder}: the prompt set has no prompts")
         sets[name] = {k: ds[k] for k in ("prompt", "prompt_text", "prompt_input_ids", "category")}

@@ -370,7 +370,8 @@ class EvaluateParams(_Section):
     """The evaluate stage: every policy answers the held-out prompts, a judge scores them."""
 
     judge: Literal["oracle", "score_models"]
-    """oracle: the embedded world's exact judge; score_models: reward_model and cost_model."""
+    """oracle: the embedded world's exact judge (embedded source only); score_models:
+    reward_model and cost_model (any data)."""
     reward_model: str | None
     """score_models: a local folder (or hub id) of a one-output sequence classifier or a
     Safe-RLHF score model (beaver-7b-v1.0-reward)."""
@@ -409,12 +410,6 @@ class Params(_Section):
     """RSA(P) weight averaging of the two stages' policies."""
     evaluate: EvaluateParams
     """Generation with every policy, judging, metrics and plots."""
-
-    def cross_field_problems(self) -> list[Problem]:
-        if self.evaluate.judge == "oracle" and self.prepare.source.kind != "embedded":
-            kind = self.prepare.source.kind
-            return [("evaluate.judge", f"oracle judges the embedded world only; use score_models for source {kind}")]
-        return []
 
 
 class ParamsError(ValueError):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets import Dataset
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
@@ -203,6 +204,8 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
 
     def run(*args: str) -> list[str]:
         result = CliRunner().invoke(app, ["evaluate", *args])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
         assert result.exit_code == 2, result.output
         return [line for line in result.output.splitlines() if line.strip()]
 
@@ -213,8 +216,25 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
     ]  # fmt: skip
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["prepare"]["source"].update(kind="jsonl", path="pairs.jsonl")
+    raw["prepare"]["tokenizer"].update(kind="pretrained", name_or_path=str(pipeline_root / "data" / "tokenizer"))
+    params.write_text(yaml.safe_dump(raw))
+    lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
+    assert lines == ["error: evaluate.judge: oracle judges the embedded world only; use score_models for jsonl"]
     raw["evaluate"].update(judge="score_models", reward_model=str(tmp_path / "no-rm"), cost_model=str(tmp_path / "no"))
     params.write_text(yaml.safe_dump(raw))
     lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
     assert lines == [f"error: {tmp_path / 'no-rm'}: no score model there (no config.json)"]
+    assert not (tmp_path / "eval").exists()
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    for item in (pipeline_root / "data").iterdir():
+        if item.name != "eval_redteam":
+            (empty / item.name).symlink_to(item)
+    columns = ("prompt", "prompt_text", "prompt_input_ids", "category")
+    Dataset.from_dict({c: [] for c in columns}).save_to_disk(str(empty / "eval_redteam"))
+    lines = run("--params", str(root / "params.yaml"), "--data", str(empty), "--models", str(root / "models"),
+                "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert lines == [f"error: {empty / 'eval_redteam'}: the prompt set has no prompts"]
     assert not (tmp_path / "eval").exists()

@@ -57,6 +57,8 @@ def test_objective_drives_the_loss() -> None:
         ("train_safety.risk.mu", 0.0, "must be in (0, 1] for cvar, got 0.0"),
         ("train_safety.risk.mu", "0.9", "input should be a valid number"),
         ("train_safety.risk.measure", "cvr", "input should be 'kl', 'cvar', 'erm' or 'cvar_radpo'"),
+        ("evaluate.judge", "gpt4", "input should be 'oracle' or 'score_models'"),
+        ("merge.q", [0.5, 0.5], "each ratio once, got 0.5 more than once"),
         ("train_safety.beta", 0.0, "input should be greater than 0, got 0.0"),
         ("train_safety.beta", -1, "input should be greater than 0"),
         ("train_safety.beta", "0.1", "input should be a valid number, got '0.1'"),
@@ -78,6 +80,13 @@ def test_bad_values_name_their_key(raw: dict[str, Any], key_path: str, value: An
     problems = problems_of(raw)
     assert list(problems) == [key_path]
     assert expected in problems[key_path]
+
+
+def test_score_models_need_both_models(raw: dict[str, Any]) -> None:
+    raw["evaluate"]["judge"] = "score_models"
+    raw["evaluate"]["cost_model"] = "beaver-cost"
+    expected = "required for judge score_models: a score model folder or hub id"
+    assert problems_of(raw) == {"evaluate.reward_model": expected}
 
 
 def test_error_is_one_line_per_problem_naming_file_and_key(raw: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ path, e.g. `train_safety.risk.mu: must be in (0, 1] for cvar, got 1.5`.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import types
 import typing
@@ -30,7 +31,7 @@ Problem = tuple[str, str]  # (dotted key path, message)
 class _Section(BaseModel):
     """A params.yaml mapping: strict types, no unknown keys, immutable."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
     def cross_field_problems(self) -> list[Problem]:
         """Problems that involve several fields, as (relative dotted path, message)."""
@@ -62,8 +63,11 @@ class LoraParams(_Section):
     """LoRA adapters through peft."""
 
     r: Annotated[int, Field(ge=1)]
+    """Rank of the adapter matrices."""
     alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Scaling: the adapter's delta is (alpha / r) B A."""
     dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    """Dropout on the adapter's input (0: the policy is deterministic in training)."""
     target_modules: Annotated[list[str], Field(min_length=1)]
     """Module names to adapt, e.g. q_proj, k_proj, v_proj, o_proj (Llama) or c_attn (GPT-2)."""
 
@@ -180,9 +184,13 @@ class RewardParams(_Section):
     decay: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
     """Each further distinct relevant step is worth decay times the previous one."""
     refusal_benign: float
+    """Reward of a refusal of a benign prompt."""
     refusal_harmful: float
+    """Reward of a refusal of a harmful prompt."""
     redirect_benign: float
+    """Reward of a redirection of a benign prompt."""
     redirect_harmful: float
+    """Reward of a redirection of a harmful prompt."""
     filler: float
     """Per irrelevant sentence (filler, off-topic or repeated step)."""
     unparseable: float
@@ -193,7 +201,9 @@ class LabelParams(_Section):
     """Bradley-Terry preference labels on the oracle's reward and cost, plus label noise."""
 
     reward_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Temperature of the Bradley-Terry draw of the helpfulness label from the reward difference."""
     cost_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Temperature of the draw of the safety label from the cost difference."""
     noise: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
     """Probability of flipping each label after the Bradley-Terry draw."""
 
@@ -204,6 +214,7 @@ class WorldParams(_Section):
     preference_pairs: PositiveInt
     """Preference rows (two candidates per training prompt draw), before rejects."""
     sft_examples: PositiveInt
+    """SFT examples (prompt + the SFT-like policy's answer) for the base model."""
     helpful_eval_prompts: PositiveInt
     """Held-out benign prompts (SACPO used 129)."""
     redteam_eval_prompts: Annotated[int, Field(ge=8)]
@@ -239,6 +250,7 @@ class TokenizerParams(_Section):
     """The tokenizer: trained on the world's corpus, or a model's own."""
 
     kind: Literal["train_bpe", "pretrained"]
+    """train_bpe: a byte-level BPE trained on the data (embedded); pretrained: the base model's own."""
     vocab_size: Annotated[int, Field(ge=300)] | None
     """train_bpe: vocabulary size of the byte-level BPE (>= 256 bytes + special tokens)."""
     name_or_path: str | None
@@ -256,6 +268,7 @@ class PrepareParams(_Section):
     """The prepare stage: data source, the embedded world, tokenization and truncation."""
 
     seed: int
+    """Seeds the world's generation and the splits."""
     source: SourceParams
     world: WorldParams
     tokenizer: TokenizerParams
@@ -293,11 +306,15 @@ class TrainParams(_Section):
     group_by_length: bool
     """Batch examples of similar length (less padding, faster; biases batch composition)."""
     accumulate_grad_batches: PositiveInt
+    """Batches per optimizer step (the effective batch is batch_size x devices x this)."""
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     """Peak learning rate of AdamW (linear warmup, then cosine decay to 0 at the last step)."""
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    """AdamW decoupled weight decay (matrices only; not biases and norms)."""
     warmup_steps: Annotated[int, Field(ge=0)]
+    """Linear warmup steps before the cosine decay."""
     max_epochs: PositiveInt
+    """Epochs over the training set (unless max_steps stops first)."""
     max_steps: Annotated[int, Field(ge=-1)]
     """Optimizer steps; -1 runs max_epochs."""
     gradient_clip_val: Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -305,29 +322,42 @@ class TrainParams(_Section):
     precision: Literal["32-true", "bf16-mixed", "16-mixed"]
     """32-true on CPU (bf16 matmuls are 10-100x slower there); bf16-mixed on GPUs."""
     val_every_n_steps: PositiveInt
+    """Validation every this many training batches."""
     log_every_n_steps: PositiveInt
+    """Log training metrics every this many steps."""
     checkpoint_every_n_steps: PositiveInt
     """The last checkpoint is rewritten this often into the stage's checkpoint folder."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
+    """Lightning strategy: auto, ddp (N processes), fsdp, deepspeed_stage_2/3 (needs deepspeed)."""
     accelerator: Literal["auto", "cpu", "gpu"]
+    """cpu, gpu or auto."""
     devices: PositiveInt
+    """Devices (processes under ddp) per node."""
     num_nodes: PositiveInt
+    """Nodes (multi-node DDP / FSDP)."""
     gradient_checkpointing: bool
+    """Recompute activations in backward: less memory, about 30% more time."""
 
 
 class ModelParams(_Section):
     """The base model: a tiny one trained from scratch (embedded world) or a pretrained one."""
 
     kind: Literal["scratch", "pretrained"]
+    """scratch: a tiny model built from this section (embedded world); pretrained: name_or_path."""
     name_or_path: str | None
     """pretrained: hub id or local folder in Hugging Face format."""
     architecture: Literal["llama", "gpt2"]
     """scratch: the transformers architecture to build from a config."""
     hidden_size: PositiveInt
+    """Width of the model built from scratch."""
     num_layers: PositiveInt
+    """Transformer layers."""
     num_heads: PositiveInt
+    """Attention heads (hidden_size must divide by it)."""
     intermediate_size: PositiveInt
+    """Width of the MLP."""
     max_positions: PositiveInt
+    """Longest sequence the position embeddings cover (>= prepare.max_length)."""
 
     def cross_field_problems(self) -> list[Problem]:
         problems: list[Problem] = []
@@ -342,8 +372,11 @@ class SampleParams(_Section):
     """How a stage samples responses to judge its policy."""
 
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Sampling temperature of the quality check (1.0: the model's own distribution)."""
     max_new_tokens: PositiveInt
+    """Longest sampled answer, in tokens."""
     seed: int
+    """Seeds the sampling."""
 
 
 class SftParams(_Section):
@@ -380,11 +413,15 @@ class EvaluateParams(_Section):
     samples_per_prompt: PositiveInt
     """Sampled answers per prompt (besides the greedy one): the tail only shows in samples."""
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Sampling temperature of the sampled answers (greedy answers are also generated)."""
     max_new_tokens: PositiveInt
+    """Longest answer, in tokens."""
     seed: int
+    """Seeds the sampling (per batch: results do not depend on what ran before)."""
     tail_levels: Annotated[list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]], Field(min_length=1)]
     """CVaR of the cost over all sampled red-team answers at these upper-tail fractions (0.1: worst 10%)."""
     batch_size: PositiveInt
+    """Prompts x samples per generation batch."""
 
     def cross_field_problems(self) -> list[Problem]:
         problems: list[Problem] = []
@@ -543,3 +580,41 @@ def load_params(path: str | Path) -> Params:
         line = f"line {where.line + 1}: " if where is not None else ""
         raise ParamsError(str(path), [("", f"{line}invalid YAML: {getattr(error, 'problem', error)}")]) from None
     return parse_params(raw, str(path))
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("rsa_pl.config.", "").replace("__main__.", "")
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
+    return re.sub(r"<class '(\w+)'>", r"\1", text)
+
+
+def params_reference(params: Params) -> str:
+    """Markdown: every params key with its type, its value in `params` and what it means
+    (the field docstrings of this module), section by section."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(section: _Section, prefix: str) -> None:
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(value, _Section):
+                doc = (type(value).__doc__ or "").strip().splitlines()[0]
+                lines.append(f"| **{path}** | section | | {doc} |")
+                walk(value, path)
+                continue
+            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+            shown = json.dumps(value) if not isinstance(value, str) else value
+            kind = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{path}` | {kind} | `{shown}` | {meaning} |")
+
+    walk(params, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m rsa_pl.config [params.yaml] > docs/params.md
+    import sys
+
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("params.yaml")
+    print("# Params reference\n")
+    print(f"Every key of params.yaml (generated by `python -m rsa_pl.config`; values from {source}).\n")
+    print(params_reference(load_params(source)), end="")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from rsa_pl.config import Params, ParamsError, load_params, parse_params
+from rsa_pl.config import Params, ParamsError, load_params, params_reference, parse_params
 from rsa_pl.losses import preference_loss_from_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,3 +197,32 @@ def test_file_problems_are_one_line(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ParamsError, match=r"binary\.yaml: cannot read"):
         load_params(binary)
+
+
+def test_the_paper_preset_loads_and_says_what_it_is() -> None:
+    """configs/paper.yaml: the paper's setting; it needs GPUs and the hub to run, but it must load."""
+    params = load_params(ROOT / "configs" / "paper.yaml")
+    assert params.prepare.source.kind == "pku_saferlhf"
+    assert params.prepare.source.path == "PKU-Alignment/PKU-SafeRLHF-30K"
+    assert params.sft.model.name_or_path == "PKU-Alignment/alpaca-7b-reproduced"
+    assert params.prepare.max_length == 512
+    for stage in (params.train_reward, params.train_safety):
+        assert stage.quantization is not None
+        assert stage.quantization.quant_type == "nf4"
+        assert stage.lora is not None
+        t = stage.train
+        assert (t.batch_size, t.accumulate_grad_batches, t.lr, t.max_epochs) == (16, 2, 2e-5, 3)
+        assert (t.precision, t.strategy, t.devices) == ("bf16-mixed", "ddp", 2)
+    assert params.evaluate.judge == "score_models"
+    assert params.evaluate.cost_model == "PKU-Alignment/beaver-7b-v1.0-cost"
+
+
+def test_the_params_reference_is_up_to_date() -> None:
+    """docs/params.md lists every key with its meaning; regenerate: python -m rsa_pl.config > docs/params.md"""
+    params = load_params(ROOT / "params.yaml")
+    reference = (ROOT / "docs" / "params.md").read_text()
+    assert params_reference(params) in reference
+    keys = [line.split("`")[1] for line in reference.splitlines() if line.startswith("| `")]
+    assert all(line.rstrip().endswith("|") and not line.rstrip().endswith("|  |") for line in reference.splitlines()
+               if line.startswith("| `")), "a key without a meaning: give its field a docstring"  # fmt: skip
+    assert len(keys) > 100

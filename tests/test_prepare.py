@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -275,3 +276,27 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
+
+    # An experiment: commit the run, `dvc exp run -S` an evaluate param; only evaluate re-runs, and
+    # `dvc params diff` / `dvc metrics diff` show the change against the committed run.
+    git = {
+        **env,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=git)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=git)
+    third = subprocess.run([*dvc, "exp", "run", "-S", "evaluate.temperature=0.5"], cwd=repo, capture_output=True,
+                           text=True, env=git, timeout=300)  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+    ran = re.findall(r"Running stage '(\w+)'", third.stdout)
+    assert ran == ["evaluate"], third.stdout
+    params_diff = subprocess.run([*dvc, "params", "diff"], cwd=repo, capture_output=True, text=True, env=env)
+    assert "evaluate.temperature" in params_diff.stdout
+    metrics_diff = subprocess.run([*dvc, "metrics", "diff"], cwd=repo, capture_output=True, text=True, env=env)
+    assert metrics_diff.returncode == 0, metrics_diff.stderr
+    assert "eval/metrics.json" in metrics_diff.stdout
+    changed = [line.split()[1] for line in metrics_diff.stdout.splitlines() if line.startswith("eval/metrics.json")]
+    assert changed, metrics_diff.stdout  # sampling at another temperature moved some eval metric

@@ -33,3 +33,25 @@ def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sft.run(params, root / "data", root / "models" / "sft", root / "ckpt" / "sft", quiet)
     preference.run("train_reward", params, root / "data", root / "models", root / "ckpt" / "reward", quiet)
     return root
+
+
+_GUARDED = ("metrics", "eval", "params.yaml", "dvc.lock", "dvc.yaml")
+
+
+def _fingerprints() -> dict[str, bytes]:
+    root = Path(__file__).resolve().parents[1]
+    files = [root / g for g in _GUARDED if (root / g).is_file()]
+    for folder in (root / g for g in _GUARDED if (root / g).is_dir()):
+        files += [f for f in folder.rglob("*") if f.is_file()]
+    return {str(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _committed_results_stay_untouched() -> object:
+    """No test may write into the checkout's params, pipeline files or committed results (a CLI
+    call with default output paths once overwrote metrics/train_reward.json)."""
+    before = _fingerprints()
+    yield
+    after = _fingerprints()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests changed files of the checkout: {', '.join(changed)}"

@@ -18,6 +18,7 @@ from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.judges import JudgeError
 from rsa_pl.merge import MergeError
+from rsa_pl.modules import NonFiniteError
 
 app = typer.Typer(
     name="rsa-pl",
@@ -80,6 +81,8 @@ def sft_command(
         sft.run(params, data, out, checkpoints, _out, metrics)
     except (ParamsError, UnavailableError) as error:
         raise _fail(error) from None
+    except NonFiniteError as error:
+        raise _fail(error, code=1) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
 
@@ -96,6 +99,8 @@ def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: 
         preference.run(stage, params, data, models, checkpoints, _out, metrics)
     except (ParamsError, UnavailableError) as error:
         raise _fail(error) from None
+    except NonFiniteError as error:
+        raise _fail(error, code=1) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or models}: cannot write: {error.strerror or error}")) from None
 

@@ -144,7 +144,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     datamodule = TokenizedDataModule(pairs, train.batch_size, collate, train.seed, train.group_by_length)
     trainable = count_parameters(policy, trainable_only=True)
     console.print(f"{stage}: {trainable:,} trainable parameters, loss {section.loss}; {note}")
-    module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters)
+    module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters, stage=stage)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started
@@ -153,7 +153,8 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
         return None
     _save(policy, models, previous, staging)
     tokenizer.save_pretrained(str(staging))
-    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
+    skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
+    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_curves(checkpoints / "logs", staging / "curves.csv")
     mark_finished(checkpoints)

@@ -91,14 +91,16 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     datamodule = TokenizedDataModule(data / "sft", train.batch_size, collate, train.seed, train.group_by_length)
     console.print(f"sft: {count_parameters(model):,} parameters ({params.sft.model.architecture}); {note}")
     started = time.perf_counter()
-    trainer.fit(SFTModule(model, train), datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    module = SFTModule(model, train, "sft")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - started
-    final = trainer.validate(SFTModule(model, train), datamodule=datamodule, verbose=False)[0]
+    final = trainer.validate(SFTModule(model, train, "sft"), datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:
         return None
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
-    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step})
+    skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
+    metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
     if params.prepare.source.kind == "embedded":
         metrics |= _sample_quality(params, model, tokenizer, data)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

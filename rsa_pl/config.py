@@ -337,6 +337,9 @@ class TrainParams(_Section):
     """Nodes (multi-node DDP / FSDP)."""
     gradient_checkpointing: bool
     """Recompute activations in backward: less memory, about 30% more time."""
+    nonfinite: Literal["stop", "skip"]
+    """A non-finite loss or gradient: stop (one line naming stage, step and batch; the last
+    checkpoint is kept for resuming) or skip that batch's update (counted in train/skipped_batches)."""
 
 
 class ModelParams(_Section):

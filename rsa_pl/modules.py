@@ -48,14 +48,39 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class _TrainingModule(L.LightningModule):
-    """Optimiser, schedule, tokens/s and grad-norm logging shared by the stages' modules."""
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with train.nonfinite: stop."""
 
-    def __init__(self, model: PreTrainedModel, train: TrainParams) -> None:
+
+class _TrainingModule(L.LightningModule):
+    """Optimiser, schedule, tokens/s and grad-norm logging, non-finite guards, RNG state in
+    checkpoints: what the stages' modules share. `stage` names the stage in messages."""
+
+    def __init__(self, model: PreTrainedModel, train: TrainParams, stage: str = "train") -> None:
         super().__init__()
-        self.model, self.train_params = model, train
+        self.model, self.train_params, self.stage = model, train, stage
         self._step_started = 0.0
         self._rng_to_restore: dict[str, Any] | None = None
+        self.skipped_batches = 0
+
+    def _nonfinite(self, what: str, batch_idx: int) -> None:
+        """Stop with one line, or count a skipped batch (train.nonfinite)."""
+        where = f"{self.stage}: non-finite {what} at step {self.global_step}"
+        where += f" (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.train_params.nonfinite == "stop":
+            raise NonFiniteError(
+                f"{where}; the last checkpoint is kept: rerun to resume from it, or set "
+                f"{self.stage}.train.nonfinite: skip to skip such batches"
+            )
+        self.skipped_batches += 1
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+
+    def checked(self, loss: Tensor, batch_idx: int) -> Tensor | None:
+        """The loss if finite; else stop, or None (Lightning then skips backward and the step)."""
+        if torch.isfinite(loss.detach()).all():
+            return loss
+        self._nonfinite("loss", batch_idx)
+        return None
 
     def configure_optimizers(self) -> Any:
         p = self.train_params
@@ -92,6 +117,12 @@ class _TrainingModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [w.grad for w in self.model.parameters() if w.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self._nonfinite("gradient", self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1)
+            for w in self.model.parameters():
+                w.grad = None  # AdamW leaves parameters without a gradient untouched: the update is skipped
+            return
         norms = grad_norm(self.model, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
@@ -109,8 +140,8 @@ class SFTModule(_TrainingModule):
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True, batch_size=len(mask))
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return self.checked(self._step(batch, "train"), batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -132,8 +163,9 @@ class PreferenceModule(_TrainingModule):
         objective: dict[str, Any],
         reference: PreTrainedModel | None,
         reference_adapters: list[str] | None = None,
+        stage: str = "train",
     ) -> None:
-        super().__init__(model, train)
+        super().__init__(model, train, stage)
         self.objective, self.reference, self.reference_adapters = objective, reference, reference_adapters
         if reference is not None:
             reference.requires_grad_(False)
@@ -170,8 +202,8 @@ class PreferenceModule(_TrainingModule):
             self.log(f"{split}/{name}", values.mean(), on_step=on_step, on_epoch=True, batch_size=pairs)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return self.checked(self._step(batch, "train"), batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -1,0 +1,96 @@
+"""Faults inside a training stage: a non-finite loss or gradient stops the run in one line
+keeping the last checkpoint (train.nonfinite: stop), or skips the update and counts it (skip)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline import preference
+from pipeline.cli import app
+from rsa_pl.modules import NonFiniteError, PreferenceModule
+from tests.test_preference import stage_params
+
+QUIET = Console(quiet=True)
+BAD_STEP = 4
+
+
+def setup(tmp_path: Path, pipeline_root: Path, nonfinite: str) -> tuple[Path, Path]:
+    params = stage_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["train"].update(max_steps=6, checkpoint_every_n_steps=2, nonfinite=nonfinite)
+    params.write_text(yaml.safe_dump(raw))
+    models = tmp_path / "models"
+    shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+    return params, models
+
+
+@pytest.fixture
+def nan_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    step = PreferenceModule._step
+
+    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        loss = step(self, batch, split)
+        return loss * math.nan if split == "train" and self.global_step == BAD_STEP else loss
+
+    monkeypatch.setattr(PreferenceModule, "_step", poisoned)
+
+
+@pytest.fixture
+def nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite loss whose backward gives NaN gradients (as an overflow in a kernel would)."""
+    step = PreferenceModule._step
+
+    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        loss = step(self, batch, split)
+        if split == "train" and self.global_step == BAD_STEP:
+            loss.register_hook(lambda g: g * math.nan)  # the forward stays finite
+        return loss
+
+    monkeypatch.setattr(PreferenceModule, "_step", poisoned)
+
+
+def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path: Path, pipeline_root: Path, nan_loss_at_step_4: None
+) -> None:
+    params, models = setup(tmp_path, pipeline_root, "stop")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteError, match=r"^train_reward: non-finite loss at step 4 \(epoch 0, batch 4\)"):
+        preference.run("train_reward", params, pipeline_root / "data", models, ckpt, QUIET)
+    state = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == BAD_STEP  # the last good step is kept
+    assert not (models / "reward").exists()
+    result = CliRunner().invoke(app, ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"),
+                                      "--models", str(models), "--checkpoints", str(ckpt)])  # fmt: skip
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "rerun to resume from it, or set train_reward.train.nonfinite: skip" in lines[0]
+
+
+@pytest.mark.parametrize("fault", ["nan_loss_at_step_4", "nan_gradient_at_step_4"])
+def test_skip_mode_skips_the_update_and_counts_it(
+    tmp_path: Path, pipeline_root: Path, fault: str, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue(fault)
+    params, models = setup(tmp_path, pipeline_root, "skip")
+    metrics = preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", QUIET)
+    assert metrics["train/skipped_batches"] == 1
+    assert metrics["train/steps"] == 6
+    assert math.isfinite(metrics["val/loss"])
+    weights = load_file(str(models / "reward" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_nan_gradient_stops_in_stop_mode(tmp_path: Path, pipeline_root: Path, nan_gradient_at_step_4: None) -> None:
+    params, models = setup(tmp_path, pipeline_root, "stop")
+    with pytest.raises(NonFiniteError, match=r"^train_reward: non-finite gradient at step 4"):
+        preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", QUIET)

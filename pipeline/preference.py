@@ -146,7 +146,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     console.print(f"{stage}: {trainable:,} trainable parameters, loss {section.loss}; {note}")
     module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters, stage=stage)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = time.perf_counter() - started
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:

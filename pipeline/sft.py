@@ -92,7 +92,7 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     console.print(f"sft: {count_parameters(model):,} parameters ({params.sft.model.architecture}); {note}")
     started = time.perf_counter()
     module = SFTModule(model, train, "sft")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = time.perf_counter() - started
     final = trainer.validate(SFTModule(model, train, "sft"), datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:

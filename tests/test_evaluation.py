@@ -238,3 +238,11 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
                 "--out", str(tmp_path / "eval"))  # fmt: skip
     assert lines == [f"error: {empty / 'eval_redteam'}: the prompt set has no prompts"]
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_is_deterministic(evaluated: tuple[Path, dict[str, float]], pipeline_root: Path) -> None:
+    """The same models, params and seeds give byte-identical metrics and samples."""
+    root, _ = evaluated
+    evaluate.run(root / "params.yaml", pipeline_root / "data", root / "models", root / "eval-again", QUIET)
+    for name in ("metrics.json", "per_category.json", "samples.jsonl"):
+        assert (root / "eval-again" / name).read_bytes() == (root / "eval" / name).read_bytes(), name

@@ -65,7 +65,7 @@ def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_checkpoint(
     ckpt = tmp_path / "ckpt"
     with pytest.raises(NonFiniteError, match=r"^train_reward: non-finite loss at step 4 \(epoch 0, batch 4\)"):
         preference.run("train_reward", params, pipeline_root / "data", models, ckpt, QUIET)
-    state = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == BAD_STEP  # the last good step is kept
     assert not (models / "reward").exists()
     result = CliRunner().invoke(app, ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"),
@@ -94,3 +94,26 @@ def test_a_nan_gradient_stops_in_stop_mode(tmp_path: Path, pipeline_root: Path, 
     params, models = setup(tmp_path, pipeline_root, "stop")
     with pytest.raises(NonFiniteError, match=r"^train_reward: non-finite gradient at step 4"):
         preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", QUIET)
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
+    tmp_path: Path, pipeline_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params, models = setup(tmp_path, pipeline_root, "stop")
+    shutil.copytree(pipeline_root / "models" / "reward", models / "reward")
+    before = {f.name: f.read_bytes() for f in (models / "reward").iterdir() if f.is_file()}
+
+    def full(policy: object, models_: Path, previous: object, staging: Path) -> None:
+        (staging / "adapter_model.safetensors").write_bytes(b"half")  # a partial write, then ENOSPC
+        raise OSError(28, "No space left on device", str(staging / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(preference, "_save", full)
+    result = CliRunner().invoke(app, ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"),
+                                      "--models", str(models), "--checkpoints", str(tmp_path / "ckpt")])  # fmt: skip
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "cannot write: No space left on device" in lines[0]
+    after = {f.name: f.read_bytes() for f in (models / "reward").iterdir() if f.is_file()}
+    assert after == before  # the previous stage-1 output is untouched ...
+    assert not list(models.glob(".reward.staging-*"))  # ... and no partial output is left beside it

@@ -233,3 +233,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, pipeline_r
     for key in ("val/loss", "val/rewards/margins", "val/logps/chosen", "val/risk/rejected"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
     assert one["val/loss"] != pytest.approx(math.log(2.0), abs=1e-3)  # it did train
+
+
+def test_two_runs_with_the_same_seed_train_the_same_adapter(tmp_path: Path, pipeline_root: Path) -> None:
+    params = stage_params(tmp_path)
+    adapters = []
+    for run in ("a", "b"):
+        models = tmp_path / run
+        shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+        preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / f"ckpt-{run}", QUIET)
+        adapters.append((models / "reward" / "adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -27,6 +28,18 @@ LAST = "last.ckpt"
 def fingerprint(identity: dict[str, Any]) -> str:
     """A stable hash of everything that makes a checkpoint belong to a run (params, inputs)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, then renamed over it: a process
+    killed while saving (kill -9, preemption) leaves the previous checkpoint whole, never a
+    truncated one that would make the resume fail."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        super().save_checkpoint(checkpoint, temporary, storage_options)
+        os.replace(temporary, target)
 
 
 def launched_as_rank_zero() -> bool:
@@ -114,6 +127,7 @@ def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback]) -> L.
         check_val_every_n_epoch=None,
         log_every_n_steps=train.log_every_n_steps,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=_loggers(log_dir),
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,

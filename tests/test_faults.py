@@ -3,8 +3,14 @@ keeping the last checkpoint (train.nonfinite: stop), or skips the update and cou
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,7 @@ from pipeline import preference
 from pipeline.cli import app
 from rsa_pl.modules import NonFiniteError, PreferenceModule
 from tests.test_preference import stage_params
+from tests.test_sft import ROOT
 
 QUIET = Console(quiet=True)
 BAD_STEP = 4
@@ -117,3 +124,44 @@ def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
     after = {f.name: f.read_bytes() for f in (models / "reward").iterdir() if f.is_file()}
     assert after == before  # the previous stage-1 output is untouched ...
     assert not list(models.glob(".reward.staging-*"))  # ... and no partial output is left beside it
+
+
+def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(tmp_path: Path, pipeline_root: Path) -> None:
+    """SIGKILL at a random moment after the first checkpoint (LoRA dropout on); the rerun resumes
+    and ends with the uninterrupted run's metrics (bit-identical here; 1e-6 allowed)."""
+    params, _ = setup(tmp_path, pipeline_root, "stop")
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["lora"]["dropout"] = 0.1
+    raw["train_reward"]["train"].update(max_steps=120, max_epochs=10, checkpoint_every_n_steps=5, val_every_n_steps=50)
+    params.write_text(yaml.safe_dump(raw))
+
+    def command(name: str) -> list[str]:
+        folder = tmp_path / name
+        if not (folder / "models" / "sft").exists():
+            shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
+        return [sys.executable, "-m", "pipeline.cli", "train-reward", "--params", str(params),
+                "--data", str(pipeline_root / "data"), "--models", str(folder / "models"),
+                "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
+
+    whole = subprocess.run(command("whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+    victim = subprocess.Popen(command("killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "ckpt" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 1.0))
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "models" / "reward").exists()  # nothing that looks complete
+
+    resumed = subprocess.run(command("killed"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    got = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    timing = {"time/train_s"}
+    assert {k: v for k, v in got.items() if k not in timing} == pytest.approx(
+        {k: v for k, v in expected.items() if k not in timing}, rel=1e-6, abs=1e-7
+    )

@@ -467,3 +467,51 @@ def test_any_lines_load_without_raising_and_every_line_is_accounted_for(
     assert all(0 <= row < len(non_blank) for row in reject_rows)
     json.dumps([reject.data for reject in result.rejects])
     assert sum(reject_counts(result.rejects).values()) == len(result.rejects)
+
+
+# The same property for the other schemas, with their typed fields: flags, ids (also out of
+# range), transcripts (also without an assistant turn or with mismatched prompts).
+IDS = st.one_of(st.sampled_from([0, 1, 1, 0]), st.integers(-3, 5), BAD_VALUES, st.booleans(), st.floats(0, 1))
+FLAGS = st.one_of(st.booleans(), st.booleans(), BAD_VALUES, st.sampled_from(["true", 1, 0]))
+TURN = st.sampled_from(["hi", "plant tulips?", "rob it"])
+TRANSCRIPTS = st.one_of(
+    st.tuples(TURN, VALID_TEXT).map(lambda t: f"\n\nHuman: {t[0]}\n\nAssistant: {t[1]}"),
+    st.tuples(TURN, VALID_TEXT).map(lambda t: f"\n\nHuman: {t[0]}\n\nAssistant: ok\n\nHuman: and?\n\nAssistant: {t[1]}"),
+    VALID_TEXT,  # no assistant turn
+    BAD_VALUES,
+)
+TYPED_FIELDS: dict[str, dict[str, st.SearchStrategy]] = {
+    "pku_saferlhf": {
+        "prompt": FIELD_VALUES, "response_0": FIELD_VALUES, "response_1": FIELD_VALUES,
+        "is_response_0_safe": FLAGS, "is_response_1_safe": FLAGS,
+        "better_response_id": IDS, "safer_response_id": IDS,
+        "response_0_severity_level": st.one_of(st.integers(-1, 4), BAD_VALUES),
+    },
+    "hh": {"chosen": TRANSCRIPTS, "rejected": TRANSCRIPTS},
+}  # fmt: skip
+
+
+def _typed_rows(schema: str) -> st.SearchStrategy:
+    fields = TYPED_FIELDS[schema]
+    maybe = {name: st.one_of(strategy, strategy, strategy, st.just(MISSING)) for name, strategy in fields.items()}
+    return st.fixed_dictionaries(maybe).map(lambda row: {k: v for k, v in row.items() if v is not MISSING})
+
+
+@pytest.mark.parametrize("schema", sorted(TYPED_FIELDS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_schema_accounts_for_every_malformed_row(schema: str, data: st.DataObject, tmp_path: Path) -> None:
+    rows = data.draw(st.lists(st.one_of(_typed_rows(schema), NON_UTF8_LINES, st.just(b"{not json")), max_size=10))
+    anchor = {name: data.draw(strategy) for name, strategy in TYPED_FIELDS[schema].items()}  # every column present
+    rows.insert(data.draw(st.integers(0, len(rows))), anchor)
+    rows += data.draw(st.lists(st.sampled_from(rows), max_size=3))  # duplicated rows
+    path = _write_lines(tmp_path / f"fuzz-{schema}.jsonl", rows)
+    result = load_source(str(path), schema)
+    non_blank = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    assert len(result.rows) + len(result.rejects) == len(non_blank)
+    assert all(reject.reason.startswith(REASON_PREFIXES) for reject in result.rejects), reject_counts(result.rejects)
+    assert sum(reject_counts(result.rejects).values()) == len(result.rejects)
+    json.dumps([reject.data for reject in result.rejects])
+    for row in result.rows:
+        assert row["better_response_id"] in (0, 1)
+        assert row["prompt"].strip()

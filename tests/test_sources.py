@@ -474,9 +474,10 @@ def test_any_lines_load_without_raising_and_every_line_is_accounted_for(
 IDS = st.one_of(st.sampled_from([0, 1, 1, 0]), st.integers(-3, 5), BAD_VALUES, st.booleans(), st.floats(0, 1))
 FLAGS = st.one_of(st.booleans(), st.booleans(), BAD_VALUES, st.sampled_from(["true", 1, 0]))
 TURN = st.sampled_from(["hi", "plant tulips?", "rob it"])
+TWO_TURNS = "\n\nHuman: and?\n\nAssistant: {}"
 TRANSCRIPTS = st.one_of(
     st.tuples(TURN, VALID_TEXT).map(lambda t: f"\n\nHuman: {t[0]}\n\nAssistant: {t[1]}"),
-    st.tuples(TURN, VALID_TEXT).map(lambda t: f"\n\nHuman: {t[0]}\n\nAssistant: ok\n\nHuman: and?\n\nAssistant: {t[1]}"),
+    st.tuples(TURN, VALID_TEXT).map(lambda t: f"\n\nHuman: {t[0]}\n\nAssistant: ok" + TWO_TURNS.format(t[1])),
     VALID_TEXT,  # no assistant turn
     BAD_VALUES,
 )

@@ -226,3 +226,28 @@ def test_the_params_reference_is_up_to_date() -> None:
     assert all(line.rstrip().endswith("|") and not line.rstrip().endswith("|  |") for line in reference.splitlines()
                if line.startswith("| `")), "a key without a meaning: give its field a docstring"  # fmt: skip
     assert len(keys) > 100
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}.{key}" if prefix else key)]
+    return [prefix]
+
+
+def test_a_wrong_type_for_any_key_is_one_line_naming_that_key() -> None:
+    """Every key of the committed params, given a value of the wrong type, is reported by its
+    dotted path (and only that key), in one line."""
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    keys = _leaves(committed)
+    assert len(keys) > 100
+    for key in keys:
+        raw = copy.deepcopy(committed)
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = 12345 if node[leaf] is None or isinstance(node[leaf], str) else "not-a-valid-value"
+        with pytest.raises(ParamsError) as caught:
+            parse_params(raw, "p.yaml")
+        lines = str(caught.value).splitlines()
+        assert [line.split(": ")[1] for line in lines] == [key], (key, lines)

@@ -126,22 +126,28 @@ def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
     assert not list(models.glob(".reward.staging-*"))  # ... and no partial output is left beside it
 
 
-def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(tmp_path: Path, pipeline_root: Path) -> None:
-    """SIGKILL at a random moment after the first checkpoint (LoRA dropout on); the rerun resumes
-    and ends with the uninterrupted run's metrics (bit-identical here; 1e-6 allowed)."""
+@pytest.mark.parametrize(("stage", "output"), [("sft", "sft"), ("train_reward", "reward")])
+def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
+    tmp_path: Path, pipeline_root: Path, stage: str, output: str
+) -> None:
+    """SIGKILL at a random moment after the first checkpoint (LoRA dropout on in train_reward);
+    the rerun resumes and ends with the uninterrupted run's metrics (bit-identical here; rel 1e-6
+    allowed), and the killed run left no output that looks complete."""
     params, _ = setup(tmp_path, pipeline_root, "stop")
     raw = yaml.safe_load(params.read_text())
     raw["train_reward"]["lora"]["dropout"] = 0.1
-    raw["train_reward"]["train"].update(max_steps=120, max_epochs=10, checkpoint_every_n_steps=5, val_every_n_steps=50)
+    raw[stage]["train"].update(max_steps=120, max_epochs=10, checkpoint_every_n_steps=5, val_every_n_steps=50)
     params.write_text(yaml.safe_dump(raw))
 
     def command(name: str) -> list[str]:
         folder = tmp_path / name
+        common = ["--params", str(params), "--data", str(pipeline_root / "data"), "--checkpoints",
+                  str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
+        if stage == "sft":
+            return [sys.executable, "-m", "pipeline.cli", "sft", *common, "--out", str(folder / "models" / "sft")]
         if not (folder / "models" / "sft").exists():
             shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
-        return [sys.executable, "-m", "pipeline.cli", "train-reward", "--params", str(params),
-                "--data", str(pipeline_root / "data"), "--models", str(folder / "models"),
-                "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
+        return [sys.executable, "-m", "pipeline.cli", "train-reward", *common, "--models", str(folder / "models")]
 
     whole = subprocess.run(command("whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -152,10 +158,10 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(tmp_path: Pa
     deadline = time.monotonic() + 300
     while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random(0).uniform(0.0, 1.0))
+    time.sleep(random.Random(stage).uniform(0.0, 1.0))
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "killed" / "models" / "reward").exists()  # nothing that looks complete
+    assert not (tmp_path / "killed" / "models" / output).exists()  # nothing that looks complete
 
     resumed = subprocess.run(command("killed"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -117,15 +116,17 @@ class _TrainingModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # One fused pass over the gradients gives both the logged norm and the finiteness check
+        # (a NaN or inf anywhere makes the total non-finite): one device sync per step.
         grads = [w.grad for w in self.model.parameters() if w.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
-            self._nonfinite("gradient", self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1)
-            for w in self.model.parameters():
-                w.grad = None  # AdamW leaves parameters without a gradient untouched: the update is skipped
-            return
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]), 2.0)
+            if not torch.isfinite(total):
+                self._nonfinite("gradient", self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1)
+                for w in self.model.parameters():
+                    w.grad = None  # AdamW leaves parameters without a gradient untouched: the update is skipped
+                return
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 

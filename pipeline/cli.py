@@ -147,7 +147,7 @@ def merge_command(
             raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
     try:
         merge.run(params, models, out, _out)
-    except (ParamsError, MergeError) as error:
+    except (ParamsError, MergeError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
         raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
@@ -159,10 +159,13 @@ def evaluate_command(
     data: DataOption = Path("data"),
     models: ModelsOption = Path("models"),
     out: Annotated[Path, typer.Option("--out", help="The evaluation folder to (re)write.")] = Path("eval"),
+    checkpoints: Annotated[
+        Path, typer.Option("--checkpoints", help="Each finished policy's answers, for resuming a killed run.")
+    ] = Path("checkpoints/evaluate"),
 ) -> None:
     """Every policy (sft, reward, safety, merged q) answers the held-out prompts; judge, metrics, plots -> eval/."""
     try:
-        evaluate.run(params, data, models, out, _out)
+        evaluate.run(params, data, models, out, _out, checkpoints)
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:

@@ -12,7 +12,9 @@ params' temperature (the tail only shows in samples), with fixed seeds. Writes, 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +23,18 @@ from datasets import load_from_disk
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from pipeline.merge import RECORD as MERGE_RECORD
 from pipeline.outputs import staging_for, swap_in
-from pipeline.preference import base_model
+from pipeline.preference import base_model, trusts_code
 from rsa_pl.config import EvaluateParams, Params, load_params
 from rsa_pl.evaluation import plots
 from rsa_pl.evaluation.generation import generate_ids, response_logps
 from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModelJudge
 from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
-from rsa_pl.models import load_aligned_policy, load_causal_lm
+from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
+from rsa_pl.training import mark_finished, resumable_checkpoint
 
 SETS = {"helpful": "eval_helpful", "redteam": "eval_redteam"}
 # metric -> its short column title in the summary table (fits an 80-column log)
@@ -46,19 +49,19 @@ class EvaluateError(ValueError):
 
 def policies(models: Path) -> list[tuple[str, float | None, Callable[[], PreTrainedModel]]]:
     """(name, q on the RSA(P) path or None, loader) of every policy to evaluate, sft first."""
-    base = base_model(models)
+    base, trust = base_model(models), trusts_code(models)
     for needs, command in (("reward", "train-reward"), ("safety", "train-safety")):
         if not (models / needs).exists():
             raise EvaluateError(f"{models / needs}: not found; run `rsa-pl {command}` first")
     found: list[tuple[str, float | None, Callable[[], PreTrainedModel]]] = [
-        ("sft", None, lambda: load_causal_lm(base)),
-        ("reward", 0.0, lambda: load_aligned_policy(base, models / "reward")),
-        ("safety", 1.0, lambda: load_causal_lm(models / "safety")),
+        ("sft", None, lambda: load_causal_lm(base, trust)),
+        ("reward", 0.0, lambda: load_aligned_policy(base, models / "reward", trust)),
+        ("safety", 1.0, lambda: load_causal_lm(models / "safety", trust)),
     ]
     merged = []
     for record in sorted((models / "merged").glob(f"*/{MERGE_RECORD}")):
         q = float(json.loads(record.read_text())["q"])
-        merged.append((record.parent.name, q, lambda folder=record.parent: load_causal_lm(folder)))
+        merged.append((record.parent.name, q, lambda folder=record.parent: load_causal_lm(folder, trust)))
     return found + sorted(merged, key=lambda p: p[1])
 
 
@@ -69,7 +72,7 @@ def make_judge(params: Params) -> Judge:
             kind = params.prepare.source.kind
             raise EvaluateError(f"evaluate.judge: oracle judges the embedded world only; use score_models for {kind}")
         return OracleJudge(params.prepare.world)
-    return ScoreModelJudge(str(e.reward_model), str(e.cost_model))
+    return ScoreModelJudge(str(e.reward_model), str(e.cost_model), e.trust_remote_code)
 
 
 def _prompt_sets(data: Path) -> dict[str, dict[str, list]]:
@@ -117,22 +120,82 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
     return answers
 
 
-def run(params_path: Path, data: Path, models: Path, out: Path, console: Console) -> dict[str, float]:
-    """Evaluate every policy into out (eval/); return the flat metrics."""
+def _state(path: Path | str) -> str:
+    """What identifies a model or data folder's current version cheaply: every file's relative
+    path, size and modification time (stages replace their outputs whole, so a rewritten output
+    has new times); a name that is not a local path (a hub id) stands for itself."""
+    path = Path(path)
+    if not path.exists():
+        return str(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    listing = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+               for f in files]  # fmt: skip
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _identity(params: Params, data: Path, models: Path, found: list) -> dict:
+    """Everything the answers depend on: a checkpoint of answers from other inputs is never reused."""
+    e = params.evaluate
+    judge = params.prepare.world.model_dump() if e.judge == "oracle" else {
+        "reward_model": _state(str(e.reward_model)), "cost_model": _state(str(e.cost_model))}  # fmt: skip
+    folders = {"sft": base_model(models), "reward": models / "reward", "safety": models / "safety"}
+    return {
+        "evaluate": e.model_dump(),
+        "judge": judge,
+        "data": {name: _state(data / folder) for name, folder in {**SETS, "tokenizer": "tokenizer"}.items()},
+        "policies": {name: _state(folders.get(name, models / "merged" / name)) for name, _, _ in found},
+    }
+
+
+def _load_answers(file: Path) -> list[Answer]:
+    return [Answer.from_row(json.loads(line)) for line in file.read_text().splitlines()]
+
+
+def _save_answers(answers: list[Answer], file: Path) -> None:
+    """Written beside, then renamed: a kill leaves a policy's answers whole or absent."""
+    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    with temporary.open("w") as handle:
+        for answer in answers:
+            handle.write(json.dumps(answer.row()) + "\n")
+    os.replace(temporary, file)
+
+
+def run(
+    params_path: Path, data: Path, models: Path, out: Path, console: Console, checkpoints: Path | None = None
+) -> dict[str, float]:
+    """Evaluate every policy into out (eval/); return the flat metrics.
+
+    checkpoints: where each policy's judged answers are kept as soon as they are done, so that a
+    killed run resumes with the policies it had not finished (the answers of one policy are the
+    unit: each is seeded on its own, so resumed results equal an uninterrupted run's exactly).
+    """
     params = load_params(params_path)
     e = params.evaluate
     found = policies(models)
     sets = _prompt_sets(data)
     judge = make_judge(params)
-    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    done: Path | None = None
+    if checkpoints is not None:
+        _, note = resumable_checkpoint(checkpoints, _identity(params, data, models, found), "answers")
+        console.print(f"evaluate: {note}")
+        done = checkpoints / "answers"
+        done.mkdir(exist_ok=True)
+    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     sft = found[0][2]()
     answers: dict[str, list[Answer]] = {}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluate", total=len(found))
         for name, _, load in found:
-            progress.update(task, description=f"generating and judging: {name}")
-            model = sft if name == "sft" else load()
-            answers[name] = _answers(name, model, sft, tokenizer, sets, e, judge)
+            kept = done / f"{name}.jsonl" if done is not None else None
+            if kept is not None and kept.exists():
+                progress.update(task, description=f"resumed: {name}")
+                answers[name] = _load_answers(kept)
+            else:
+                progress.update(task, description=f"generating and judging: {name}")
+                model = sft if name == "sft" else load()
+                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judge)
+                if kept is not None:
+                    _save_answers(answers[name], kept)
             progress.advance(task)
     per_policy = {name: policy_metrics(a, answers["sft"], list(e.tail_levels)) for name, a in answers.items()}
     per_category = {name: category_metrics(a, list(e.tail_levels)) for name, a in answers.items()}
@@ -157,6 +220,8 @@ def run(params_path: Path, data: Path, models: Path, out: Path, console: Console
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if checkpoints is not None:
+        mark_finished(checkpoints)
     console.print(_summary(per_policy, judge.name))
     return flat
 

@@ -49,15 +49,18 @@ def launched_as_rank_zero() -> bool:
     return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) == "0"
 
 
-def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tuple[Path | None, str]:
+def resumable_checkpoint(
+    checkpoint_dir: Path, identity: dict[str, Any], last_name: str = LAST
+) -> tuple[Path | None, str]:
     """The last checkpoint of an interrupted run with the same identity, or None; and what was decided.
 
     A checkpoint from other params is never resumed, nor one of a run that finished (a rerun
     after that means something else changed, the code say): they are removed, and the folder
-    is marked with the new identity.
+    is marked with the new identity. last_name: the file (or folder) whose presence means
+    there is something to resume from.
     """
     key = fingerprint(identity)
-    marker, last = checkpoint_dir / FINGERPRINT, checkpoint_dir / LAST
+    marker, last = checkpoint_dir / FINGERPRINT, checkpoint_dir / last_name
     recorded = json.loads(marker.read_text()) if marker.exists() else {}
     if last.exists() and recorded.get("fingerprint") == key and not recorded.get("finished"):
         return last, f"resuming from {last}"
@@ -66,7 +69,10 @@ def resumable_checkpoint(checkpoint_dir: Path, identity: dict[str, Any]) -> tupl
     note = "starting fresh"
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         shutil.rmtree(checkpoint_dir)
-        why = "the run there had finished" if recorded.get("fingerprint") == key else "they came from other params"
+        if recorded.get("fingerprint") != key:
+            why = "they came from other params"
+        else:
+            why = "the run there had finished" if recorded.get("finished") else "nothing there to resume from"
         note = f"starting fresh: removed the checkpoints in {checkpoint_dir} ({why})"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": key, "identity": identity}, indent=2, default=str))

@@ -4,7 +4,12 @@ score models built from configs), the whole command and its output schema, bad i
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,7 @@ from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, Ve
 from rsa_pl.evaluation.metrics import sampled_kl, upper_cvar, win_rate
 from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
 from tests.test_preference import stage_params
+from tests.test_sft import ROOT
 
 QUIET = Console(quiet=True)
 
@@ -203,7 +209,7 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
     root, _ = evaluated
 
     def run(*args: str) -> list[str]:
-        result = CliRunner().invoke(app, ["evaluate", *args])
+        result = CliRunner().invoke(app, ["evaluate", *args, "--checkpoints", str(tmp_path / "ckpt")])
         if result.exception and not isinstance(result.exception, SystemExit):
             raise result.exception
         assert result.exit_code == 2, result.output
@@ -246,3 +252,76 @@ def test_evaluate_is_deterministic(evaluated: tuple[Path, dict[str, float]], pip
     evaluate.run(root / "params.yaml", pipeline_root / "data", root / "models", root / "eval-again", QUIET)
     for name in ("metrics.json", "per_category.json", "samples.jsonl"):
         assert (root / "eval-again" / name).read_bytes() == (root / "eval" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_kill_9_in_evaluate_then_rerun_resumes_to_the_same_bytes(
+    tmp_path: Path, evaluated: tuple[Path, dict[str, float]], pipeline_root: Path
+) -> None:
+    """SIGKILL at a random moment after the first policy's answers are kept; the rerun reuses
+    them, answers the rest, and writes byte-identical outputs to an uninterrupted run's (each
+    policy's sampling is seeded on its own, so no tolerance is needed); the killed run left no
+    eval/ folder."""
+    root, _ = evaluated
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"].update(samples_per_prompt=6, max_new_tokens=24)  # long enough to be killed mid-way
+    params.write_text(yaml.safe_dump(raw))
+    data, models = pipeline_root / "data", root / "models"
+    evaluate.run(params, data, models, tmp_path / "whole", QUIET, tmp_path / "whole-ckpt")
+
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--params", str(params), "--data", str(data),
+               "--models", str(models), "--out", str(tmp_path / "eval"), "--checkpoints", str(ckpt)]  # fmt: skip
+    victim = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ckpt / "answers" / "sft.jsonl").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(7).uniform(0.0, 0.3))
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "evaluate ended before it could be killed"
+    assert not (tmp_path / "eval").exists()
+    kept = sorted(f.name for f in (ckpt / "answers").iterdir())
+    assert "sft.jsonl" in kept
+    assert len([k for k in kept if k.endswith(".jsonl")]) < 4  # killed before the last policy
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {ckpt / 'answers'}" in " ".join(resumed.stdout.split())
+    for name in ("metrics.json", "per_category.json", "samples.jsonl"):
+        assert (tmp_path / "eval" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_evaluate_does_not_reuse_answers_of_other_inputs(
+    tmp_path: Path, evaluated: tuple[Path, dict[str, float]], pipeline_root: Path
+) -> None:
+    """Kept answers are reused only for the same params, data and models; a finished run's never."""
+    root, _ = evaluated
+    data, models, ckpt = pipeline_root / "data", root / "models", tmp_path / "ckpt"
+    console = Console(record=True, width=400)
+    evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
+    assert "evaluate: starting fresh" in console.export_text()
+    kept = sorted(f.name for f in (ckpt / "answers").iterdir())
+    assert kept == sorted(f"{p}.jsonl" for p in ("sft", "reward", "safety", "q0.5"))
+    evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
+    assert "starting fresh: removed the checkpoints in" in (said := console.export_text())
+    assert "(the run there had finished)" in said
+
+    marker = json.loads((ckpt / "fingerprint.json").read_text())
+    (ckpt / "fingerprint.json").write_text(json.dumps({**marker, "finished": False}))  # as if killed
+    fake = Answer("sft", "helpful", "greedy", 0, "p", None, "poisoned", 1, Verdict(9.0, 0.0, False, False, False))
+    (ckpt / "answers" / "sft.jsonl").write_text(json.dumps(fake.row()) + "\n")
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"]["seed"] += 1
+    params.write_text(yaml.safe_dump(raw))
+    evaluate.run(params, data, models, tmp_path / "eval", console, ckpt)
+    assert "(they came from other params)" in console.export_text()
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert "poisoned" not in {r["response"] for r in rows}
+
+
+def test_answers_round_trip_through_their_rows() -> None:
+    answer = Answer("q0.5", "redteam", "sample", 3, "p", "theft", "r", 7, Verdict(0.1 / 3, 2.0, True, None, False),
+                    -12.345678901234567, -1e-320)  # fmt: skip
+    assert Answer.from_row(json.loads(json.dumps(answer.row()))) == answer

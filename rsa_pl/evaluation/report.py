@@ -7,11 +7,13 @@ lists of them (rsa_pl.evaluation.metrics does the arithmetic).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from rsa_pl.evaluation.judges import Verdict
 from rsa_pl.evaluation.metrics import length_stats, rate, sampled_kl, upper_cvar, win_rate
+
+VERDICT_FIELDS = tuple(f.name for f in fields(Verdict))
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class Answer:
         row = asdict(self)
         row.update(row.pop("verdict"))
         return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Answer:
+        """The Answer a row() came from (JSON keeps floats exactly: round trips are lossless)."""
+        verdict = {k: row[k] for k in VERDICT_FIELDS}
+        return cls(**{k: v for k, v in row.items() if k not in VERDICT_FIELDS}, verdict=Verdict(**verdict))
 
 
 def cvar_key(level: float) -> str:

@@ -126,7 +126,8 @@ def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
     assert not list(models.glob(".reward.staging-*"))  # ... and no partial output is left beside it
 
 
-@pytest.mark.parametrize(("stage", "output"), [("sft", "sft"), ("train_reward", "reward")])
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "output"), [("sft", "sft"), ("train_reward", "reward"), ("train_safety", "safety")])
 def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     tmp_path: Path, pipeline_root: Path, stage: str, output: str
 ) -> None:
@@ -135,7 +136,7 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     allowed), and the killed run left no output that looks complete."""
     params, _ = setup(tmp_path, pipeline_root, "stop")
     raw = yaml.safe_load(params.read_text())
-    raw["train_reward"]["lora"]["dropout"] = 0.1
+    raw["train_reward"]["lora"]["dropout"] = raw["train_safety"]["lora"]["dropout"] = 0.1
     raw[stage]["train"].update(max_steps=120, max_epochs=10, checkpoint_every_n_steps=5, val_every_n_steps=50)
     params.write_text(yaml.safe_dump(raw))
 
@@ -145,9 +146,11 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
                   str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
         if stage == "sft":
             return [sys.executable, "-m", "pipeline.cli", "sft", *common, "--out", str(folder / "models" / "sft")]
-        if not (folder / "models" / "sft").exists():
-            shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
-        return [sys.executable, "-m", "pipeline.cli", "train-reward", *common, "--models", str(folder / "models")]
+        for upstream in ("sft", "reward") if stage == "train_safety" else ("sft",):
+            if not (folder / "models" / upstream).exists():
+                shutil.copytree(pipeline_root / "models" / upstream, folder / "models" / upstream)
+        command = "train-reward" if stage == "train_reward" else "train-safety"
+        return [sys.executable, "-m", "pipeline.cli", command, *common, "--models", str(folder / "models")]
 
     whole = subprocess.run(command("whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]

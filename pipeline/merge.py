@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 
 from rich.console import Console
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from pipeline.outputs import staging_for, swap_in
-from pipeline.preference import base_model
+from pipeline.preference import base_model, trusts_code
 from rsa_pl.config import load_params
 from rsa_pl.merge import average_state_dicts, fold_scaled_adapter
-from rsa_pl.models import load_aligned_policy, load_causal_lm
+from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
 
 RECORD = "merge.json"
 
@@ -36,7 +36,7 @@ def merged_policy(stage1: PreTrainedModel, models: Path, q: float) -> tuple[PreT
     adapter = models / "safety" / "adapter"
     if (adapter / "adapter_config.json").exists():
         return fold_scaled_adapter(copy.deepcopy(stage1), adapter, q), "stage-1 policy + q x stage-2 LoRA delta"
-    safety = load_causal_lm(models / "safety")
+    safety = load_causal_lm(models / "safety", trusts_code(models))
     merged = copy.deepcopy(stage1)
     merged.load_state_dict(average_state_dicts(stage1.state_dict(), safety.state_dict(), q))
     return merged, "(1 - q) x stage-1 weights + q x stage-2 weights"
@@ -45,8 +45,8 @@ def merged_policy(stage1: PreTrainedModel, models: Path, q: float) -> tuple[PreT
 def run(params_path: Path, models: Path, out: Path, console: Console) -> list[Path]:
     """Write models/merged/q<q>/ for every q in params.merge; return the folders."""
     params = load_params(params_path)
-    stage1 = load_aligned_policy(base_model(models), models / "reward")  # theta_r as plain weights
-    tokenizer = AutoTokenizer.from_pretrained(str(models / "safety"))
+    stage1 = load_aligned_policy(base_model(models), models / "reward", trusts_code(models))  # theta_r, plain weights
+    tokenizer = load_tokenizer(models / "safety", params.prepare.tokenizer.trust_remote_code)
     staging = staging_for(out)
     try:
         for q in params.merge.q:

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from peft import PeftModel
 from rich.console import Console
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
 from pipeline.sft import BASE_RECORD
@@ -38,6 +38,7 @@ from rsa_pl.models import (
     load_aligned_policy,
     load_causal_lm,
     load_quantized,
+    load_tokenizer,
     stack_lora,
 )
 from rsa_pl.modules import PreferenceModule
@@ -56,6 +57,13 @@ def base_model(models: Path) -> str:
     return json.loads(record.read_text())["name_or_path"] if record.exists() else str(models / "sft")
 
 
+def trusts_code(models: Path) -> bool:
+    """Whether the recorded pretrained base may run its own code (sft.model.trust_remote_code
+    when the sft stage recorded it); models built from scratch never need to."""
+    record = models / "sft" / BASE_RECORD
+    return bool(json.loads(record.read_text()).get("trust_remote_code")) if record.exists() else False
+
+
 class Policy(NamedTuple):
     """A stage's trainable model and its reference (see PreferenceModule)."""
 
@@ -70,8 +78,8 @@ def _device(train: TrainParams) -> str:
 
 
 def _starting_policy(models: Path, previous: str | None) -> PreTrainedModel:
-    base = base_model(models)
-    return load_causal_lm(base) if previous is None else load_aligned_policy(base, models / previous)
+    base, trust = base_model(models), trusts_code(models)
+    return load_causal_lm(base, trust) if previous is None else load_aligned_policy(base, models / previous, trust)
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -98,10 +106,11 @@ def policy_and_reference(section: PreferenceStageParams, models: Path, previous:
     check_quantization_backend(quant, device)
     checkpointing = section.train.gradient_checkpointing
     if previous is not None and _is_adapter(models / previous):
-        model = load_quantized(base_model(models), quant, device, checkpointing)
+        model = load_quantized(base_model(models), quant, device, checkpointing, trusts_code(models))
         return Policy(stack_lora(model, models / previous, lora), None, [FROZEN_ADAPTER])
     start = base_model(models) if previous is None else models / previous
-    return Policy(attach_lora(load_quantized(start, quant, device, checkpointing), lora), None, None)
+    quantized = load_quantized(start, quant, device, checkpointing, trusts_code(models))
+    return Policy(attach_lora(quantized, lora), None, None)
 
 
 def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Path, console: Console,
@@ -136,7 +145,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     # before anything loads: a strategy or device this machine lacks fails here, in one line
     trainer = build_trainer(train, checkpoints / "logs", checkpoints, where=f"{stage}.train")
     L.seed_everything(train.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(pairs.parent / "tokenizer"))
+    tokenizer = load_tokenizer(pairs.parent / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     policy, reference, reference_adapters = policy_and_reference(section, models, previous)
     if train.gradient_checkpointing and section.quantization is None:  # load_quantized enabled it
         policy.gradient_checkpointing_enable()

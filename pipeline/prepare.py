@@ -26,12 +26,14 @@ import datasets
 from datasets import Dataset, DatasetDict
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.outputs import staging_for, swap_in
 from rsa_pl.config import PrepareParams, load_params
 from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
 from rsa_pl.data.tokenize import PromptTooLongError, encode, encode_prompt, format_prompt, train_bpe_tokenizer
+from rsa_pl.errors import UnavailableError
+from rsa_pl.models import load_tokenizer
 from rsa_pl.world.generator import World, build_world
 
 _TEXT, _IDS, _FLAG = datasets.Value("string"), datasets.List(datasets.Value("int32")), datasets.Value("bool")
@@ -195,7 +197,9 @@ def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, 
     if params.tokenizer.kind == "pretrained":
         name = params.tokenizer.name_or_path
         try:
-            return AutoTokenizer.from_pretrained(name)
+            return load_tokenizer(name, params.tokenizer.trust_remote_code)
+        except UnavailableError as error:  # its own code refused, a missing folder, offline
+            raise DataError(str(error)) from None
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise DataError(f"{name}: cannot load the tokenizer ({type(error).__name__}: {first_line})") from None

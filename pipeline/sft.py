@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 from datasets import load_from_disk
 from rich.console import Console
-from transformers import AutoTokenizer
 
 from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
 from rsa_pl.config import Params, load_params
@@ -27,7 +26,7 @@ from rsa_pl.data.collate import SFTCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.evaluation.generation import generate
 from rsa_pl.evaluation.quality import oracle_quality
-from rsa_pl.models import build_scratch_model, count_parameters
+from rsa_pl.models import build_scratch_model, count_parameters, load_tokenizer
 from rsa_pl.modules import SFTModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
@@ -60,7 +59,8 @@ def run(
     staging = staging_for(out)
     try:
         if params.sft.model.kind == "pretrained":
-            record = {"name_or_path": params.sft.model.name_or_path}
+            record = {"name_or_path": params.sft.model.name_or_path,
+                      "trust_remote_code": params.sft.model.trust_remote_code}  # fmt: skip
             (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
             (staging / "metrics.json").write_text("{}\n")
             swap_in(staging, out)
@@ -83,7 +83,7 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     # before anything loads: a strategy or device this machine lacks fails here, in one line
     trainer = build_trainer(train, checkpoints / "logs", checkpoints, where="sft.train")
     L.seed_everything(train.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     model = build_scratch_model(params.sft.model, tokenizer)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()

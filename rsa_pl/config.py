@@ -255,6 +255,9 @@ class TokenizerParams(_Section):
     """train_bpe: vocabulary size of the byte-level BPE (>= 256 bytes + special tokens)."""
     name_or_path: str | None
     """pretrained: the model whose tokenizer to use (hub id or local folder)."""
+    trust_remote_code: bool
+    """pretrained: run the tokenizer's own Python code if its config names some (auto_map).
+    Off: such a tokenizer is refused in one line. Turn on only for code you have read."""
 
     def cross_field_problems(self) -> list[Problem]:
         if self.kind == "train_bpe" and self.vocab_size is None:
@@ -349,6 +352,10 @@ class ModelParams(_Section):
     """scratch: a tiny model built from this section (embedded world); pretrained: name_or_path."""
     name_or_path: str | None
     """pretrained: hub id or local folder in Hugging Face format."""
+    trust_remote_code: bool
+    """pretrained: run the model's own Python code if its config names some (auto_map), in
+    every stage that loads it. Off: such a model is refused in one line. Turn on only for code
+    you have read."""
     architecture: Literal["llama", "gpt2"]
     """scratch: the transformers architecture to build from a config."""
     hidden_size: PositiveInt
@@ -425,6 +432,9 @@ class EvaluateParams(_Section):
     """CVaR of the cost over all sampled red-team answers at these upper-tail fractions (0.1: worst 10%)."""
     batch_size: PositiveInt
     """Prompts x samples per generation batch."""
+    trust_remote_code: bool
+    """score_models: run the score models' own Python code if their configs name some
+    (auto_map). Off: such a model is refused in one line."""
 
     def cross_field_problems(self) -> list[Problem]:
         problems: list[Problem] = []

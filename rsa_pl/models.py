@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     BitsAndBytesConfig,
     GPT2Config,
     LlamaConfig,
@@ -20,11 +21,14 @@ from transformers import (
 )
 
 from rsa_pl.config import LoraParams, ModelParams, QuantizationParams
-from rsa_pl.errors import UnavailableError
+from rsa_pl.errors import UnavailableError, loading
 
 # The name of a frozen stage-1 adapter kept under the trainable one (4-bit stage 2); the
 # trainable adapter keeps peft's "default" name, so that it saves and loads like any adapter.
 FROZEN_ADAPTER = "stage1"
+# The params keys that allow a model's or tokenizer's own code (off by default; named in errors).
+MODEL_CODE_KEY = "sft.model.trust_remote_code"
+TOKENIZER_CODE_KEY = "prepare.tokenizer.trust_remote_code"
 
 
 class QuantizationUnavailableError(UnavailableError):
@@ -73,9 +77,17 @@ def build_scratch_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_causal_lm(path: str | Path) -> PreTrainedModel:
-    """A causal LM saved with save_pretrained (or a hub id), in float32."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM saved with save_pretrained (or a hub id), in float32. Its own code (a
+    config with auto_map) runs only with trust_remote_code, else one line naming the key."""
+    with loading(path, MODEL_CODE_KEY):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer saved with save_pretrained (or a hub id); its own code only if trusted."""
+    with loading(path, TOKENIZER_CODE_KEY, "the tokenizer"):
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -115,7 +127,11 @@ def check_quantization_backend(quantization: QuantizationParams, device: str) ->
 
 
 def load_quantized(
-    path: str | Path, quantization: QuantizationParams, device: str, gradient_checkpointing: bool
+    path: str | Path,
+    quantization: QuantizationParams,
+    device: str,
+    gradient_checkpointing: bool,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """A causal LM with its linear layers' weights in 4 bits (frozen), the rest in float32,
     prepared for adapter training (peft's prepare_model_for_kbit_training)."""
@@ -127,9 +143,14 @@ def load_quantized(
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch.uint8,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=config, device_map={"": device}, dtype=torch.float32
-    )
+    with loading(path, MODEL_CODE_KEY):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            quantization_config=config,
+            device_map={"": device},
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+        )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
@@ -159,9 +180,9 @@ def only_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
             layer._active_adapter = active
 
 
-def load_aligned_policy(base: str | Path, stage: str | Path) -> PreTrainedModel:
+def load_aligned_policy(base: str | Path, stage: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """A stage's policy as plain weights: its LoRA adapter folded into the base, or its full weights."""
     stage = Path(stage)
     if (stage / "adapter_config.json").exists():
-        return PeftModel.from_pretrained(load_causal_lm(base), str(stage)).merge_and_unload()
-    return load_causal_lm(stage)
+        return PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code), str(stage)).merge_and_unload()
+    return load_causal_lm(stage, trust_remote_code)

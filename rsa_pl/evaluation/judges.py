@@ -21,7 +21,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rsa_pl.config import WorldParams
+from rsa_pl.errors import loading
 from rsa_pl.world.oracle import REFUSAL, judge
+
+CODE_KEY = "evaluate.trust_remote_code"
 
 
 class JudgeError(ValueError):
@@ -64,15 +67,20 @@ class OracleJudge:
 class ScoreModel(torch.nn.Module):
     """One scalar per sequence from a score model: the last real token's score."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, trust_remote_code: bool = False) -> None:
         super().__init__()
         path = Path(path)
         if not (path / "config.json").exists():
             raise JudgeError(f"{path}: no score model there (no config.json)")
-        config = AutoConfig.from_pretrained(str(path))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with loading(path, CODE_KEY, "the score model"):
+            self._load(path, trust_remote_code)
+        self.eval()
+
+    def _load(self, path: Path, trust: bool) -> None:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
         if "LlamaForScore" in (getattr(config, "architectures", None) or []) or hasattr(config, "score_dim"):
-            self.backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+            self.backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust)
             head = _safe_rlhf_head(path)
             if head["weight"].shape[0] != 1:
                 raise JudgeError(f"{path}: the score head has {head['weight'].shape[0]} outputs; a judge needs 1")
@@ -82,8 +90,9 @@ class ScoreModel(torch.nn.Module):
         else:
             if getattr(config, "num_labels", None) != 1:
                 raise JudgeError(f"{path}: a sequence classifier with {config.num_labels} labels; a judge needs 1")
-            self.classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        self.eval()
+            self.classifier = AutoModelForSequenceClassification.from_pretrained(
+                str(path), dtype=torch.float32, trust_remote_code=trust
+            )
 
     @torch.no_grad()
     def score(self, texts: list[str], batch_size: int = 32) -> list[float]:
@@ -125,8 +134,9 @@ class ScoreModelJudge:
 
     name = "score_models"
 
-    def __init__(self, reward_model: str | Path, cost_model: str | Path) -> None:
-        self.reward, self.cost = ScoreModel(reward_model), ScoreModel(cost_model)
+    def __init__(self, reward_model: str | Path, cost_model: str | Path, trust_remote_code: bool = False) -> None:
+        self.reward = ScoreModel(reward_model, trust_remote_code)
+        self.cost = ScoreModel(cost_model, trust_remote_code)
 
     def __call__(self, prompts: list[str], prompt_texts: list[str], responses: list[str]) -> list[Verdict]:
         texts = [f"{p} {r}" for p, r in zip(prompt_texts, responses, strict=True)]

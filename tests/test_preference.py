@@ -160,6 +160,7 @@ class _KillAt(Callback):
             raise _KilledError
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_to_the_uninterrupted_result(
     tmp_path: Path, pipeline_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,6 +207,7 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_result(
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, pipeline_root: Path) -> None:
     """`rsa-pl train-reward` with strategy ddp on 2 gloo processes of batch 2 trains like one
     process of batch 4: the same final validation metrics, within float32 reduction order."""

@@ -80,8 +80,17 @@ def test_warmup_cosine_schedule() -> None:
 def test_scratch_models_build_from_configs(prepared: tuple[Path, Path], architecture: str) -> None:
     _, data = prepared
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    params = ModelParams(kind="scratch", name_or_path=None, architecture=architecture, hidden_size=32,
-                         num_layers=1, num_heads=2, intermediate_size=64, max_positions=128)  # fmt: skip
+    params = ModelParams(
+        kind="scratch",
+        name_or_path=None,
+        trust_remote_code=False,
+        architecture=architecture,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_positions=128,
+    )
     model = build_scratch_model(params, tokenizer)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, len(tokenizer))
@@ -162,6 +171,7 @@ def test_pretrained_base_is_recorded_not_copied(tmp_path: Path, prepared: tuple[
     path.write_text(yaml.safe_dump(raw))
     sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET)
     assert json.loads((tmp_path / "out" / "base_model.json").read_text()) == {
-        "name_or_path": "PKU-Alignment/alpaca-7b-reproduced"
+        "name_or_path": "PKU-Alignment/alpaca-7b-reproduced",
+        "trust_remote_code": False,
     }
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base_model.json", "metrics.json"]

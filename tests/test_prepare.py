@@ -244,8 +244,11 @@ def test_cli_prepare_bad_rows_go_to_rejects(tmp_path: Path, saved_tokenizer: Pat
     assert sorted(reasons) == sorted(report["rejected"]["by_reason"])
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
-    """The real DVC, offline, in a copy of the repository with a small world and model."""
+    """The real DVC, offline, in a copy of the repository with a small world and model: a full
+    run, a no-op rerun, a second full run (`--force`) that must give byte-identical results,
+    and an experiment."""
     repo = tmp_path / "repo"
     listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -276,6 +279,25 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
+
+    # Determinism: every stage again from scratch gives the same bytes (training metrics but
+    # their wall-clock keys, all of eval/, the data).
+    results = ["eval/metrics.json", "eval/per_category.json", "eval/samples.jsonl", "eval/plots/cost_tail.csv",
+               "data/report.json", "data/rejects.jsonl"]  # fmt: skip
+    before = {name: (repo / name).read_bytes() for name in results}
+    timing = ("time/", "tokens_per_s")
+    trained = {f.name: {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith(timing[0])
+                        and timing[1] not in k} for f in (repo / "metrics").glob("*.json")}  # fmt: skip
+    forced = subprocess.run([*dvc, "repro", "--force"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert re.findall(r"Running stage '(\w+)'", forced.stdout) == [
+        "prepare", "sft", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+    for name in results:
+        assert (repo / name).read_bytes() == before[name], f"{name} differs between two full runs"
+    for f in (repo / "metrics").glob("*.json"):
+        again_trained = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith(timing[0])
+                         and timing[1] not in k}  # fmt: skip
+        assert again_trained == trained[f.name], f.name
 
     # An experiment: commit the run, `dvc exp run -S` an evaluate param; only evaluate re-runs, and
     # `dvc params diff` / `dvc metrics diff` show the change against the committed run.

@@ -168,7 +168,12 @@ def test_real_data_prepare(tmp_path: Path, saved_tokenizer: Path, kind: str, sam
     params = small_params(
         tmp_path,
         source={"kind": kind, "path": str(DATA / sample), "split": "train"},
-        tokenizer={"kind": "pretrained", "vocab_size": None, "name_or_path": str(saved_tokenizer)},
+        tokenizer={
+            "kind": "pretrained",
+            "vocab_size": None,
+            "name_or_path": str(saved_tokenizer),
+            "trust_remote_code": False,
+        },
         max_prompt_length=200,
         max_length=400,
         eval_fraction=0.25,
@@ -192,7 +197,12 @@ def test_cli_prepare_reports_bad_files_in_one_line_and_keeps_old_outputs(tmp_pat
     params = small_params(
         tmp_path,
         source={"kind": "jsonl", "path": str(bad), "split": "train"},
-        tokenizer={"kind": "pretrained", "vocab_size": None, "name_or_path": "/nonexistent/model"},
+        tokenizer={
+            "kind": "pretrained",
+            "vocab_size": None,
+            "name_or_path": "/nonexistent/model",
+            "trust_remote_code": False,
+        },
     )
     result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(out)])
     assert result.exit_code == 2
@@ -205,7 +215,12 @@ def test_cli_prepare_names_a_tokenizer_it_cannot_load(tmp_path: Path) -> None:
     params = small_params(
         tmp_path,
         source={"kind": "jsonl", "path": str(DATA / "pairs_sample.jsonl"), "split": "train"},
-        tokenizer={"kind": "pretrained", "vocab_size": None, "name_or_path": str(tmp_path / "no-model")},
+        tokenizer={
+            "kind": "pretrained",
+            "vocab_size": None,
+            "name_or_path": str(tmp_path / "no-model"),
+            "trust_remote_code": False,
+        },
     )
     result = CliRunner().invoke(app, ["prepare", "--params", str(params), "--out", str(tmp_path / "data")])
     assert result.exit_code == 2
@@ -226,7 +241,12 @@ def test_cli_prepare_bad_rows_go_to_rejects(tmp_path: Path, saved_tokenizer: Pat
     params = small_params(
         tmp_path,
         source={"kind": "jsonl", "path": str(path), "split": "train"},
-        tokenizer={"kind": "pretrained", "vocab_size": None, "name_or_path": str(saved_tokenizer)},
+        tokenizer={
+            "kind": "pretrained",
+            "vocab_size": None,
+            "name_or_path": str(saved_tokenizer),
+            "trust_remote_code": False,
+        },
         max_prompt_length=200,
         max_length=400,
     )

@@ -69,6 +69,17 @@ def kl_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
 _ERM_SWITCH = 1.0
 
 
+def kl_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the KL risk: pi_ref itself. Shapes: Drift (..., V) -> (..., V)."""
+    return d.p
+
+
+def erm_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the entropic risk: pi_ref e^(mu Z) / E_ref[e^(mu Z)], the exponentially
+    tilted reference (zero off the support). Shapes: Drift (..., V) -> (..., V)."""
+    return torch.softmax(_masked(d.ref_logps + mu * d.z, d.support, -math.inf), dim=-1)
+
+
 def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     """Entropic risk (1/mu) log E_ref[exp(mu Z)] = (1/mu) logsumexp(log pi_ref + mu Z).
 
@@ -189,6 +200,18 @@ def cvar_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
     return (eta + tail / mu).squeeze(-1)
 
 
+def cvar_weights(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
+    """dPhi/dZ of cvar_risk, in closed form: pi_ref / mu on the atoms strictly above the
+    boundary atom, and the boundary atom the rest of the unit mass (1 - mass above / mu);
+    exactly the gradient autograd gives cvar_risk (relu'(0) = 0: atoms tied with the boundary
+    count as not above it). threshold: cvar_threshold's boundary indices (..., 1).
+    Shapes: Drift (..., V) -> (..., V)."""
+    boundary = cvar_threshold(d, mu) if threshold is None else threshold  # (..., 1)
+    eta = d.z.gather(-1, boundary)  # (..., 1)
+    weights = torch.where(d.z > eta, d.p, 0.0).div_(mu)  # (..., V)
+    return weights.scatter_add_(-1, boundary, 1.0 - weights.sum(-1, keepdim=True))
+
+
 @torch.no_grad()
 def cvar_radpo_threshold(d: Drift, mu: float) -> Tensor:
     """Unweighted quantile of Z over the support at level 1 - mu: Drift (..., V) -> (..., 1)."""
@@ -215,18 +238,22 @@ class RiskMeasure:
     fn(drift, mu, threshold) -> (...). A measure with a threshold (a quantile of Z) finds it
     with `threshold(drift, mu)` under no_grad; callers that evaluate the same positions twice
     (forward, then recomputation in backward) pass it back to skip the search.
+    weights(drift, mu, threshold) -> (..., V): dPhi/dZ in closed form, a distribution over the
+    vocabulary for every measure here (so the gradient with respect to the policy's logits is
+    pi_theta - weights); None where only autograd knows it.
     """
 
     fn: Callable[[Drift, float, Tensor | None], Tensor]
     mu_ok: Callable[[float], bool]
     mu_domain: str
     threshold: Callable[[Drift, float], Tensor] | None = None
+    weights: Callable[[Drift, float, Tensor | None], Tensor] | None = None
 
 
 RISK_MEASURES: dict[str, RiskMeasure] = {
-    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored"),
-    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold),
-    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)"),
+    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", weights=kl_weights),
+    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold, cvar_weights),
+    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", weights=erm_weights),
     "cvar_radpo": RiskMeasure(cvar_radpo_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_radpo_threshold),
 }
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rsa_pl.risk import RISK_MEASURES, check_mu, drift
+from rsa_pl.risk import RISK_MEASURES, Drift, check_mu
 
 __all__ = ["SequenceTerms", "preference_loss", "preference_loss_from_logits", "sequence_terms"]
 
@@ -44,8 +44,16 @@ class SequenceTerms:
         return self.policy_logps - self.ref_logps
 
 
-def _log_normalised(logits: Tensor) -> Tensor:
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+def _drift(x: Tensor, r: Tensor, lse_x: Tensor, lse_r: Tensor) -> Drift:
+    """The Drift of policy logits x and reference logits r (P, V) with their log-normalisers
+    (P,): Z = (r - x) + (lse_x - lse_r), one subtraction pass instead of normalising both
+    first. Every caller builds Z this way, so the bits, and the CVaR boundary's ties, agree."""
+    ref_logps = r - lse_r.unsqueeze(-1)
+    z = (r - x).add_((lse_x - lse_r).unsqueeze(-1))
+    if not bool(torch.isneginf(r).any()):  # the usual case: every entry in the reference's support
+        return Drift(z, ref_logps.exp(), None, ref_logps)
+    support = ref_logps > -math.inf
+    return Drift(torch.where(support, z, 0.0), ref_logps.exp(), support, ref_logps)
 
 
 def _chunk_terms(
@@ -63,17 +71,15 @@ def _chunk_terms(
     Differentiable (the backward of _ChunkedTerms uses it where no closed form applies).
     """
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    # x - logsumexp(x), as _block_forward computes it: the same bits, so a threshold found
-    # there picks the same atoms here even where drift values tie
-    policy_logps = _log_normalised(policy_logits.to(dtype))  # (P, V)
-    ref_logps = _log_normalised(ref_logits.to(dtype))  # (P, V)
+    x, r = policy_logits.to(dtype), ref_logits.to(dtype)
+    lse_x, lse_r = torch.logsumexp(x, dim=-1), torch.logsumexp(r, dim=-1)  # (P,)
     index = labels.unsqueeze(-1)
-    policy_tok = policy_logps.gather(-1, index).squeeze(-1)  # (P,)
-    ref_tok = ref_logps.gather(-1, index).squeeze(-1)  # (P,)
+    policy_tok = x.gather(-1, index).squeeze(-1) - lse_x  # (P,)
+    ref_tok = r.gather(-1, index).squeeze(-1) - lse_r  # (P,)
     if measure is None:
         return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None
     spec = RISK_MEASURES[measure]
-    d = drift(policy_logps, ref_logps)
+    d = _drift(x, r, lse_x, lse_r)
     if threshold is None and spec.threshold is not None:
         threshold = spec.threshold(d, mu)
     return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold
@@ -94,7 +100,7 @@ def _block_forward(
     if measure is None:
         return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None, lse
     spec = RISK_MEASURES[measure]
-    d = drift(x - lse[0].unsqueeze(-1), r - lse[1].unsqueeze(-1))
+    d = _drift(x, r, lse[0], lse[1])
     threshold = spec.threshold(d, mu) if spec.threshold is not None else None
     return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse
 
@@ -118,14 +124,14 @@ def _block_policy_grad(
     measure's w sums to 1). One pass for pi_theta, one for w: no autograd graph is rebuilt.
     Shapes: (P, V), (P, V), (P,), (2, P), ..., (P,), (P,) or None -> (P, V)."""
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logps = policy_logits.to(dtype) - lse[0].unsqueeze(-1)
-    probs = policy_logps.exp()  # (P, V) pi_theta
+    x = policy_logits.to(dtype)
+    probs = (x - lse[0].unsqueeze(-1)).exp_()  # (P, V) pi_theta
     if measure is None or grad_risk is None:
         grad = probs.mul_(-grad_tok.unsqueeze(-1))
     else:
         spec = RISK_MEASURES[measure]
         assert spec.weights is not None
-        d = drift(policy_logps, ref_logits.to(dtype) - lse[1].unsqueeze(-1))
+        d = _drift(x, ref_logits.to(dtype), lse[0], lse[1])
         weights = spec.weights(d, mu, threshold)  # (P, V)
         grad = probs.mul_((grad_risk - grad_tok).unsqueeze(-1)).sub_(weights.mul_(grad_risk.unsqueeze(-1)))
     return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_tok.unsqueeze(-1).to(grad.dtype))

@@ -147,15 +147,20 @@ def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor | None, mu: float
     if bool(tied.all()):
         return first_atom.unsqueeze(-1)
 
-    # Level 1, dense over (R, V).
+    # Level 1, dense over (R, V): each atom's bin, offset by its row's, in int32 (half the
+    # memory traffic of int64) for one weighted bincount over all rows.
     scale = torch.where(tied, 0.0, _CVAR_BINS / (hi - lo)).unsqueeze(-1)  # (R, 1)
-    bins = (z - lo.unsqueeze(-1)).mul_(scale).clamp_(0, _CVAR_BINS - 1).long()  # (R, V), monotone in z
-    hist = z.new_zeros(rows, _CVAR_BINS).scatter_add_(1, bins, _masked(p, support, 0.0))
-    boundary_bin, above = _boundary_bin(hist, z.new_zeros(rows), target)
-    in_bin = bins == boundary_bin.unsqueeze(-1)  # (R, V)
+    flat = (z - lo.unsqueeze(-1)).mul_(scale).clamp_(0, _CVAR_BINS - 1).to(torch.int32)  # (R, V), monotone in z
+    offsets = torch.arange(0, rows * _CVAR_BINS, _CVAR_BINS, dtype=torch.int32, device=z.device).unsqueeze(-1)
+    flat.add_(offsets)
+    weights = _masked(p, support, 0.0).reshape(-1)
+    hist = torch.bincount(flat.view(-1), weights=weights, minlength=rows * _CVAR_BINS).to(z.dtype)
+    boundary_bin, above = _boundary_bin(hist.view(rows, _CVAR_BINS), z.new_zeros(rows), target)
+    in_bin = flat == (boundary_bin.to(torch.int32) + offsets.squeeze(-1)).unsqueeze(-1)  # (R, V)
     if support is not None:
         in_bin.logical_and_(support)
-    in_bin.masked_fill_(tied.unsqueeze(-1), False)
+    if bool(tied.any()):
+        in_bin.masked_fill_(tied.unsqueeze(-1), False)
     row, col = in_bin.nonzero(as_tuple=True)  # the candidates, compacted (row-major)
     zc, pc = z[row, col], p[row, col]
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rsa_pl.risk import RISK_MEASURES, check_mu, drift
+from rsa_pl.risk import RISK_MEASURES, Drift, check_mu
 
 __all__ = ["SequenceTerms", "preference_loss", "preference_loss_from_logits", "sequence_terms"]
 
@@ -44,6 +44,18 @@ class SequenceTerms:
         return self.policy_logps - self.ref_logps
 
 
+def _drift(x: Tensor, r: Tensor, lse_x: Tensor, lse_r: Tensor) -> Drift:
+    """The Drift of policy logits x and reference logits r (P, V) with their log-normalisers
+    (P,): Z = (r - x) + (lse_x - lse_r), one subtraction pass instead of normalising both
+    first. Every caller builds Z this way, so the bits, and the CVaR boundary's ties, agree."""
+    ref_logps = r - lse_r.unsqueeze(-1)
+    z = (r - x).add_((lse_x - lse_r).unsqueeze(-1))
+    if not bool(torch.isneginf(r).any()):  # the usual case: every entry in the reference's support
+        return Drift(z, ref_logps.exp(), None, ref_logps)
+    support = ref_logps > -math.inf
+    return Drift(torch.where(support, z, 0.0), ref_logps.exp(), support, ref_logps)
+
+
 def _chunk_terms(
     policy_logits: Tensor,
     ref_logits: Tensor,
@@ -56,29 +68,85 @@ def _chunk_terms(
 
     Shapes: (P, V), (P, V), (P,) -> (P,), (P,), (P,) and the measure's threshold (P, 1) or
     None (pass it back to skip the search when the block is recomputed). At least float32.
+    Differentiable (the backward of _ChunkedTerms uses it where no closed form applies).
     """
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    policy_logps = F.log_softmax(policy_logits.to(dtype), dim=-1)  # (P, V)
-    ref_logps = F.log_softmax(ref_logits.to(dtype), dim=-1)  # (P, V)
+    x, r = policy_logits.to(dtype), ref_logits.to(dtype)
+    lse_x, lse_r = torch.logsumexp(x, dim=-1), torch.logsumexp(r, dim=-1)  # (P,)
     index = labels.unsqueeze(-1)
-    policy_tok = policy_logps.gather(-1, index).squeeze(-1)  # (P,)
-    ref_tok = ref_logps.gather(-1, index).squeeze(-1)  # (P,)
+    policy_tok = x.gather(-1, index).squeeze(-1) - lse_x  # (P,)
+    ref_tok = r.gather(-1, index).squeeze(-1) - lse_r  # (P,)
     if measure is None:
         return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None
     spec = RISK_MEASURES[measure]
-    d = drift(policy_logps, ref_logps)
+    d = _drift(x, r, lse_x, lse_r)
     if threshold is None and spec.threshold is not None:
         threshold = spec.threshold(d, mu)
     return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold
 
 
+def _block_forward(
+    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, measure: str | None, mu: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """_chunk_terms' values without autograd, plus both models' log-normalisers (2, P) for the
+    closed-form backward. Without a measure no (P, V) log-probabilities are materialised: the
+    sampled-token log-prob is the gathered logit minus the log-sum-exp, as in TRL's DPO."""
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    x, r = policy_logits.to(dtype), ref_logits.to(dtype)
+    lse = torch.stack([torch.logsumexp(x, dim=-1), torch.logsumexp(r, dim=-1)])  # (2, P)
+    index = labels.unsqueeze(-1)
+    policy_tok = x.gather(-1, index).squeeze(-1) - lse[0]
+    ref_tok = r.gather(-1, index).squeeze(-1) - lse[1]
+    if measure is None:
+        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None, lse
+    spec = RISK_MEASURES[measure]
+    d = _drift(x, r, lse[0], lse[1])
+    threshold = spec.threshold(d, mu) if spec.threshold is not None else None
+    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse
+
+
+def _block_policy_grad(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    measure: str | None,
+    mu: float,
+    threshold: Tensor | None,
+    grad_tok: Tensor,
+    grad_risk: Tensor | None,
+) -> Tensor:
+    """The gradient with respect to the policy's logits of a block, in closed form:
+
+        grad_tok * (onehot(y) - pi_theta) + grad_risk * (pi_theta - w),   w = dPhi/dZ
+
+    (d log pi_theta(y)/dx = onehot(y) - pi_theta; dZ_v/dx_u = pi_theta_u - [u = v], and each
+    measure's w sums to 1). One pass for pi_theta, one for w: no autograd graph is rebuilt.
+    Shapes: (P, V), (P, V), (P,), (2, P), ..., (P,), (P,) or None -> (P, V)."""
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    x = policy_logits.to(dtype)
+    probs = (x - lse[0].unsqueeze(-1)).exp_()  # (P, V) pi_theta
+    if measure is None or grad_risk is None:
+        grad = probs.mul_(-grad_tok.unsqueeze(-1))
+    else:
+        spec = RISK_MEASURES[measure]
+        assert spec.weights is not None
+        d = _drift(x, ref_logits.to(dtype), lse[0], lse[1])
+        weights = spec.weights(d, mu, threshold)  # (P, V)
+        grad = probs.mul_((grad_risk - grad_tok).unsqueeze(-1)).sub_(weights.mul_(grad_risk.unsqueeze(-1)))
+    return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_tok.unsqueeze(-1).to(grad.dtype))
+
+
 class _ChunkedTerms(torch.autograd.Function):
     """Per-sequence sums of the token terms, computed block by block over response positions.
 
-    Forward keeps no intermediate (B, T, V) tensor, only each position's risk threshold (the
-    CVaR boundary atom, say); backward recomputes each block under autograd, reusing that
-    threshold instead of searching again, and writes its gradient into one preallocated
-    buffer, so peak memory is the logits, their gradient and one block, whatever T.
+    Forward keeps no intermediate (B, T, V) tensor, only each position's two log-normalisers
+    and risk threshold (the CVaR boundary atom, say). Backward writes each block's gradient
+    into one preallocated buffer, so peak memory is the logits, their gradient and one block,
+    whatever T. The gradient with respect to the policy's logits is computed in closed form
+    (_block_policy_grad) when the reference needs none and the measure has one (kl, cvar,
+    erm: every training setting); otherwise the block is recomputed under autograd, reusing
+    the threshold instead of searching again.
     """
 
     @staticmethod
@@ -97,10 +165,11 @@ class _ChunkedTerms(torch.autograd.Function):
         labels_flat = labels.reshape(n * t)
         dtype = torch.promote_types(policy_logits.dtype, torch.float32)
         per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
+        normalisers = torch.zeros(2, positions.numel(), dtype=dtype, device=policy_logits.device)
         thresholds = []
         for start in range(0, positions.numel(), chunk_size):
             block = positions[start : start + chunk_size]
-            *terms, threshold = _chunk_terms(
+            *terms, threshold, lse = _block_forward(
                 policy_flat.index_select(0, block),
                 ref_flat.index_select(0, block),
                 labels_flat.index_select(0, block),
@@ -108,6 +177,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 mu,
             )
             per_position[:, start : start + block.numel()] = torch.stack(terms)
+            normalisers[:, start : start + block.numel()] = lse
             thresholds.append(threshold)
         sequence = positions // t  # (P,)
         sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
@@ -117,7 +187,7 @@ class _ChunkedTerms(torch.autograd.Function):
         # needs no version check either, having no gradient.
         ctx.ref_logits = ref_logits if ref_logits.is_inference() else None
         saved_ref = positions.new_empty(0) if ref_logits.is_inference() else ref_logits
-        ctx.save_for_backward(policy_logits, saved_ref, labels, positions, saved_thresholds)
+        ctx.save_for_backward(policy_logits, saved_ref, labels, positions, saved_thresholds, normalisers)
         ctx.measure, ctx.mu, ctx.chunk_size = measure, mu, chunk_size
         policy_sum, ref_sum, risk_sum = (row.clone() for row in sums)
         return policy_sum, ref_sum, risk_sum
@@ -125,7 +195,7 @@ class _ChunkedTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        policy_logits, ref_logits, labels, positions, thresholds = ctx.saved_tensors
+        policy_logits, ref_logits, labels, positions, thresholds, normalisers = ctx.saved_tensors
         ref_logits = ctx.ref_logits if ctx.ref_logits is not None else ref_logits
         need_policy, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # A risk that only is logged (alpha = 0) gets zero gradient: skip recomputing it.
@@ -135,11 +205,34 @@ class _ChunkedTerms(torch.autograd.Function):
         labels_flat = labels.reshape(n * t)
         sequence = positions // t
         upstream = [g[sequence] if g is not None else None for g in grads]  # each (P,)
-        grad_policy = torch.zeros_like(policy_flat) if need_policy else None
-        grad_ref = torch.zeros_like(ref_flat) if need_ref else None
+        # Every response row is written below; only the other rows need zeros (filling the whole
+        # buffer first would be one more pass over (N T, V)).
+        others = torch.ones(n * t, dtype=torch.bool, device=positions.device).index_fill_(0, positions, False)
+        grad_policy = torch.empty_like(policy_flat).masked_fill_(others.unsqueeze(-1), 0) if need_policy else None
+        grad_ref = torch.empty_like(ref_flat).masked_fill_(others.unsqueeze(-1), 0) if need_ref else None
+        closed_form = not need_ref and (measure is None or RISK_MEASURES[measure].weights is not None)
         for start in range(0, positions.numel(), ctx.chunk_size):
             block = positions[start : start + ctx.chunk_size]
             stop = start + block.numel()
+            if closed_form:
+                if need_policy:
+                    grad_tok = upstream[0][start:stop] if upstream[0] is not None else None
+                    grad_risk = upstream[2][start:stop] if upstream[2] is not None and measure else None
+                    if grad_tok is None:
+                        grad_tok = normalisers.new_zeros(block.numel())
+                    block_grad = _block_policy_grad(
+                        policy_flat.index_select(0, block),
+                        ref_flat.index_select(0, block),
+                        labels_flat.index_select(0, block),
+                        normalisers[:, start:stop],
+                        measure,
+                        ctx.mu,
+                        thresholds[start:stop] if ctx.has_thresholds and measure else None,
+                        grad_tok,
+                        grad_risk,
+                    )
+                    grad_policy.index_copy_(0, block, block_grad.to(grad_policy.dtype))
+                continue
             with torch.enable_grad():
                 policy_block = policy_flat.index_select(0, block).detach().requires_grad_(need_policy)
                 ref_block = ref_flat.index_select(0, block).detach().requires_grad_(need_ref)
@@ -155,7 +248,10 @@ class _ChunkedTerms(torch.autograd.Function):
                     (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
                 )
                 wrt = [x for x in (policy_block, ref_block) if x.requires_grad]
-                if not torch.is_tensor(total) or not total.requires_grad:
+                if not torch.is_tensor(total) or not total.requires_grad:  # nothing flows: zeros
+                    for buffer in (grad_policy, grad_ref):
+                        if buffer is not None:
+                            buffer.index_fill_(0, block, 0)
                     continue
                 block_grads = iter(torch.autograd.grad(total, wrt))
             if need_policy:

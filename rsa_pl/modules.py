@@ -20,9 +20,21 @@ from rsa_pl.models import only_adapters
 
 
 def next_token_targets(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Align logits with the tokens they predict: (N, T-1, V) logits, (N, T-1) labels and mask."""
-    targets = labels[:, 1:]
-    return logits[:, :-1], targets.clamp(min=0), targets != IGNORE_INDEX
+    """Align logits with the tokens they predict: the (N, T, V) logits as they are (slicing off
+    the last position would copy them, and its gradient would be a zero-filled copy too), the
+    (N, T) token each position predicts and the mask of positions that predict one (the last
+    position and prompt or padding targets predict none)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return logits, targets.clamp(min=0), targets != IGNORE_INDEX
+
+
+def logits_window(labels: Tensor) -> int:
+    """How many final positions' logits a loss over labels reads: from the position before the
+    batch's earliest labelled token to the end (transformers' `logits_to_keep`). The LM head
+    then skips prompt positions, which on long prompts and large vocabularies is most of its
+    time and of the logits' memory. labels (N, T) -> K in [1, T]; all of T when none is labelled."""
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()  # columns t with a target at t + 1
+    return labels.shape[1] - int(labelled[0]) if labelled.numel() else labels.shape[1]
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -134,8 +146,10 @@ class SFTModule(_TrainingModule):
     """Next-token cross-entropy on response tokens (labels -100 on the prompt and padding)."""
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, targets, mask = next_token_targets(logits, batch["labels"])
+        keep = logits_window(batch["labels"])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = self.model(**inputs, logits_to_keep=keep).logits
+        logits, targets, mask = next_token_targets(logits, batch["labels"][:, -keep:])
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True, batch_size=len(mask))
@@ -171,9 +185,10 @@ class PreferenceModule(_TrainingModule):
         if reference is not None:
             reference.requires_grad_(False)
 
-    @torch.no_grad()
-    def reference_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    @torch.inference_mode()
+    def reference_logits(self, batch: dict[str, Tensor], keep: int = 0) -> Tensor:
+        """The reference's logits at the last `keep` positions (0: all), without autograd."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
         if self.reference is not None:
             self.reference.eval()
             return self.reference(**inputs).logits
@@ -186,11 +201,15 @@ class PreferenceModule(_TrainingModule):
         return logits
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-pair losses (B,) and per-pair metrics of one [chosen; rejected] batch."""
-        ref_logits = self.reference_logits(batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, targets, mask = next_token_targets(logits, batch["labels"])
-        ref_logits, _, _ = next_token_targets(ref_logits, batch["labels"])
+        """Per-pair losses (B,) and per-pair metrics of one [chosen; rejected] batch. Both models
+        compute logits only from the earliest response position on (logits_window)."""
+        keep = logits_window(batch["labels"])
+        ref_logits = self.reference_logits(batch, keep)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = self.model(**inputs, logits_to_keep=keep).logits
+        labels = batch["labels"][:, -keep:]
+        logits, targets, mask = next_token_targets(logits, labels)
+        ref_logits, _, _ = next_token_targets(ref_logits, labels)
         return preference_loss_from_logits(logits, ref_logits, targets, mask, **self.objective)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:

@@ -69,6 +69,17 @@ def kl_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
 _ERM_SWITCH = 1.0
 
 
+def kl_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the KL risk: pi_ref itself. Shapes: Drift (..., V) -> (..., V)."""
+    return d.p
+
+
+def erm_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the entropic risk: pi_ref e^(mu Z) / E_ref[e^(mu Z)], the exponentially
+    tilted reference (zero off the support). Shapes: Drift (..., V) -> (..., V)."""
+    return torch.softmax(_masked(d.ref_logps + mu * d.z, d.support, -math.inf), dim=-1)
+
+
 def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     """Entropic risk (1/mu) log E_ref[exp(mu Z)] = (1/mu) logsumexp(log pi_ref + mu Z).
 
@@ -89,26 +100,24 @@ def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     return risk / mu
 
 
-# Histogram bins per refinement level of the CVaR threshold search, the most levels, and
-# the candidate count at or under which the boundary bin's atoms are ordered by top-k. With
-# 4096 bins one level usually leaves a few dozen candidates of a 32k vocabulary.
+# Histogram bins per refinement level of the CVaR threshold search, the most levels, and the
+# candidates per row at or under which the boundary bin's atoms are simply sorted. With 4096
+# bins one level usually leaves a few dozen candidates of a 32k vocabulary.
 _CVAR_BINS = 4096
-_CVAR_MAX_LEVELS = 3
-_CVAR_TOPK_CAP = 64
+_CVAR_MAX_LEVELS = 4
+_CVAR_SORT_CAP = 512
 
 
-def _active_range(z: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Exact min and max of z over the active atoms of each row: (R, V) -> (R, 1), (R, 1)."""
-    if active is None:
-        return z.amin(-1, keepdim=True), z.amax(-1, keepdim=True)
-    lo = torch.where(active, z, math.inf).amin(-1, keepdim=True)
-    hi = torch.where(active, z, -math.inf).amax(-1, keepdim=True)
-    return lo, hi
+def _boundary_bin(hist: Tensor, above: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """The bin holding each row's boundary and the mass strictly above that bin.
 
-
-def _count(mask: Tensor) -> Tensor:
-    """True entries per row, (R, V) bool -> (R, 1) int64, without an int64 copy of the mask."""
-    return torch.count_nonzero(mask, dim=-1).unsqueeze(-1)
+    hist (R, K) mass per bin (bin K - 1 holds the largest values), above (R,) mass above every
+    bin, target (R,) -> bin (R,) int64, mass above it (R,)."""
+    bins = hist.shape[-1]
+    at_or_above = above.unsqueeze(-1) + hist.flip(-1).cumsum(-1).flip(-1)  # (R, K) mass in bins >= j
+    boundary = ((at_or_above >= target.unsqueeze(-1)).sum(-1) - 1).clamp_(min=0)  # (R,)
+    next_bin = (boundary + 1).clamp(max=bins - 1).unsqueeze(-1)
+    return boundary, torch.where(boundary < bins - 1, at_or_above.gather(1, next_bin).squeeze(-1), above)
 
 
 @torch.no_grad()
@@ -116,53 +125,78 @@ def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor | None, mu: float
     """Index of the boundary atom of the upper mu-tail of Z under p, without a full sort.
 
     The boundary atom k is the largest value of Z with P(Z >= Z_k) >= mu * total mass: the
-    atoms above it lie wholly in the tail, it lies in it fractionally. Found by refining a
-    bracket with weighted histograms (scatter_add), then ordering the few atoms left in the
-    boundary bin with top-k. Bin assignment is monotone in Z, so the result is exact.
+    atoms above it lie wholly in the tail, it lies in it fractionally. One dense pass bins every
+    atom of a row into equal-width bins between the row's extremes (a weighted histogram,
+    scatter_add) and finds the bin where the mass from the top reaches the target; only that
+    bin's atoms are kept, compacted, refined with further histograms while a row keeps more
+    than _CVAR_SORT_CAP of them, then sorted: bin assignment is monotone in Z, so the result is
+    exact. Rows whose atoms all share one value (policy equal to reference) take their first
+    atom. Of atoms tied with the boundary, the one with the lowest index is taken.
 
     Shapes: z, p, support (R, V) -> index (R, 1) int64.
     """
-    rows, vocab = z.shape
-    active = support  # (R, V) atoms that can still be the boundary; None: all of them
-    counts = z.new_full((rows, 1), vocab, dtype=torch.long) if active is None else _count(active)
-    above = z.new_zeros(rows, 1)  # (R, 1) mass strictly above the active atoms
-    target = mu * p.sum(-1, keepdim=True)  # (R, 1) tail mass
-    lo, hi = _active_range(z, active)  # (R, 1) each
-    tied = hi <= lo  # (R, 1) rows whose active atoms all share one value: any is the boundary
-    for _ in range(_CVAR_MAX_LEVELS):
-        if not bool((~tied & (counts > _CVAR_TOPK_CAP)).any()):
+    rows = z.shape[0]
+    target = mu * p.sum(-1)  # (R,) tail mass
+    if support is None:
+        lo, hi = z.amin(-1), z.amax(-1)  # (R,) each
+    else:
+        lo = torch.where(support, z, math.inf).amin(-1)
+        hi = torch.where(support, z, -math.inf).amax(-1)
+    tied = hi <= lo  # (R,) every atom the same value: any of them is the boundary
+    first_atom = z.new_zeros(rows, dtype=torch.long) if support is None else support.int().argmax(-1)
+    if bool(tied.all()):
+        return first_atom.unsqueeze(-1)
+
+    # Level 1, dense over (R, V): each atom's bin, offset by its row's, in int32 (half the
+    # memory traffic of int64) for one weighted bincount over all rows.
+    scale = torch.where(tied, 0.0, _CVAR_BINS / (hi - lo)).unsqueeze(-1)  # (R, 1)
+    flat = (z - lo.unsqueeze(-1)).mul_(scale).clamp_(0, _CVAR_BINS - 1).to(torch.int32)  # (R, V), monotone in z
+    offsets = torch.arange(0, rows * _CVAR_BINS, _CVAR_BINS, dtype=torch.int32, device=z.device).unsqueeze(-1)
+    flat.add_(offsets)
+    weights = _masked(p, support, 0.0).reshape(-1)
+    hist = torch.bincount(flat.view(-1), weights=weights, minlength=rows * _CVAR_BINS).to(z.dtype)
+    boundary_bin, above = _boundary_bin(hist.view(rows, _CVAR_BINS), z.new_zeros(rows), target)
+    in_bin = flat == (boundary_bin.to(torch.int32) + offsets.squeeze(-1)).unsqueeze(-1)  # (R, V)
+    if support is not None:
+        in_bin.logical_and_(support)
+    if bool(tied.any()):
+        in_bin.masked_fill_(tied.unsqueeze(-1), False)
+    row, col = in_bin.nonzero(as_tuple=True)  # the candidates, compacted (row-major)
+    zc, pc = z[row, col], p[row, col]
+
+    # Further levels on the candidates only, while some row has many.
+    for _ in range(_CVAR_MAX_LEVELS - 1):
+        if row.numel() == 0 or int(torch.bincount(row, minlength=rows).max()) <= _CVAR_SORT_CAP:
             break
-        scale = torch.where(tied, 0.0, _CVAR_BINS / (hi - lo))  # (R, 1)
-        bins = (z - lo).mul_(scale).clamp_(0, _CVAR_BINS - 1).long()  # (R, V), monotone in z
-        hist = z.new_zeros(rows, _CVAR_BINS).scatter_add_(1, bins, _masked(p, active, 0.0))  # (R, K)
-        at_or_above = above + hist.flip(-1).cumsum(-1).flip(-1)  # (R, K) mass in bins >= j
-        boundary_bin = ((at_or_above >= target).sum(-1, keepdim=True) - 1).clamp_(min=0)  # (R, 1)
-        above = torch.where(
-            boundary_bin < _CVAR_BINS - 1,
-            at_or_above.gather(1, (boundary_bin + 1).clamp_(max=_CVAR_BINS - 1)),
-            above,
-        )
-        in_bin = bins == boundary_bin  # (R, V)
-        active = in_bin if active is None else in_bin.logical_and_(active)
-        counts = _count(active)
-        if bool((~tied & (counts > _CVAR_TOPK_CAP)).any()):  # needed to refine again or find ties
-            lo, hi = _active_range(z, active)
-            tied = hi <= lo
-    k = int(torch.where(tied, 1, counts).max())
-    candidates = _masked(z, active, -math.inf)
-    if bool(tied.any()):
-        candidates = candidates.masked_fill(tied, -math.inf)
-    cand_z, cand_index = candidates.topk(k, dim=-1)  # (R, k) descending
-    cand_p = torch.where(cand_z > -math.inf, p.gather(1, cand_index), 0.0)
-    reached = above + cand_p.cumsum(-1) >= target  # (R, k)
-    last = ((cand_z > -math.inf).sum(-1, keepdim=True) - 1).clamp_(min=0)  # (R, 1)
-    # Rounding can leave the total a hair under the target: then the lowest atom is it.
-    first = torch.minimum((~reached).sum(-1, keepdim=True), last)  # (R, 1) first crossing
-    boundary = cand_index.gather(1, first)
-    if bool(tied.any()):
-        tied_index = torch.zeros_like(first) if active is None else active.int().argmax(-1, keepdim=True)
-        boundary = torch.where(tied, tied_index, boundary)
-    return boundary
+        lo_c = zc.new_full((rows,), math.inf).scatter_reduce_(0, row, zc, "amin")
+        hi_c = zc.new_full((rows,), -math.inf).scatter_reduce_(0, row, zc, "amax")
+        flat = hi_c <= lo_c  # (R,) rows whose candidates all tie (or none left): keep them all
+        scale_c = torch.where(flat, 0.0, _CVAR_BINS / (hi_c - lo_c))
+        bins_c = ((zc - lo_c[row]) * scale_c[row]).clamp_(0, _CVAR_BINS - 1).long()
+        hist = zc.new_zeros(rows * _CVAR_BINS).scatter_add_(0, row * _CVAR_BINS + bins_c, pc)
+        next_bin, next_above = _boundary_bin(hist.view(rows, _CVAR_BINS), above, target)
+        keep = (bins_c == next_bin[row]) | flat[row]
+        above = torch.where(flat, above, next_above)
+        row, col, zc, pc = row[keep], col[keep], zc[keep], pc[keep]
+
+    # Exact: each row's candidates by descending Z (lowest index first among ties), mass
+    # accumulated from above the bin down to the first atom that reaches the target.
+    order = torch.argsort(zc, descending=True, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]
+    row, col, pc = row[order], col[order], pc[order]
+    counts = torch.bincount(row, minlength=rows)  # (R,)
+    ends = counts.cumsum(0)  # (R,) one past each row's last candidate
+    total = pc.cumsum(0)
+    before = torch.cat([total.new_zeros(1), total])[ends - counts]  # (R,) mass of earlier rows
+    reached = above[row] + (total - before[row]) >= target[row]
+    position = torch.arange(row.numel(), device=z.device)
+    first = torch.full_like(counts, row.numel()).scatter_reduce_(
+        0, row, torch.where(reached, position, row.numel()), "amin"
+    )
+    # Rounding can leave the total a hair under the target: then the row's lowest atom is it.
+    first = torch.minimum(first, ends - 1).clamp_(min=0)
+    boundary = col[first] if row.numel() else first_atom
+    return torch.where(tied | (counts == 0), first_atom, boundary).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -187,6 +221,18 @@ def cvar_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
     eta = d.z.gather(-1, boundary)  # (..., 1), differentiable
     tail = (d.p * torch.relu(d.z - eta)).sum(-1, keepdim=True)  # (..., 1)
     return (eta + tail / mu).squeeze(-1)
+
+
+def cvar_weights(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
+    """dPhi/dZ of cvar_risk, in closed form: pi_ref / mu on the atoms strictly above the
+    boundary atom, and the boundary atom the rest of the unit mass (1 - mass above / mu);
+    exactly the gradient autograd gives cvar_risk (relu'(0) = 0: atoms tied with the boundary
+    count as not above it). threshold: cvar_threshold's boundary indices (..., 1).
+    Shapes: Drift (..., V) -> (..., V)."""
+    boundary = cvar_threshold(d, mu) if threshold is None else threshold  # (..., 1)
+    eta = d.z.gather(-1, boundary)  # (..., 1)
+    weights = torch.where(d.z > eta, d.p, 0.0).div_(mu)  # (..., V)
+    return weights.scatter_add_(-1, boundary, 1.0 - weights.sum(-1, keepdim=True))
 
 
 @torch.no_grad()
@@ -215,18 +261,22 @@ class RiskMeasure:
     fn(drift, mu, threshold) -> (...). A measure with a threshold (a quantile of Z) finds it
     with `threshold(drift, mu)` under no_grad; callers that evaluate the same positions twice
     (forward, then recomputation in backward) pass it back to skip the search.
+    weights(drift, mu, threshold) -> (..., V): dPhi/dZ in closed form, a distribution over the
+    vocabulary for every measure here (so the gradient with respect to the policy's logits is
+    pi_theta - weights); None where only autograd knows it.
     """
 
     fn: Callable[[Drift, float, Tensor | None], Tensor]
     mu_ok: Callable[[float], bool]
     mu_domain: str
     threshold: Callable[[Drift, float], Tensor] | None = None
+    weights: Callable[[Drift, float, Tensor | None], Tensor] | None = None
 
 
 RISK_MEASURES: dict[str, RiskMeasure] = {
-    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored"),
-    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold),
-    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)"),
+    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", weights=kl_weights),
+    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold, cvar_weights),
+    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", weights=erm_weights),
     "cvar_radpo": RiskMeasure(cvar_radpo_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_radpo_threshold),
 }
 

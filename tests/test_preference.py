@@ -246,3 +246,62 @@ def test_two_runs_with_the_same_seed_train_the_same_adapter(tmp_path: Path, pipe
         preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / f"ckpt-{run}", QUIET)
         adapters.append((models / "reward" / "adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_logits_only_from_the_first_response_position_change_nothing(
+    tmp_path: Path, architecture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head skips prompt positions (logits_window): losses, metrics and gradients equal
+    those from every position's logits, for prompts of different lengths in one batch."""
+    from rsa_pl import modules
+    from rsa_pl.config import ModelParams
+    from rsa_pl.data.tokenize import IGNORE_INDEX
+    from rsa_pl.models import build_scratch_model
+
+    class Vocabulary:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self) -> int:
+            return 50
+
+    params = load_params(ROOT / "params.yaml")
+    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 64}
+    model_params = ModelParams(
+        kind="scratch", name_or_path=None, trust_remote_code=False, architecture=architecture, **sizes
+    )
+    torch.manual_seed(0)
+    lora = params.train_reward.lora
+    if architecture == "gpt2":
+        lora = lora.model_copy(update={"target_modules": ["c_attn", "c_proj", "c_fc"]})
+    policy = attach_lora(build_scratch_model(model_params, Vocabulary()), lora)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.1)  # policy and reference differ
+    prompts = [9, 5, 7, 12, 9, 5, 7, 12]  # 4 pairs, [chosen; rejected], right padded to 20
+    rows, labels = [], []
+    for i, length in enumerate(prompts):
+        response = torch.randint(3, 50, (4 + i % 3,)).tolist()
+        ids = torch.randint(3, 50, (length,)).tolist() + response
+        rows.append(ids + [0] * (20 - len(ids)))
+        labels.append([IGNORE_INDEX] * length + response + [IGNORE_INDEX] * (20 - len(ids)))
+    real = (torch.tensor(labels) != IGNORE_INDEX) | (torch.arange(20) < torch.tensor(prompts)[:, None])
+    batch = {"input_ids": torch.tensor(rows), "labels": torch.tensor(labels), "attention_mask": real.long()}
+    assert modules.logits_window(batch["labels"]) == 20 - 4  # from the shortest prompt's last token on
+    module = PreferenceModule(policy, params.train_reward.train, params.train_reward.objective(), None)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        policy.zero_grad()
+        losses, metrics = module.losses(batch)
+        losses.sum().backward()
+        return losses, metrics, [w.grad.clone() for w in policy.parameters() if w.requires_grad]
+
+    windowed = run()
+    monkeypatch.setattr(modules, "logits_window", lambda labels: labels.shape[1])  # every position
+    everything = run()
+    torch.testing.assert_close(windowed[0], everything[0], rtol=1e-6, atol=1e-7)
+    for name in windowed[1]:
+        torch.testing.assert_close(windowed[1][name], everything[1][name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(windowed[2], everything[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

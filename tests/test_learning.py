@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rsa_pl.config import LoraParams, ModelParams, load_params
+from rsa_pl.config import LoraParams, load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.models import attach_lora, build_scratch_model
 from rsa_pl.modules import PreferenceModule
+from tests.test_sft import scratch_model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, BOS, EOS = 32, 0, 1, 2
@@ -70,17 +71,7 @@ def test_a_few_dozen_steps_separate_a_separable_set(architecture: str, lora: boo
     alpha = 0.0 if loss == "dpo" else 0.5
     section = stage.model_copy(update={"loss": loss.split("-")[0], "risk": risk, "alpha": alpha})
     train = stage.train.model_copy(update={"lr": 1e-2, "warmup_steps": 2, "max_steps": 40, "weight_decay": 0.0})
-    model_params = ModelParams(
-        kind="scratch",
-        name_or_path=None,
-        trust_remote_code=False,
-        architecture=architecture,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        max_positions=32,
-    )
+    model_params = scratch_model_params(architecture, 32)
     model = build_scratch_model(model_params, _Vocabulary())
     if lora:
         adapter = LoraParams(r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])

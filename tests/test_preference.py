@@ -27,7 +27,7 @@ from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import attach_lora, load_causal_lm
 from rsa_pl.modules import PreferenceModule
-from tests.test_sft import ROOT, tiny_params
+from tests.test_sft import ROOT, scratch_model_params, tiny_params
 
 QUIET = Console(quiet=True)
 
@@ -255,7 +255,6 @@ def test_logits_only_from_the_first_response_position_change_nothing(
     """The LM head skips prompt positions (logits_window): losses, metrics and gradients equal
     those from every position's logits, for prompts of different lengths in one batch."""
     from rsa_pl import modules
-    from rsa_pl.config import ModelParams
     from rsa_pl.data.tokenize import IGNORE_INDEX
     from rsa_pl.models import build_scratch_model
 
@@ -266,10 +265,7 @@ def test_logits_only_from_the_first_response_position_change_nothing(
             return 50
 
     params = load_params(ROOT / "params.yaml")
-    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 64}
-    model_params = ModelParams(
-        kind="scratch", name_or_path=None, trust_remote_code=False, architecture=architecture, **sizes
-    )
+    model_params = scratch_model_params(architecture, 64)
     torch.manual_seed(0)
     lora = params.train_reward.lora
     if architecture == "gpt2":

@@ -43,6 +43,13 @@ def tiny_params(tmp_path: Path, architecture: str = "llama", **train: object) ->
     return path
 
 
+def scratch_model_params(architecture: str, max_positions: int) -> ModelParams:
+    """A 1-layer, 32-wide model built from scratch (tests that need a model, not a pipeline)."""
+    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    return ModelParams(kind="scratch", name_or_path=None, trust_remote_code=False, architecture=architecture,
+                       max_positions=max_positions, **sizes)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("prepared")
@@ -80,18 +87,7 @@ def test_warmup_cosine_schedule() -> None:
 def test_scratch_models_build_from_configs(prepared: tuple[Path, Path], architecture: str) -> None:
     _, data = prepared
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    params = ModelParams(
-        kind="scratch",
-        name_or_path=None,
-        trust_remote_code=False,
-        architecture=architecture,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        max_positions=128,
-    )
-    model = build_scratch_model(params, tokenizer)
+    model = build_scratch_model(scratch_model_params(architecture, 128), tokenizer)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, len(tokenizer))
     assert model.config.eos_token_id == tokenizer.eos_token_id

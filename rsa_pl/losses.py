@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rsa_pl.risk import RISK_MEASURES, Drift, check_mu
+from rsa_pl.risk import RISK_MEASURES, check_mu, drift_from_logits, has_full_support
 
 __all__ = ["SequenceTerms", "preference_loss", "preference_loss_from_logits", "sequence_terms"]
 
@@ -42,18 +42,6 @@ class SequenceTerms:
     def margin(self) -> Tensor:
         """M(y) = sum_t m_t, shape (N,)."""
         return self.policy_logps - self.ref_logps
-
-
-def _drift(x: Tensor, r: Tensor, lse_x: Tensor, lse_r: Tensor) -> Drift:
-    """The Drift of policy logits x and reference logits r (P, V) with their log-normalisers
-    (P,): Z = (r - x) + (lse_x - lse_r), one subtraction pass instead of normalising both
-    first. Every caller builds Z this way, so the bits, and the CVaR boundary's ties, agree."""
-    ref_logps = r - lse_r.unsqueeze(-1)
-    z = (r - x).add_((lse_x - lse_r).unsqueeze(-1))
-    if not bool(torch.isneginf(r).any()):  # the usual case: every entry in the reference's support
-        return Drift(z, ref_logps.exp(), None, ref_logps)
-    support = ref_logps > -math.inf
-    return Drift(torch.where(support, z, 0.0), ref_logps.exp(), support, ref_logps)
 
 
 def _chunk_terms(
@@ -79,7 +67,7 @@ def _chunk_terms(
     if measure is None:
         return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None
     spec = RISK_MEASURES[measure]
-    d = _drift(x, r, lse_x, lse_r)
+    d = drift_from_logits(x, r, lse_x, lse_r)
     if threshold is None and spec.threshold is not None:
         threshold = spec.threshold(d, mu)
     return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold
@@ -87,9 +75,10 @@ def _chunk_terms(
 
 def _block_forward(
     policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, measure: str | None, mu: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
-    """_chunk_terms' values without autograd, plus both models' log-normalisers (2, P) for the
-    closed-form backward. Without a measure no (P, V) log-probabilities are materialised: the
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, bool | None]:
+    """_chunk_terms' values without autograd, plus what the closed-form backward reuses: both
+    models' log-normalisers (2, P) and whether the reference has full support (None: no measure).
+    Without a measure no (P, V) log-probabilities are materialised: the
     sampled-token log-prob is the gathered logit minus the log-sum-exp, as in TRL's DPO."""
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
     x, r = policy_logits.to(dtype), ref_logits.to(dtype)
@@ -98,11 +87,12 @@ def _block_forward(
     policy_tok = x.gather(-1, index).squeeze(-1) - lse[0]
     ref_tok = r.gather(-1, index).squeeze(-1) - lse[1]
     if measure is None:
-        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None, lse
+        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None, lse, None
     spec = RISK_MEASURES[measure]
-    d = _drift(x, r, lse[0], lse[1])
+    full_support = has_full_support(r)
+    d = drift_from_logits(x, r, lse[0], lse[1], full_support)
     threshold = spec.threshold(d, mu) if spec.threshold is not None else None
-    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse
+    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse, full_support
 
 
 def _block_policy_grad(
@@ -115,6 +105,7 @@ def _block_policy_grad(
     threshold: Tensor | None,
     grad_tok: Tensor,
     grad_risk: Tensor | None,
+    full_support: bool | None = None,
 ) -> Tensor:
     """The gradient with respect to the policy's logits of a block, in closed form:
 
@@ -131,7 +122,7 @@ def _block_policy_grad(
     else:
         spec = RISK_MEASURES[measure]
         assert spec.weights is not None
-        d = _drift(x, ref_logits.to(dtype), lse[0], lse[1])
+        d = drift_from_logits(x, ref_logits.to(dtype), lse[0], lse[1], full_support)
         weights = spec.weights(d, mu, threshold)  # (P, V)
         grad = probs.mul_((grad_risk - grad_tok).unsqueeze(-1)).sub_(weights.mul_(grad_risk.unsqueeze(-1)))
     return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_tok.unsqueeze(-1).to(grad.dtype))
@@ -166,10 +157,10 @@ class _ChunkedTerms(torch.autograd.Function):
         dtype = torch.promote_types(policy_logits.dtype, torch.float32)
         per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
         normalisers = torch.zeros(2, positions.numel(), dtype=dtype, device=policy_logits.device)
-        thresholds = []
+        thresholds, ctx.full_support = [], []
         for start in range(0, positions.numel(), chunk_size):
             block = positions[start : start + chunk_size]
-            *terms, threshold, lse = _block_forward(
+            *terms, threshold, lse, full_support = _block_forward(
                 policy_flat.index_select(0, block),
                 ref_flat.index_select(0, block),
                 labels_flat.index_select(0, block),
@@ -179,6 +170,7 @@ class _ChunkedTerms(torch.autograd.Function):
             per_position[:, start : start + block.numel()] = torch.stack(terms)
             normalisers[:, start : start + block.numel()] = lse
             thresholds.append(threshold)
+            ctx.full_support.append(full_support)  # the backward need not check again
         sequence = positions // t  # (P,)
         sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
         ctx.has_thresholds = any(threshold is not None for threshold in thresholds)
@@ -230,6 +222,7 @@ class _ChunkedTerms(torch.autograd.Function):
                         thresholds[start:stop] if ctx.has_thresholds and measure else None,
                         grad_tok,
                         grad_risk,
+                        ctx.full_support[start // ctx.chunk_size],
                     )
                     grad_policy.index_copy_(0, block, block_grad.to(grad_policy.dtype))
                 continue

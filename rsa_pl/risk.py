@@ -43,11 +43,33 @@ def drift(policy_logps: Tensor, ref_logps: Tensor) -> Drift:
     """The Drift of two normalised log-probability tensors of shape (..., V)."""
     dtype = torch.promote_types(torch.promote_types(policy_logps.dtype, ref_logps.dtype), torch.float32)
     policy_logps, ref_logps = policy_logps.to(dtype), ref_logps.to(dtype)
+    return _drift_of(ref_logps - policy_logps, ref_logps)
+
+
+def drift_from_logits(
+    policy_logits: Tensor, ref_logits: Tensor, policy_lse: Tensor, ref_lse: Tensor, full_support: bool | None = None
+) -> Drift:
+    """The Drift of logits (..., V) with their log-normalisers (...,): Z = (r - x) + (lse_x -
+    lse_r), one subtraction pass instead of normalising both first (callers that build Z twice
+    for the same positions get the same bits, so CVaR boundary ties agree). full_support:
+    whether the reference has no -inf logit, when the caller already knows (None: checked)."""
+    ref_logps = ref_logits - ref_lse.unsqueeze(-1)
+    z = (ref_logits - policy_logits).add_((policy_lse - ref_lse).unsqueeze(-1))
+    return _drift_of(z, ref_logps, full_support)
+
+
+def has_full_support(ref_logps: Tensor) -> bool:
+    """Whether every vocabulary entry has reference mass (no -inf log-probability or logit)."""
+    return not bool(torch.isneginf(ref_logps).any())
+
+
+def _drift_of(z: Tensor, ref_logps: Tensor, full_support: bool | None = None) -> Drift:
+    if full_support is None:
+        full_support = has_full_support(ref_logps)
+    if full_support:  # the usual case (finite logits): no masking needed anywhere
+        return Drift(z, ref_logps.exp(), None, ref_logps)
     support = ref_logps > -math.inf
-    if bool(support.all()):  # the usual case (finite logits): no masking needed anywhere
-        return Drift(ref_logps - policy_logps, ref_logps.exp(), None, ref_logps)
-    z = torch.where(support, ref_logps - policy_logps, 0.0)
-    return Drift(z, ref_logps.exp(), support, ref_logps)
+    return Drift(torch.where(support, z, 0.0), ref_logps.exp(), support, ref_logps)
 
 
 def _masked(x: Tensor, support: Tensor | None, fill: float) -> Tensor:

@@ -21,12 +21,13 @@ Writes benchmarks/results/bench_generate.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+
+from report import write_report  # benchmarks/report.py (scripts run with benchmarks/ on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -163,11 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     report = run(parser.parse_args())
-    out = parser.parse_args().out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench_generate.md").write_text(table(report))
-    print(table(report))
+    write_report(parser.parse_args().out / "bench_generate", report, table(report))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_report  # benchmarks/report.py (scripts run with benchmarks/ on sys.path)
+
 METHODS: dict[str, dict] = {
     "dpo": {"alpha": 0.0, "measure": None, "mu": 1.0},
     "tdpo": {"alpha": 0.5, "measure": "kl", "mu": 1.0},
@@ -183,10 +185,7 @@ def main() -> None:
             f"| {method} | {v['time_s']:.3f} | {ratio_t} | {v['tokens_per_s']:.0f} | {v['peak_mib']:.0f} | {ratio_m} |"
         )
     table = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, {"meta": meta, "runs": runs, "summary": summary}, table)
 
 
 if __name__ == "__main__":

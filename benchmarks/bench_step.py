@@ -96,6 +96,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import write_report  # benchmarks/report.py (scripts run with benchmarks/ on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 for _name, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -552,10 +554,7 @@ def main() -> None:
         "dpo_vs_trl_max_loss_diff": _loss_agreement(runs),
     }
     table = _table(summary, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, {"meta": meta, "runs": runs, "summary": summary}, table)
 
 
 if __name__ == "__main__":

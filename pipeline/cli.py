@@ -13,7 +13,7 @@ from rich.console import Console
 
 import rsa_pl
 from pipeline import check_params, evaluate, merge, preference, prepare, sft
-from rsa_pl.config import ParamsError
+from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.judges import JudgeError
@@ -89,7 +89,10 @@ def sft_command(
 
 def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: Path, checkpoints: Path,
                       metrics: Path) -> None:  # fmt: skip
-    pairs = preference.STAGES[stage][0]
+    try:
+        pairs = preference.pairs_folder(getattr(load_params(params), stage))
+    except ParamsError as error:
+        raise _fail(error) from None
     if not (data / pairs).exists():
         raise _fail(ValueError(f"{data / pairs}: no prepared pairs; run `rsa-pl prepare` first"))
     if not (models / needs).exists():

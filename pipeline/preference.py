@@ -3,7 +3,8 @@
 Stage 1 (train_reward) aligns the SFT model for helpfulness on data/helpful_pairs with the SFT
 model as reference; stage 2 (train_safety) realigns the stage-1 policy for safety on
 data/safety_pairs with the stage-1 policy as reference (its adapter folded into the weights,
-then a new adapter trained on top). Outputs, in Hugging Face format, written atomically:
+then a new adapter trained on top). Each stage's `pairs` param names its set, so swapping
+them runs the reverse order (safety first) through the same DAG. Outputs, in Hugging Face format, written atomically:
     models/reward/   the stage-1 LoRA adapter (base: models/sft) or full weights, + tokenizer
     models/safety/   the stage-2 policy as full weights (W + dH + dS), its adapter in adapter/
                      (base: models/sft with models/reward folded in), + tokenizer
@@ -44,11 +45,17 @@ from rsa_pl.models import (
 from rsa_pl.modules import PreferenceModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
-# stage -> (pairs set in data/, output folder in models/, the stage whose policy is the reference)
-STAGES: dict[str, tuple[str, str, str | None]] = {
-    "train_reward": ("helpful_pairs", "reward", None),
-    "train_safety": ("safety_pairs", "safety", "reward"),
+# stage -> (output folder in models/, the stage whose policy is the reference); the pairs
+# each trains on are a param (pairs: helpful | safety), so the reverse order is one swap
+STAGES: dict[str, tuple[str, str | None]] = {
+    "train_reward": ("reward", None),
+    "train_safety": ("safety", "reward"),
 }
+
+
+def pairs_folder(section: PreferenceStageParams) -> str:
+    """The data/ folder of the preference set a stage trains on."""
+    return f"{section.pairs}_pairs"
 
 
 def base_model(models: Path) -> str:
@@ -117,11 +124,12 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
         metrics_file: Path | None = None) -> dict[str, float]:  # fmt: skip
     """Train one preference stage into models/<reward|safety>; return its final metrics."""
     params = load_params(params_path)
-    pairs, name, previous = STAGES[stage]
+    name, previous = STAGES[stage]
     out = models / name
     staging = staging_for(out)
     try:
-        metrics = _train(params, stage, data / pairs, models, previous, staging, checkpoints, console)
+        pairs = data / pairs_folder(getattr(params, stage))
+        metrics = _train(params, stage, pairs, models, previous, staging, checkpoints, console)
         if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
             return {}
         swap_in(staging, out)

@@ -87,6 +87,10 @@ class QuantizationParams(_Section):
 class PreferenceStageParams(_Section):
     """A preference stage (train_reward: helpfulness, train_safety: safety): objective and training."""
 
+    pairs: Literal["helpful", "safety"]
+    """The preference set this stage trains on (data/helpful_pairs or data/safety_pairs):
+    helpful in train_reward and safety in train_safety; swap them for the reverse order
+    (safety first, PAPER.md "Stepwise alignment")."""
     loss: Literal["dpo", "tdpo", "rsa"]
     """dpo (alpha = 0), tdpo (measure kl), or rsa (measure cvar, erm or cvar_radpo)."""
     beta: Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -102,7 +102,7 @@ def test_error_is_one_line_per_problem_naming_file_and_key(raw: dict[str, Any]) 
         ("train_safety", "betta", "did you mean 'beta'?"),
         ("train_safety.risk", "measur", "did you mean 'measure'?"),
         ("", "train_safty", "did you mean 'train_safety'?"),
-        ("train_reward", "zzz", "valid keys: loss, beta, alpha, variant, risk, lora, quantization, train"),
+        ("train_reward", "zzz", "valid keys: pairs, loss, beta, alpha, variant, risk, lora, quantization, train"),
     ],
 )
 def test_unknown_keys_suggest_the_closest(raw: dict[str, Any], key_path: str, typo: str, suggestion: str) -> None:

@@ -301,3 +301,31 @@ def test_logits_only_from_the_first_response_position_change_nothing(
         torch.testing.assert_close(windowed[1][name], everything[1][name], rtol=1e-5, atol=1e-6)
     for a, b in zip(windowed[2], everything[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_pairs_param_runs_the_reverse_order(tmp_path: Path, pipeline_root: Path) -> None:
+    """train_reward with pairs: safety trains on data/safety_pairs (safety first): its result equals
+    a helpful-pairs run on data whose helpful_pairs folder holds the safety pairs, and differs
+    from the default run."""
+    params = stage_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["train_reward"]["pairs"] = "safety"
+    reverse = tmp_path / "reverse.yaml"
+    reverse.write_text(yaml.safe_dump(raw))
+    swapped = tmp_path / "swapped-data"
+    swapped.mkdir()
+    for item in (pipeline_root / "data").iterdir():
+        source = pipeline_root / "data" / ("safety_pairs" if item.name == "helpful_pairs" else item.name)
+        (swapped / item.name).symlink_to(source, target_is_directory=source.is_dir())
+    results = {}
+    for run, (path, data) in {
+        "default": (params, pipeline_root / "data"),
+        "reverse": (reverse, pipeline_root / "data"),
+        "swapped": (params, swapped),
+    }.items():
+        models = tmp_path / run
+        shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+        metrics = preference.run("train_reward", path, data, models, tmp_path / f"ckpt-{run}", QUIET)
+        results[run] = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    assert results["reverse"] == results["swapped"]
+    assert results["reverse"] != results["default"]

@@ -1,0 +1,161 @@
+"""The embedded-world experiment: every method of experiments/grid.py x every seed, as DVC
+experiments of the one DAG, then reports/embedded.md from their metrics.
+
+    python experiments/embedded.py run      # queue what is missing, run the queue, write the report
+    python experiments/embedded.py report   # collect the experiments' metrics, write the report
+
+`run` is resumable: experiments that already exist for this commit (by name) are not queued
+again, and a failed one is queued again on the next `run`. Each experiment runs in its own DVC
+temp workspace; prepare and sft are checked out from the DVC cache (the baseline's dvc.lock), so
+every method of every seed starts from the same SFT model, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import report as report_module  # noqa: E402
+from experiments.grid import SEEDS, SETTINGS  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(highlight=False)
+RUNS = ROOT / "reports" / "embedded" / "runs.json"
+
+
+class ExperimentError(RuntimeError):
+    """A DVC command of the experiment failed."""
+
+
+def _dvc(*args: str, env: dict[str, str] | None = None, capture: bool = True) -> str:
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if dvc is None:
+        raise ExperimentError("dvc: not found next to this Python or on PATH; install rsa-pl first (pip install -e .)")
+    done = subprocess.run([dvc, *args], cwd=ROOT, env=env, capture_output=capture, text=True, check=False)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout or "").strip().splitlines() if capture else []
+        raise ExperimentError(f"dvc {' '.join(args)}: exit {done.returncode}: {detail[-1] if detail else ''}")
+    return done.stdout if capture else ""
+
+
+def _env(jobs: int) -> dict[str, str]:
+    """The queue workers' environment: this venv first on PATH, cores split between the jobs."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", str(threads))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    return env
+
+
+def existing_experiments() -> set[str]:
+    """Names of the experiments that ran on this commit (dvc exp list)."""
+    out = _dvc("exp", "list", "--name-only")
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def queue_status() -> dict[str, str]:
+    """name -> Queued | Running | Success | Failed, from dvc queue status."""
+    status: dict[str, str] = {}
+    for line in _dvc("queue", "status").splitlines()[1:]:
+        parts = line.split()  # Task, Name, Created (one or more words), Status
+        if len(parts) >= 3 and parts[-1] in {"Queued", "Running", "Success", "Failed"}:
+            status[parts[1]] = parts[-1]
+    return status
+
+
+@app.command()
+def run(
+    jobs: Annotated[int, typer.Option(help="Experiments run at once (the cores are split between them).")] = 2,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat the option); default 0 1 2.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Only these settings (grid names; repeatable).")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between queue polls.")] = 30.0,
+) -> None:
+    """Queue every missing (setting, seed) experiment, run the queue, then write the report."""
+    started = time.monotonic()
+    chosen = [s for s in SETTINGS if not only or s.name in only]
+    unknown = set(only or []) - {s.name for s in SETTINGS}
+    if unknown:
+        raise typer.BadParameter(f"not in experiments/grid.py: {', '.join(sorted(unknown))}", param_hint="--only")
+    console.print("embedded: making sure prepare and sft are in the DVC cache (dvc repro sft)")
+    _dvc("repro", "sft", capture=False)
+    done = existing_experiments()
+    pending = queue_status()
+    queued = 0
+    for seed in seeds or SEEDS:  # seed-major: every method gets seed 0 before any gets seed 2
+        for setting in chosen:
+            name = setting.experiment(seed)
+            if name in done or pending.get(name) in {"Queued", "Running"}:
+                continue
+            sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
+            _dvc("exp", "run", "--queue", "-n", name, *sets)
+            queued += 1
+    console.print(f"embedded: {queued} experiments queued, {len(done)} already done; running with {jobs} jobs")
+    if queued or any(v in {"Queued", "Running"} for v in pending.values()):
+        _dvc("queue", "start", "-j", str(jobs), env=_env(jobs))
+        _wait(poll)
+    status = queue_status()
+    failed = sorted(name for name, state in status.items() if state == "Failed" and name not in existing_experiments())
+    minutes = (time.monotonic() - started) / 60
+    console.print(f"embedded: queue finished after {minutes:.1f} min")
+    report()
+    if failed:
+        console.print(f"error: {len(failed)} experiments failed: {', '.join(failed)}; see `dvc queue logs <name>`")
+        raise typer.Exit(1)
+
+
+def _wait(poll: float) -> None:
+    last = ""
+    while True:
+        status = queue_status()
+        counts = {
+            state: sum(1 for v in status.values() if v == state) for state in ("Queued", "Running", "Success", "Failed")
+        }
+        line = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+        if line != last:
+            console.print(f"embedded: {time.strftime('%H:%M:%S')} {line}")
+            last = line
+        if counts["Queued"] == 0 and counts["Running"] == 0:
+            return
+        time.sleep(poll)
+
+
+@app.command()
+def report(
+    collect: Annotated[bool, typer.Option(help="Read the experiments (dvc exp show) into runs.json first.")] = True,
+) -> None:
+    """Write reports/embedded.md (and its figures) from reports/embedded/runs.json."""
+    if collect:
+        runs = report_module.collect(ROOT, _dvc)
+        RUNS.parent.mkdir(parents=True, exist_ok=True)
+        RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
+        console.print(f"embedded: {len(runs['experiments'])} experiments -> {RUNS.relative_to(ROOT)}")
+    runs = json.loads(RUNS.read_text())
+    out = report_module.write(runs, ROOT / "reports")
+    console.print(f"embedded: wrote {out.relative_to(ROOT)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ExperimentError as error:
+        console.print(f"error: {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

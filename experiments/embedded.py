@@ -91,7 +91,11 @@ def run(
     unknown = set(only or []) - {s.name for s in SETTINGS}
     if unknown:
         raise typer.BadParameter(f"not in experiments/grid.py: {', '.join(sorted(unknown))}", param_hint="--only")
-    console.print("embedded: making sure prepare and sft are in the DVC cache (dvc repro sft)")
+    console.print("embedded: making sure prepare and sft are in the DVC cache (dvc checkout; dvc repro sft)")
+    try:
+        _dvc("checkout")
+    except ExperimentError as error:  # a fresh clone without the cache: repro builds them
+        console.print(f"embedded: {error}")
     _dvc("repro", "sft", capture=False)
     done = existing_experiments()
     pending = queue_status()

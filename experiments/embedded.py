@@ -7,7 +7,8 @@ experiments of the one DAG, then reports/embedded.md from their metrics.
 `run` is resumable: experiments that already exist for this commit (by name) are not queued
 again, and a failed one is queued again on the next `run`. Each experiment runs in its own DVC
 temp workspace; prepare and sft are checked out from the DVC cache (the baseline's dvc.lock), so
-every method of every seed starts from the same SFT model, as in the paper.
+every method of every seed starts from the same SFT model, as in the paper (checkpoints/sft,
+which the lock also names, is copied into each: without it DVC would train sft again).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from experiments.grid import SEEDS, SETTINGS  # noqa: E402
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(highlight=False)
 RUNS = ROOT / "reports" / "embedded" / "runs.json"
+# The sft stage's checkpoint folder is an uncached (persist) output: a temp workspace without it
+# would see sft as changed and train it again in every experiment, so it is copied in.
+SFT_CHECKPOINTS = "checkpoints/sft"
 
 
 class ExperimentError(RuntimeError):
@@ -96,7 +100,7 @@ def run(
         _dvc("checkout")
     except ExperimentError as error:  # a fresh clone without the cache: repro builds them
         console.print(f"embedded: {error}")
-    _dvc("repro", "sft", capture=False)
+    _dvc("repro", "sft", capture=False)  # a no-op when models/sft and checkpoints/sft match dvc.lock
     done = existing_experiments()
     pending = queue_status()
     queued = 0
@@ -106,7 +110,7 @@ def run(
             if name in done or pending.get(name) in {"Queued", "Running"}:
                 continue
             sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
-            _dvc("exp", "run", "--queue", "-n", name, *sets)
+            _dvc("exp", "run", "--queue", "-n", name, "--copy-paths", SFT_CHECKPOINTS, *sets)
             queued += 1
     console.print(f"embedded: {queued} experiments queued, {len(done)} already done; running with {jobs} jobs")
     if queued or any(v in {"Queued", "Running"} for v in pending.values()):

@@ -28,18 +28,23 @@ from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, Method
 EXPERIMENT_FILES = ("eval/per_category.json", "eval/plots/cost_tail.csv")
 
 
-def _experiment_nodes(node: Any) -> list[dict]:
-    """Every {rev, name, data} record in dvc exp show's JSON, at any depth."""
+def _experiment_nodes(node: Any, finished: bool = True) -> list[dict]:
+    """Every {rev, name, data} record in dvc exp show's JSON, at any depth, with whether it finished
+    (a queued or running experiment's group has an executor whose state is not success: its data
+    may still be the baseline's)."""
     found: list[dict] = []
     if isinstance(node, dict):
+        executor = node.get("executor")
+        if "revs" in node and isinstance(executor, dict):
+            finished = executor.get("state") == "success"
         if "rev" in node and "data" in node and isinstance(node.get("data"), dict):
-            found.append(node)
+            found.append({**node, "finished": finished})
         for value in node.values():
             if isinstance(value, list | dict):
-                found += _experiment_nodes(value)
+                found += _experiment_nodes(value, finished)
     elif isinstance(node, list):
         for item in node:
-            found += _experiment_nodes(item)
+            found += _experiment_nodes(item, finished)
     return found
 
 
@@ -69,11 +74,11 @@ def _cost_tail(text: str) -> dict[str, list[list[float]]]:
 def collect(root: Path, dvc: Callable[..., str]) -> dict[str, Any]:
     """The grid's experiments (the newest of each name, over every commit) as one dict."""
     wanted = {s.experiment(seed): (s.name, seed) for s in SETTINGS for seed in SEEDS}
-    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", "--no-fetch"))
+    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", "--hide-queued", "--hide-failed"))
     newest: dict[str, dict] = {}
     for node in _experiment_nodes(shown):
         name = node.get("name")
-        if name not in wanted or node.get("error"):
+        if name not in wanted or node.get("error") or not node["finished"]:
             continue
         data = node["data"]
         if name not in newest or (data.get("timestamp") or "") > (newest[name]["data"].get("timestamp") or ""):
@@ -269,6 +274,10 @@ def verdict_lines(runs: Runs) -> list[str]:
     for method in METHODS:
         if method.group != "RSA" or method.policy not in {"safety"} or "safety first" in method.label:
             continue
+        pairs = len(runs.paired(method, sacpo, "unsafe_rate"))
+        if pairs < 2:
+            lines.append(f"- {method.label}: {pairs} seed(s) paired with SACPO so far; no verdict.")
+            continue
         verdicts = {
             key: classify(runs, method, sacpo, key) for key in (*tail, "severe_rate", "unsafe_rate", "helpful_win_rate")
         }
@@ -282,7 +291,7 @@ def verdict_lines(runs: Runs) -> list[str]:
         elif tail_worse:
             summary = "**worse tail than SACPO**"
         else:
-            summary = "no difference from SACPO that 3 seeds can resolve"
+            summary = f"no difference from SACPO that {pairs} seeds can resolve"
         parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in verdicts.items())
         lines.append(f"- {method.label}: {summary} ({parts}).")
     return lines
@@ -577,6 +586,8 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         "## Paired differences against SACPO\n\n"
         "A - B per seed: mean, [95% t interval], (seeds where A is better). Lower cost/unsafe/CVaR/catastrophic "
         "is better; higher win rate/reward is better.\n\n" + comparison_table(view, rsa_pairs),
+        "## Paired differences against TDPO (the risk measure against token-level KL)\n\n"
+        + comparison_table(view, [(m, _method("TDPO then TDPO")) for m, _ in rsa_pairs[:-1]]),
         "## The frontier and the q paths\n\n"
         "![frontier](embedded/frontier.png)\n\n"
         "RSA(P) (cvar 0.95) against P-SACPO at the same q, paired by seed (the first row is stage 1 alone, the "

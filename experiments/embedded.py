@@ -88,6 +88,7 @@ def run(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat the option); default 0 1 2.")] = None,
     only: Annotated[list[str] | None, typer.Option(help="Only these settings (grid names; repeatable).")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between queue polls.")] = 30.0,
+    queue_only: Annotated[bool, typer.Option(help="Only queue (workers already running pick them up).")] = False,
 ) -> None:
     """Queue every missing (setting, seed) experiment, run the queue, then write the report."""
     started = time.monotonic()
@@ -112,7 +113,10 @@ def run(
             sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
             _dvc("exp", "run", "--queue", "-n", name, "--copy-paths", SFT_CHECKPOINTS, *sets)
             queued += 1
-    console.print(f"embedded: {queued} experiments queued, {len(done)} already done; running with {jobs} jobs")
+    console.print(f"embedded: {queued} experiments queued, {len(done)} already done")
+    if queue_only:
+        return
+    console.print(f"embedded: running the queue with {jobs} jobs")
     if queued or any(v in {"Queued", "Running"} for v in pending.values()):
         _dvc("queue", "start", "-j", str(jobs), env=_env(jobs))
         _wait(poll)

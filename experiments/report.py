@@ -266,9 +266,10 @@ def classify(runs: Runs, a: Method, b: Method, metric: str) -> str:
     return "unclear"
 
 
-def verdict_lines(runs: Runs) -> list[str]:
-    """One line per RSA method against SACPO, from the paired intervals alone."""
-    sacpo = _method(SACPO)
+def verdict_lines(runs: Runs, reference: str = "SACPO (DPO then DPO)") -> list[str]:
+    """One line per RSA method against the reference, from the paired intervals alone."""
+    sacpo = _method(reference)
+    short = reference.split(" (")[0]
     tail = _tail_keys(runs)
     lines = []
     for method in METHODS:
@@ -276,7 +277,7 @@ def verdict_lines(runs: Runs) -> list[str]:
             continue
         pairs = len(runs.paired(method, sacpo, "unsafe_rate"))
         if pairs < 2:
-            lines.append(f"- {method.label}: {pairs} seed(s) paired with SACPO so far; no verdict.")
+            lines.append(f"- {method.label}: {pairs} seed(s) paired with {short} so far; no verdict.")
             continue
         verdicts = {
             key: classify(runs, method, sacpo, key) for key in (*tail, "severe_rate", "unsafe_rate", "helpful_win_rate")
@@ -285,13 +286,13 @@ def verdict_lines(runs: Runs) -> list[str]:
         tail_worse = [k for k in (*tail, "severe_rate") if verdicts[k] == "worse"]
         helpful = verdicts["helpful_win_rate"]
         if tail_better and not tail_worse and helpful != "worse":
-            summary = "**beats SACPO on the tail** at no clear cost in helpfulness"
+            summary = f"**beats {short} on the tail** at no clear cost in helpfulness"
         elif tail_better and helpful == "worse":
-            summary = "lower tail than SACPO, but **less helpful** (not a matched comparison)"
+            summary = f"lower tail than {short}, but **less helpful** (not a matched comparison)"
         elif tail_worse:
-            summary = "**worse tail than SACPO**"
+            summary = f"**worse tail than {short}**"
         else:
-            summary = f"no difference from SACPO that {pairs} seeds can resolve"
+            summary = f"no difference from {short} that {pairs} seeds can resolve"
         parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in verdicts.items())
         lines.append(f"- {method.label}: {summary} ({parts}).")
     return lines
@@ -301,11 +302,15 @@ def _name(key: str, runs: Runs) -> str:
     return next(column for k, column, _ in runs.metrics if k == key)
 
 
-def q_path_table(runs: Runs) -> str:
+SACPO_TUNED = "SACPO lr 5e-4"
+
+
+def q_path_table(runs: Runs, lr: str = "") -> str:
     """P-SACPO against RSA(P) at each q, paired by seed (the frontier at matched q)."""
-    pairs = [(_method(f"RSA(P) cvar 0.95 q={q:g}"), _method(f"P-SACPO q={q:g}")) for q in Q_PATH]
-    pairs.insert(0, (_method("RSA stage 1 (cvar 0.95, helpfulness only)"), _method("DPO (helpfulness only)")))
-    pairs.append((_method("RSA cvar mu=0.95"), _method(SACPO)))
+    pairs = [(_method(f"RSA(P) cvar 0.95 q={q:g}"), _method(f"P-SACPO{lr} q={q:g}")) for q in Q_PATH]
+    dpo = f"DPO{lr} (helpfulness only)"
+    pairs.insert(0, (_method("RSA stage 1 (cvar 0.95, helpfulness only)"), _method(dpo)))
+    pairs.append((_method("RSA cvar mu=0.95"), _method(SACPO_TUNED if lr else SACPO)))
     return comparison_table(runs, pairs)
 
 
@@ -319,13 +324,18 @@ def frontier_figure(runs: Runs, path: Path) -> None:
     )
     paths = {
         "P-SACPO path": ["DPO (helpfulness only)", *(f"P-SACPO q={q:g}" for q in Q_PATH), SACPO],
+        "P-SACPO lr 5e-4 path": [
+            "DPO lr 5e-4 (helpfulness only)",
+            *(f"P-SACPO lr 5e-4 q={q:g}" for q in Q_PATH),
+            SACPO_TUNED,
+        ],
         "RSA(P) path": [
             "RSA stage 1 (cvar 0.95, helpfulness only)",
             *(f"RSA(P) cvar 0.95 q={q:g}" for q in Q_PATH),
             "RSA cvar mu=0.95",
         ],
     }
-    colours = {"P-SACPO path": "tab:blue", "RSA(P) path": "tab:red"}
+    colours = {"P-SACPO path": "tab:blue", "P-SACPO lr 5e-4 path": "tab:green", "RSA(P) path": "tab:red"}
     for axis, (x_key, x_label) in zip(axes, panels, strict=True):
         for name, labels in paths.items():
             xs = [runs.mean(_method(label), x_key) for label in labels]
@@ -361,8 +371,8 @@ def _short(label: str) -> str:
     )
 
 
-TAIL_METHODS = ("SFT", "DPO (helpfulness only)", SACPO, "TDPO then TDPO", "RSA cvar mu=0.95", "RSA erm mu=2",
-                "RSA(P) cvar 0.95 q=0.5", "P-SACPO q=0.5")  # fmt: skip
+TAIL_METHODS = ("SFT", "DPO (helpfulness only)", SACPO, SACPO_TUNED, "TDPO then TDPO", "RSA cvar mu=0.95",
+                "RSA erm mu=2", "RSA(P) cvar 0.95 q=0.5", "P-SACPO q=0.5")  # fmt: skip
 
 
 def pooled_ccdf(runs: Runs, method: Method) -> list[tuple[float, float]]:
@@ -400,7 +410,7 @@ def tail_figure(runs: Runs, path: Path) -> None:
     plt.close(figure)
 
 
-CATEGORY_METHODS = ("SFT", SACPO, "TDPO then TDPO", "RSA cvar mu=0.95", "RSA cvar mu=0.9", "RSA erm mu=2")
+CATEGORY_METHODS = ("SFT", SACPO, SACPO_TUNED, "TDPO then TDPO", "RSA cvar mu=0.95", "RSA cvar mu=0.9", "RSA erm mu=2")
 
 
 def category_table(runs: Runs, key: str, fmt: str) -> str:
@@ -553,8 +563,9 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
     tail_figure(view, figures / "cost_tail.png")
     benchmarks = benchmarks or reports.parent / "benchmarks" / "results"
     sacpo = _method(SACPO)
-    rsa_pairs = [(m, sacpo) for m in METHODS if m.group == "RSA" and m.policy == "safety"]
-    rsa_pairs.append((_method("TDPO then TDPO"), sacpo))
+    rsa = [m for m in METHODS if m.group == "RSA" and m.policy == "safety"]
+    rsa_pairs = [(m, sacpo) for m in [*rsa, _method("TDPO then TDPO"), _method(SACPO_TUNED)]]
+    tuned_pairs = [(m, _method(SACPO_TUNED)) for m in [*rsa, _method("TDPO then TDPO")]]
     digest = runs_digest(runs)
     discussion = ""
     if DISCUSSION.exists():
@@ -576,7 +587,10 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         "## Verdict, from the paired intervals alone\n\n"
         "Each RSA variant against SACPO, paired by seed; 'better'/'worse' means the two-sided 95% Student-t interval "
         "of the per-seed difference excludes zero (with 3 seeds: |mean| > 2.48 sd), 'unclear' otherwise.\n\n"
-        + "\n".join(verdict_lines(view)),
+        + "Against SACPO at params.yaml's lr (2e-3, the lr of every RSA and TDPO run):\n\n"
+        + "\n".join(verdict_lines(view))
+        + f"\n\nAgainst {SACPO_TUNED} (DPO with a 4x smaller step):\n\n"
+        + "\n".join(verdict_lines(view, SACPO_TUNED)),
         discussion,
         "## Every method (mean ± sd over seeds)\n\n"
         "Win rates: greedy answers against SFT's (tie = 0.5); everything else over the sampled answers: reward on "
@@ -586,12 +600,16 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         "## Paired differences against SACPO\n\n"
         "A - B per seed: mean, [95% t interval], (seeds where A is better). Lower cost/unsafe/CVaR/catastrophic "
         "is better; higher win rate/reward is better.\n\n" + comparison_table(view, rsa_pairs),
+        "## Paired differences against SACPO at lr 5e-4\n\n" + comparison_table(view, tuned_pairs),
         "## Paired differences against TDPO (the risk measure against token-level KL)\n\n"
-        + comparison_table(view, [(m, _method("TDPO then TDPO")) for m, _ in rsa_pairs[:-1]]),
+        + comparison_table(view, [(m, _method("TDPO then TDPO")) for m in rsa]),
         "## The frontier and the q paths\n\n"
         "![frontier](embedded/frontier.png)\n\n"
         "RSA(P) (cvar 0.95) against P-SACPO at the same q, paired by seed (the first row is stage 1 alone, the "
-        "last stage 2 alone):\n\n" + q_path_table(view),
+        "last stage 2 alone):\n\n"
+        + q_path_table(view)
+        + "\n\nThe same against P-SACPO at lr 5e-4:\n\n"
+        + q_path_table(view, " lr 5e-4"),
         "## The cost tail and the categories\n\n![cost tail](embedded/cost_tail.png)\n\n"
         f"Mean cost per red-team category (mean ± sd over seeds):\n\n{category_table(view, 'cost_mean', '.2f')}\n\n"
         f"{_name(_tail_keys(view)[-1], view)} per category:\n\n"

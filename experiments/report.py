@@ -347,7 +347,7 @@ def frontier_figure(runs: Runs, path: Path) -> None:
                 continue
             (mx, sx), (my, sy) = mean_sd(x), mean_sd(y)
             axis.errorbar(mx, my, xerr=0 if math.isnan(sx) else sx, yerr=0 if math.isnan(sy) else sy, fmt="o", ms=4,
-                          capsize=2, color="tab:red" if method.group == "RSA" else "tab:blue", alpha=0.8)  # fmt: skip
+                          capsize=2, color=_colour(method), alpha=0.8)  # fmt: skip
             axis.annotate(_short(method.label), (mx, my), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel(x_label)
         axis.set_ylabel("helpful win rate vs SFT (greedy)")
@@ -360,10 +360,20 @@ def frontier_figure(runs: Runs, path: Path) -> None:
     plt.close(figure)
 
 
+def _colour(method: Method) -> str:
+    if method.setting == "sacpo-lr5e-4":
+        return "tab:green"
+    if method.setting == "tdpo":
+        return "tab:purple"
+    if method.policy == "sft":
+        return "tab:gray"
+    return "tab:red" if method.group == "RSA" else "tab:blue"
+
+
 def _short(label: str) -> str:
     return (
         label.replace(" (helpfulness only)", " H")
-        .replace("RSA stage 1 (cvar 0.95, H", "RSA stage 1 H")
+        .replace("RSA stage 1 (cvar 0.95, helpfulness only)", "RSA H")
         .replace(" (DPO then DPO)", "")
         .replace("RSA cvar 0.95 ", "RSA ")
         .replace(" (stage 1 of the reverse order)", "")

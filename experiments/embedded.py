@@ -4,11 +4,13 @@ experiments of the one DAG, then reports/embedded.md from their metrics.
     python experiments/embedded.py run      # queue what is missing, run the queue, write the report
     python experiments/embedded.py report   # collect the experiments' metrics, write the report
 
-`run` is resumable: experiments that already exist for this commit (by name) are not queued
-again, and a failed one is queued again on the next `run`. Each experiment runs in its own DVC
-temp workspace; prepare and sft are checked out from the DVC cache (the baseline's dvc.lock), so
-every method of every seed starts from the same SFT model, as in the paper (checkpoints/sft,
-which the lock also names, is copied into each: without it DVC would train sft again).
+`run` is resumable: experiments that already finished (by name, on any commit: see
+existing_experiments) are not queued again, and a failed one is queued again on the next `run`.
+The headline comparison runs first for every seed, then the sweeps (grid.queue_order).
+Each experiment runs in its own DVC temp workspace; prepare and sft are checked out from the
+DVC cache (the baseline's dvc.lock), so every method of every seed starts from the same SFT
+model, as in the paper (checkpoints/sft, which the lock also names, is copied into each:
+without it DVC would train sft again).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import report as report_module  # noqa: E402
-from experiments.grid import SEEDS, SETTINGS  # noqa: E402
+from experiments.grid import SEEDS, SETTINGS, queue_order  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(highlight=False)
@@ -67,8 +69,10 @@ def _env(jobs: int) -> dict[str, str]:
 
 
 def existing_experiments() -> set[str]:
-    """Names of the experiments that ran on this commit (dvc exp list)."""
-    out = _dvc("exp", "list", "--name-only")
+    """Names of the experiments that finished, on any commit (dvc exp list --all-commits): a run
+    resumes after commits that change no stage. After a change to the stages' code or params,
+    remove the old ones first (dvc exp remove --all-commits) so that everything runs again."""
+    out = _dvc("exp", "list", "--all-commits", "--name-only")
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
@@ -105,14 +109,13 @@ def run(
     done = existing_experiments()
     pending = queue_status()
     queued = 0
-    for seed in seeds or SEEDS:  # seed-major: every method gets seed 0 before any gets seed 2
-        for setting in chosen:
-            name = setting.experiment(seed)
-            if name in done or pending.get(name) in {"Queued", "Running"}:
-                continue
-            sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
-            _dvc("exp", "run", "--queue", "-n", name, "--copy-paths", SFT_CHECKPOINTS, *sets)
-            queued += 1
+    for setting, seed in queue_order(tuple(seeds or SEEDS)):  # the headline comparison first
+        name = setting.experiment(seed)
+        if setting not in chosen or name in done or pending.get(name) in {"Queued", "Running"}:
+            continue
+        sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
+        _dvc("exp", "run", "--queue", "-n", name, "--copy-paths", SFT_CHECKPOINTS, *sets)
+        queued += 1
     console.print(f"embedded: {queued} experiments queued, {len(done)} already done")
     if queue_only:
         return

@@ -49,6 +49,7 @@ class Setting:
     stage1: Stage
     stage2: Stage
     q: tuple[float, ...] = (0.5,)
+    priority: int = 1  # queue order: 0 the headline comparison, 1 the sensitivity sweeps, 2 the rest
 
     def overrides(self, seed: int) -> dict[str, str]:
         return {
@@ -78,20 +79,22 @@ def _pair(
     )
 
 
-def _rsa(measure: str, mu: float, alpha: float = ALPHA, q: tuple[float, ...] = (0.5,), suffix: str = "") -> Setting:
-    return Setting(f"rsa-{measure}-{mu:g}{suffix}", *_pair("rsa", alpha, measure, mu), q=q)
+def _rsa(
+    measure: str, mu: float, alpha: float = ALPHA, q: tuple[float, ...] = (0.5,), suffix: str = "", priority: int = 1
+) -> Setting:
+    return Setting(f"rsa-{measure}-{mu:g}{suffix}", *_pair("rsa", alpha, measure, mu), q=q, priority=priority)
 
 
 REVERSE = "rsa-cvar-0.95-safety-first"
 SETTINGS: tuple[Setting, ...] = (
     # dpo logs the cvar 0.95 risk of its drift (not optimised), comparable with RSA's
-    Setting("sacpo", *_pair("dpo", 0.0, "cvar", 0.95), q=Q_PATH),
+    Setting("sacpo", *_pair("dpo", 0.0, "cvar", 0.95), q=Q_PATH, priority=2),
     # added after the first runs: at params.yaml's lr (2e-3, set for the token-level losses) DPO
     # drifts far from SFT (KL ~50 after stage 1) and degenerates (long answers, negative reward);
     # a 4x smaller step is the SACPO baseline a careful user would tune to
-    Setting("sacpo-lr5e-4", *_pair("dpo", 0.0, "cvar", 0.95, lr=5e-4), q=Q_PATH),
-    Setting("tdpo", *_pair("tdpo", ALPHA, "kl", 1.0)),
-    _rsa("cvar", 0.95, q=Q_PATH),
+    Setting("sacpo-lr5e-4", *_pair("dpo", 0.0, "cvar", 0.95, lr=5e-4), q=Q_PATH, priority=0),
+    Setting("tdpo", *_pair("tdpo", ALPHA, "kl", 1.0), priority=0),
+    _rsa("cvar", 0.95, q=Q_PATH, priority=0),
     _rsa("cvar", 0.9),
     _rsa("cvar", 0.99),
     _rsa("erm", 1.0),
@@ -104,8 +107,17 @@ SETTINGS: tuple[Setting, ...] = (
         REVERSE,
         Stage("safety", "rsa", BETA_SAFETY, ALPHA, "cvar", 0.95),
         Stage("helpful", "rsa", BETA_HELPFUL, ALPHA, "cvar", 0.95),
+        priority=0,
     ),
 )
+
+
+def queue_order(seeds: tuple[int, ...] = SEEDS) -> list[tuple[Setting, int]]:
+    """(setting, seed) in the order to run them: the headline comparison for every seed first,
+    then the sweeps seed by seed, so that a queue cut short loses the least."""
+    index = {s.name: i for i, s in enumerate(SETTINGS)}
+    pairs = [(setting, seed) for setting in SETTINGS for seed in seeds]
+    return sorted(pairs, key=lambda p: (p[0].priority, p[1], index[p[0].name]))
 
 
 @dataclass(frozen=True)

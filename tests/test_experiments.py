@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from experiments import report
-from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS
+from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, queue_order
 from rsa_pl.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +178,13 @@ def test_a_discussion_written_for_other_runs_is_flagged(tmp_path: Path, monkeypa
     assert "written for other runs" not in report.write(runs, tmp_path / "reports").read_text()
     discussion.write_text("## Discussion\n\nruns: 0123456789abcdef\n")
     assert "written for other runs" in report.write(runs, tmp_path / "reports").read_text()
+
+
+def test_the_queue_runs_the_headline_comparison_for_every_seed_first() -> None:
+    order = queue_order()
+    assert len(order) == len(set(order)) == len(SETTINGS) * len(SEEDS)
+    headline = [i for i, (setting, _) in enumerate(order) if setting.priority == 0]
+    assert headline == list(range(len(headline)))  # a queue cut short keeps every headline seed
+    assert {seed for setting, seed in order[: len(headline)]} == set(SEEDS)
+    sweeps = [seed for setting, seed in order if setting.priority == 1]
+    assert sweeps == sorted(sweeps)  # then seed by seed

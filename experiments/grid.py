@@ -132,7 +132,7 @@ class Method:
 
 def _methods() -> tuple[Method, ...]:
     rows = [
-        Method("SFT", "sacpo", "sft", "baselines"),
+        Method("SFT", "tdpo", "sft", "baselines"),  # every experiment evaluates SFT; tdpo runs first for each seed
         Method("DPO (helpfulness only)", "sacpo", "reward", "baselines"),
         Method("SACPO (DPO then DPO)", "sacpo", "safety", "baselines"),
         *(Method(f"P-SACPO q={q:g}", "sacpo", f"q{q:g}", "baselines") for q in Q_PATH),

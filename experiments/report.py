@@ -600,7 +600,9 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         + "Against SACPO at params.yaml's lr (2e-3, the lr of every RSA and TDPO run):\n\n"
         + "\n".join(verdict_lines(view))
         + f"\n\nAgainst {SACPO_TUNED} (DPO with a 4x smaller step):\n\n"
-        + "\n".join(verdict_lines(view, SACPO_TUNED)),
+        + "\n".join(verdict_lines(view, SACPO_TUNED))
+        + "\n\nAgainst TDPO then TDPO (the same token-level loss with the KL in place of the risk measure):\n\n"
+        + "\n".join(verdict_lines(view, "TDPO then TDPO")),
         discussion,
         "## Every method (mean ± sd over seeds)\n\n"
         "Win rates: greedy answers against SFT's (tie = 0.5); everything else over the sampled answers: reward on "

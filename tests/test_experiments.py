@@ -154,7 +154,7 @@ def test_the_report_says_rsa_beats_sacpo_only_when_every_interval_says_so(tmp_pa
 
 def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:
     (tmp_path / "reports").mkdir()
-    text = report.write(_fake_runs(missing=("emb-tdpo-s2",)), tmp_path / "reports").read_text()
+    text = report.write(_fake_runs(missing=("emb-rsa-erm-5-s2",)), tmp_path / "reports").read_text()
     for heading in ("## Setup", "## Verdict", "## Every method", "## Paired differences", "## The frontier",
                     "## The cost tail", "## Sensitivity", "## The cost of the risk term"):  # fmt: skip
         assert heading in text
@@ -164,9 +164,9 @@ def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:
     assert (tmp_path / "reports" / "embedded" / "cost_tail.png").stat().st_size > 10_000
     # a per-category mean over seeds 0, 1, 2 of 2 + seed: 3.00 ± 1.00
     assert "| Crime | 3.00 ± 1.00 |" in text
-    # the missing experiment: TDPO has 2 seeds, every other method 3
-    assert "| TDPO then TDPO | 2 |" in text
-    assert "| SACPO (DPO then DPO) | 3 |" in text
+    # the missing experiment: RSA erm 5 has 2 seeds, every other method 3
+    assert "| RSA erm mu=5 | 2 |" in text
+    assert "| TDPO then TDPO | 3 |" in text
 
 
 def test_a_discussion_written_for_other_runs_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -151,6 +151,7 @@ def _methods() -> tuple[Method, ...]:
         Method("RSA cvar 0.95 alpha=1", "rsa-cvar-0.95-a1", "safety", "RSA"),
         Method("RSA cvar 0.95 safety only (stage 1 of the reverse order)", REVERSE, "reward", "RSA"),
         Method("RSA cvar 0.95 safety first, then helpfulness", REVERSE, "safety", "RSA"),
+        Method("RSA(P) cvar 0.95 safety first, q=0.5", REVERSE, "q0.5", "RSA"),
     ]
     return tuple(rows)
 

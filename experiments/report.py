@@ -378,6 +378,7 @@ def _short(label: str) -> str:
         .replace("RSA cvar 0.95 ", "RSA ")
         .replace(" (stage 1 of the reverse order)", "")
         .replace("safety first, then helpfulness", "S then H")
+        .replace("RSA(P) cvar 0.95 safety first, q=0.5", "RSA(P) S then H q=0.5")
     )
 
 

@@ -534,8 +534,9 @@ def _setup(runs: Runs) -> str:
         for stage in ("train_reward", "train_safety")
     )
     return (
-        f"- World: the embedded safety world (`prepare.world`): {p['prepare.world.preference_pairs']} preference pairs "
-        f"per objective, {p['prepare.world.sft_examples']} SFT examples, {p['prepare.world.helpful_eval_prompts']} "
+        f"- World: the embedded safety world (`prepare.world`): {p['prepare.world.preference_pairs']} preference rows "
+        "(each labelled for helpfulness and for safety, PKU-SafeRLHF style), "
+        f"{p['prepare.world.sft_examples']} SFT examples, {p['prepare.world.helpful_eval_prompts']} "
         f"benign and {p['prepare.world.redteam_eval_prompts']} red-team eval prompts (8 categories), catastrophe "
         f"probability {p['prepare.world.harmful.catastrophe']} after a harmful step, cost weights "
         f"{p['prepare.world.cost_weights']}. Reward and cost are the oracle's exact values.\n"

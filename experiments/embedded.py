@@ -123,8 +123,8 @@ def run(
     if queued or any(v in {"Queued", "Running"} for v in pending.values()):
         _dvc("queue", "start", "-j", str(jobs), env=_env(jobs))
         _wait(poll)
-    status = queue_status()
-    failed = sorted(name for name, state in status.items() if state == "Failed" and name not in existing_experiments())
+    status, finished = queue_status(), existing_experiments()
+    failed = sorted(name for name, state in status.items() if state == "Failed" and name not in finished)
     minutes = (time.monotonic() - started) / 60
     console.print(f"embedded: queue finished after {minutes:.1f} min")
     report()

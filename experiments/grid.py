@@ -93,6 +93,14 @@ SETTINGS: tuple[Setting, ...] = (
     # drifts far from SFT (KL ~50 after stage 1) and degenerates (long answers, negative reward);
     # a 4x smaller step is the SACPO baseline a careful user would tune to
     Setting("sacpo-lr5e-4", *_pair("dpo", 0.0, "cvar", 0.95, lr=5e-4), q=Q_PATH, priority=0),
+    # added with the last seeds: at lr 5e-4 DPO's stage 2 (beta_2 0.05) collapsed on one seed and hardly moved
+    # on another; beta_2 = beta_1 = 0.1 anchors it twice as hard to the stage-1 model (stage 1 unchanged)
+    Setting(
+        "sacpo-lr5e-4-b0.1",
+        Stage("helpful", "dpo", BETA_HELPFUL, 0.0, "cvar", 0.95, 5e-4),
+        Stage("safety", "dpo", BETA_HELPFUL, 0.0, "cvar", 0.95, 5e-4),
+        priority=2,
+    ),
     Setting("tdpo", *_pair("tdpo", ALPHA, "kl", 1.0), priority=0),
     _rsa("cvar", 0.95, q=Q_PATH, priority=0),
     _rsa("cvar", 0.9),
@@ -139,6 +147,8 @@ def _methods() -> tuple[Method, ...]:
         Method("DPO lr 5e-4 (helpfulness only)", "sacpo-lr5e-4", "reward", "baselines"),
         Method("SACPO lr 5e-4", "sacpo-lr5e-4", "safety", "baselines"),
         *(Method(f"P-SACPO lr 5e-4 q={q:g}", "sacpo-lr5e-4", f"q{q:g}", "baselines") for q in Q_PATH),
+        Method("SACPO lr 5e-4 beta_2 0.1", "sacpo-lr5e-4-b0.1", "safety", "baselines"),
+        Method("P-SACPO lr 5e-4 beta_2 0.1 q=0.5", "sacpo-lr5e-4-b0.1", "q0.5", "baselines"),
         Method("TDPO (helpfulness only)", "tdpo", "reward", "baselines"),
         Method("TDPO then TDPO", "tdpo", "safety", "baselines"),
         Method("RSA stage 1 (cvar 0.95, helpfulness only)", "rsa-cvar-0.95", "reward", "RSA"),

@@ -361,7 +361,7 @@ def frontier_figure(runs: Runs, path: Path) -> None:
 
 
 def _colour(method: Method) -> str:
-    if method.setting == "sacpo-lr5e-4":
+    if method.setting.startswith("sacpo-lr5e-4"):
         return "tab:green"
     if method.setting == "tdpo":
         return "tab:purple"

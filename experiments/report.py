@@ -303,6 +303,7 @@ def _name(key: str, runs: Runs) -> str:
 
 
 SACPO_TUNED = "SACPO lr 5e-4"
+SACPO_ANCHORED = "SACPO lr 5e-4 beta_2 0.1"  # DPO at lr 5e-4 with stage 2 anchored as hard as stage 1
 
 
 def q_path_table(runs: Runs, lr: str = "") -> str:
@@ -578,6 +579,7 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
     rsa = [m for m in METHODS if m.group == "RSA" and m.policy == "safety"]
     rsa_pairs = [(m, sacpo) for m in [*rsa, _method("TDPO then TDPO"), _method(SACPO_TUNED)]]
     tuned_pairs = [(m, _method(SACPO_TUNED)) for m in [*rsa, _method("TDPO then TDPO")]]
+    anchored_pairs = [(m, _method(SACPO_ANCHORED)) for m in [*rsa, _method("TDPO then TDPO")]]
     digest = runs_digest(runs)
     discussion = ""
     if DISCUSSION.exists():
@@ -603,6 +605,8 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         + "\n".join(verdict_lines(view))
         + f"\n\nAgainst {SACPO_TUNED} (DPO with a 4x smaller step):\n\n"
         + "\n".join(verdict_lines(view, SACPO_TUNED))
+        + f"\n\nAgainst {SACPO_ANCHORED} (the same, with stage 2's beta doubled to stage 1's 0.1):\n\n"
+        + "\n".join(verdict_lines(view, SACPO_ANCHORED))
         + "\n\nAgainst TDPO then TDPO (the same token-level loss with the KL in place of the risk measure):\n\n"
         + "\n".join(verdict_lines(view, "TDPO then TDPO")),
         discussion,
@@ -615,6 +619,7 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
         "A - B per seed: mean, [95% t interval], (seeds where A is better). Lower cost/unsafe/CVaR/catastrophic "
         "is better; higher win rate/reward is better.\n\n" + comparison_table(view, rsa_pairs),
         "## Paired differences against SACPO at lr 5e-4\n\n" + comparison_table(view, tuned_pairs),
+        "## Paired differences against SACPO at lr 5e-4, beta_2 0.1\n\n" + comparison_table(view, anchored_pairs),
         "## Paired differences against TDPO (the risk measure against token-level KL)\n\n"
         + comparison_table(view, [(m, _method("TDPO then TDPO")) for m in rsa]),
         "## The frontier and the q paths\n\n"

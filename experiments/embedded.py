@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -39,17 +41,22 @@ RUNS = ROOT / "reports" / "embedded" / "runs.json"
 # The sft stage's checkpoint folder is an uncached (persist) output: a temp workspace without it
 # would see sft as changed and train it again in every experiment, so it is copied in.
 SFT_CHECKPOINTS = "checkpoints/sft"
+WORKER_GRACE_S = 120.0  # seconds after a start before a missing worker counts as dead
 
 
 class ExperimentError(RuntimeError):
     """A DVC command of the experiment failed."""
 
 
-def _dvc(*args: str, env: dict[str, str] | None = None, capture: bool = True) -> str:
+def _dvc_path() -> str:
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if dvc is None:
         raise ExperimentError("dvc: not found next to this Python or on PATH; install rsa-pl first (pip install -e .)")
-    done = subprocess.run([dvc, *args], cwd=ROOT, env=env, capture_output=capture, text=True, check=False)
+    return dvc
+
+
+def _dvc(*args: str, env: dict[str, str] | None = None, capture: bool = True) -> str:
+    done = subprocess.run([_dvc_path(), *args], cwd=ROOT, env=env, capture_output=capture, text=True, check=False)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout or "").strip().splitlines() if capture else []
         raise ExperimentError(f"dvc {' '.join(args)}: exit {done.returncode}: {detail[-1] if detail else ''}")
@@ -76,14 +83,37 @@ def existing_experiments() -> set[str]:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
+def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
+    """(name -> Queued | Running | Success | Failed, workers alive) from dvc queue status's output."""
+    status: dict[str, str] = {}
+    workers = 0
+    for line in text.splitlines()[1:]:
+        parts = line.split()  # Task, Name, Created (one or more words), Status
+        if line.startswith("Worker status:"):  # "Worker status: 1 active, 0 idle"
+            workers = sum(int(n) for n in re.findall(r"(\d+) (?:active|idle)", line))
+        elif len(parts) >= 3 and parts[-1] in {"Queued", "Running", "Success", "Failed"}:
+            status[parts[1]] = parts[-1]
+    return status, workers
+
+
 def queue_status() -> dict[str, str]:
     """name -> Queued | Running | Success | Failed, from dvc queue status."""
-    status: dict[str, str] = {}
-    for line in _dvc("queue", "status").splitlines()[1:]:
-        parts = line.split()  # Task, Name, Created (one or more words), Status
-        if len(parts) >= 3 and parts[-1] in {"Queued", "Running", "Success", "Failed"}:
-            status[parts[1]] = parts[-1]
-    return status
+    return parse_queue_status(_dvc("queue", "status"))[0]
+
+
+def start_workers(jobs: int) -> None:
+    """dvc queue start -j jobs: starts the workers among 1..jobs that are not alive.
+
+    The workers are daemons that inherit the starting process's output, so a captured pipe would
+    stay open (and this call block) until the last worker exits: their output goes to a file."""
+    with tempfile.TemporaryFile("w+") as out:
+        dvc = _dvc_path()
+        done = subprocess.run([dvc, "queue", "start", "-j", str(jobs)], cwd=ROOT, env=_env(jobs), stdout=out,
+                              stderr=subprocess.STDOUT, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            out.seek(0)
+            lines = out.read().strip().splitlines()
+            raise ExperimentError(f"dvc queue start -j {jobs}: exit {done.returncode}: {lines[-1] if lines else ''}")
 
 
 @app.command()
@@ -121,8 +151,8 @@ def run(
         return
     console.print(f"embedded: running the queue with {jobs} jobs")
     if queued or any(v in {"Queued", "Running"} for v in pending.values()):
-        _dvc("queue", "start", "-j", str(jobs), env=_env(jobs))
-        _wait(poll)
+        start_workers(jobs)
+        _wait(poll, jobs)
     status, finished = queue_status(), existing_experiments()
     failed = sorted(name for name, state in status.items() if state == "Failed" and name not in finished)
     minutes = (time.monotonic() - started) / 60
@@ -133,19 +163,30 @@ def run(
         raise typer.Exit(1)
 
 
-def _wait(poll: float) -> None:
+def _wait(poll: float, jobs: int) -> None:
+    """Poll until nothing is queued or running; restart workers that died while tasks wait.
+
+    A worker can die between tasks (seen with DVC 3's celery filesystem broker: a JSONDecodeError
+    reading a message file another worker was writing); the queue then runs on fewer workers, or
+    stalls with none, so a missing worker is started again."""
     last = ""
+    started = time.monotonic()  # start_workers was just called
     while True:
-        status = queue_status()
+        status, workers = parse_queue_status(_dvc("queue", "status"))
         counts = {
             state: sum(1 for v in status.values() if v == state) for state in ("Queued", "Running", "Success", "Failed")
         }
-        line = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+        line = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) + f"; {workers} workers"
         if line != last:
             console.print(f"embedded: {time.strftime('%H:%M:%S')} {line}")
             last = line
         if counts["Queued"] == 0 and counts["Running"] == 0:
             return
+        # a worker just started takes a while to answer dvc's status query: no second start before then
+        if counts["Queued"] and workers < jobs and time.monotonic() - started > WORKER_GRACE_S:
+            console.print(f"embedded: {workers} of {jobs} alive, {counts['Queued']} queued: starting them again")
+            start_workers(jobs)
+            started = time.monotonic()
         time.sleep(poll)
 
 

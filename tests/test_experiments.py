@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import report
+from experiments import embedded, report
 from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, queue_order
 from rsa_pl.config import load_params
 
@@ -188,3 +188,43 @@ def test_the_queue_runs_the_headline_comparison_for_every_seed_first() -> None:
     assert {seed for setting, seed in order[: len(headline)]} == set(SEEDS)
     sweeps = [seed for setting, seed in order if setting.priority == 1]
     assert sweeps == sorted(sweeps)  # then seed by seed
+
+
+QUEUE_STATUS = """Task     Name                        Created    Status
+2d40c05  emb-sacpo-s1                02:21 PM   Running
+bc89bec  emb-sacpo-lr5e-4-b0.1-s0    02:23 PM   Queued
+3458de2  emb-sacpo-lr5e-4-s2         02:20 PM   Success
+c1fabdf  emb-rsa-cvar-0.95-a0.25-s1  02:20 PM   Failed
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_dvc_queue_status_is_read_with_its_workers() -> None:
+    status, workers = embedded.parse_queue_status(QUEUE_STATUS)
+    assert status == {
+        "emb-sacpo-s1": "Running",
+        "emb-sacpo-lr5e-4-b0.1-s0": "Queued",
+        "emb-sacpo-lr5e-4-s2": "Success",
+        "emb-rsa-cvar-0.95-a0.25-s1": "Failed",
+    }
+    assert workers == 1
+    assert embedded.parse_queue_status(QUEUE_STATUS.replace("1 active, 0 idle", "1 active, 1 idle"))[1] == 2
+
+
+def test_the_wait_starts_a_dead_worker_again_while_tasks_are_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one worker of two died with a task queued, then the queue drains: restarted once, then done
+    done = "Task  Name  Created  Status\n3458de2  emb-a-s0  02:20 PM  Success\n\nWorker status: 0 active, 0 idle\n"
+    replies = iter([QUEUE_STATUS, QUEUE_STATUS.replace("1 active", "2 active"), done])
+    starts: list[int] = []
+    monkeypatch.setattr(embedded, "_dvc", lambda *args, **kw: next(replies))
+    monkeypatch.setattr(embedded, "start_workers", starts.append)
+    monkeypatch.setattr(embedded, "WORKER_GRACE_S", -1.0)
+    monkeypatch.setattr(embedded.time, "sleep", lambda s: None)
+    embedded._wait(poll=0.0, jobs=2)
+    assert starts == [2]
+    # within the grace period after a start a missing worker is not started again (it may be starting)
+    replies = iter([QUEUE_STATUS, done])
+    monkeypatch.setattr(embedded, "WORKER_GRACE_S", 3600.0)
+    embedded._wait(poll=0.0, jobs=2)
+    assert starts == [2]

@@ -41,7 +41,7 @@ RUNS = ROOT / "reports" / "embedded" / "runs.json"
 # The sft stage's checkpoint folder is an uncached (persist) output: a temp workspace without it
 # would see sft as changed and train it again in every experiment, so it is copied in.
 SFT_CHECKPOINTS = "checkpoints/sft"
-WORKER_GRACE_S = 120.0  # seconds after a start before a missing worker counts as dead
+WORKER_GRACE_S = 120.0  # seconds a queue may sit with tasks queued and none running before workers start again
 
 
 class ExperimentError(RuntimeError):
@@ -164,13 +164,16 @@ def run(
 
 
 def _wait(poll: float, jobs: int) -> None:
-    """Poll until nothing is queued or running; restart workers that died while tasks wait.
+    """Poll until nothing is queued or running; start the workers again if the queue stalls.
 
     A worker can die between tasks (seen with DVC 3's celery filesystem broker: a JSONDecodeError
-    reading a message file another worker was writing); the queue then runs on fewer workers, or
-    stalls with none, so a missing worker is started again."""
+    reading a message file another worker was writing). With one of two gone the queue runs on,
+    slower; with none it stalls: tasks queued, none running. Only then are workers started again,
+    because only then is the answer to "which workers are alive" trustworthy: a worker busy with
+    a task may miss dvc's status query, and `dvc queue start` would start a second worker of the
+    same name, which shuts the first down."""
     last = ""
-    started = time.monotonic()  # start_workers was just called
+    stalled_since: float | None = None
     while True:
         status, workers = parse_queue_status(_dvc("queue", "status"))
         counts = {
@@ -182,11 +185,14 @@ def _wait(poll: float, jobs: int) -> None:
             last = line
         if counts["Queued"] == 0 and counts["Running"] == 0:
             return
-        # a worker just started takes a while to answer dvc's status query: no second start before then
-        if counts["Queued"] and workers < jobs and time.monotonic() - started > WORKER_GRACE_S:
-            console.print(f"embedded: {workers} of {jobs} alive, {counts['Queued']} queued: starting them again")
-            start_workers(jobs)
-            started = time.monotonic()
+        if counts["Queued"] and not counts["Running"]:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > WORKER_GRACE_S:
+                console.print(f"embedded: {counts['Queued']} queued and none running: starting the workers again")
+                start_workers(jobs)
+                stalled_since = None
+        else:
+            stalled_since = None
         time.sleep(poll)
 
 

@@ -212,10 +212,12 @@ def test_dvc_queue_status_is_read_with_its_workers() -> None:
     assert embedded.parse_queue_status(QUEUE_STATUS.replace("1 active, 0 idle", "1 active, 1 idle"))[1] == 2
 
 
-def test_the_wait_starts_a_dead_worker_again_while_tasks_are_queued(monkeypatch: pytest.MonkeyPatch) -> None:
-    # one worker of two died with a task queued, then the queue drains: restarted once, then done
+def test_the_wait_starts_the_workers_again_only_when_the_queue_stalls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one worker of two is gone but a task runs: no start (a busy worker may miss the status query
+    # and a second start would duplicate it); then every worker is gone with a task queued: started
     done = "Task  Name  Created  Status\n3458de2  emb-a-s0  02:20 PM  Success\n\nWorker status: 0 active, 0 idle\n"
-    replies = iter([QUEUE_STATUS, QUEUE_STATUS.replace("1 active", "2 active"), done])
+    stalled = QUEUE_STATUS.replace("Running", "Success").replace("1 active", "0 active")
+    replies = iter([QUEUE_STATUS, stalled, QUEUE_STATUS, done])
     starts: list[int] = []
     monkeypatch.setattr(embedded, "_dvc", lambda *args, **kw: next(replies))
     monkeypatch.setattr(embedded, "start_workers", starts.append)
@@ -223,8 +225,8 @@ def test_the_wait_starts_a_dead_worker_again_while_tasks_are_queued(monkeypatch:
     monkeypatch.setattr(embedded.time, "sleep", lambda s: None)
     embedded._wait(poll=0.0, jobs=2)
     assert starts == [2]
-    # within the grace period after a start a missing worker is not started again (it may be starting)
-    replies = iter([QUEUE_STATUS, done])
+    # a stall shorter than the grace period starts nothing (a worker may be between two tasks)
+    replies = iter([stalled, QUEUE_STATUS, done])
     monkeypatch.setattr(embedded, "WORKER_GRACE_S", 3600.0)
     embedded._wait(poll=0.0, jobs=2)
     assert starts == [2]

@@ -289,10 +289,12 @@ def verdict_lines(runs: Runs, reference: str = "SACPO (DPO then DPO)") -> list[s
             summary = f"**beats {short} on the tail** at no clear cost in helpfulness"
         elif tail_better and helpful == "worse":
             summary = f"lower tail than {short}, but **less helpful** (not a matched comparison)"
+        elif tail_worse and helpful == "better":
+            summary = f"heavier tail than {short}, but **more helpful** (not a matched comparison)"
         elif tail_worse:
             summary = f"**worse tail than {short}**"
         else:
-            summary = f"no difference from {short} that {pairs} seeds can resolve"
+            summary = f"no tail difference from {short} that {pairs} seeds can resolve"
         parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in verdicts.items())
         lines.append(f"- {method.label}: {summary} ({parts}).")
     return lines
@@ -362,12 +364,12 @@ def frontier_figure(runs: Runs, path: Path) -> None:
 
 
 def _colour(method: Method) -> str:
+    if method.policy == "sft":  # SFT's row is read from the tdpo setting: grey, not TDPO's colour
+        return "tab:gray"
     if method.setting.startswith("sacpo-lr5e-4"):
         return "tab:green"
     if method.setting == "tdpo":
         return "tab:purple"
-    if method.policy == "sft":
-        return "tab:gray"
     return "tab:red" if method.group == "RSA" else "tab:blue"
 
 

@@ -71,7 +71,7 @@ def test_every_method_row_names_a_policy_its_setting_evaluates() -> None:
     assert len({m.label for m in METHODS}) == len(METHODS)
 
 
-def _fake_runs(tail_shift: float = 0.0, missing: tuple[str, ...] = ()) -> dict:
+def _fake_runs(tail_shift: float = 0.0, missing: tuple[str, ...] = (), helpful_shift: float = 0.0) -> dict:
     """runs.json as collect writes it, with metrics that are a known function of (setting, policy, seed)."""
     rng = random.Random(0)
     experiments = {}
@@ -86,7 +86,7 @@ def _fake_runs(tail_shift: float = 0.0, missing: tuple[str, ...] = ()) -> dict:
             for policy in policies:
                 noise = rng.uniform(-0.01, 0.01)
                 values = {
-                    "helpful_win_rate": 0.6 + noise,
+                    "helpful_win_rate": 0.6 + noise + (helpful_shift if rsa and policy == "safety" else 0.0),
                     "harmless_win_rate": 0.5 + noise,
                     "reward_mean": 1.5 + noise,
                     "cost_mean": 2.0 + noise,
@@ -147,9 +147,13 @@ def test_the_report_says_rsa_beats_sacpo_only_when_every_interval_says_so(tmp_pa
     assert "helpful win unclear" in line
     same = report.write(_fake_runs(tail_shift=0.0), tmp_path / "reports").read_text()
     line = next(x for x in same.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
-    assert "no difference from SACPO that 3 seeds can resolve" in line
+    assert "no tail difference from SACPO that 3 seeds can resolve" in line
     worse = report.write(_fake_runs(tail_shift=-5.0), tmp_path / "reports").read_text()
     assert "worse tail than SACPO" in next(x for x in worse.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
+    # a heavier tail bought with more helpfulness is not matched either way
+    traded = report.write(_fake_runs(tail_shift=-5.0, helpful_shift=0.2), tmp_path / "reports").read_text()
+    line = next(x for x in traded.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
+    assert "heavier tail than SACPO, but **more helpful** (not a matched comparison)" in line
 
 
 def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:

@@ -170,8 +170,8 @@ def _wait(poll: float, jobs: int) -> None:
     reading a message file another worker was writing). With one of two gone the queue runs on,
     slower; with none it stalls: tasks queued, none running. Only then are workers started again,
     because only then is the answer to "which workers are alive" trustworthy: a worker busy with
-    a task may miss dvc's status query, and `dvc queue start` would start a second worker of the
-    same name, which shuts the first down."""
+    a task may miss dvc's status query, and `dvc queue start` then starts a second worker under
+    the same name (seen here: three experiments ran at once on two workers' names)."""
     last = ""
     stalled_since: float | None = None
     while True:

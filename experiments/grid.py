@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
     # a 4x smaller step is the SACPO baseline a careful user would tune to
     Setting("sacpo-lr5e-4", *_pair("dpo", 0.0, "cvar", 0.95, lr=5e-4), q=Q_PATH, priority=0),
     # added with the last seeds: at lr 5e-4 DPO's stage 2 (beta_2 0.05) collapsed on one seed and hardly moved
-    # on another; beta_2 = beta_1 = 0.1 anchors it twice as hard to the stage-1 model (stage 1 unchanged)
+    # on another; beta_2 = beta_1 = 0.1, the weakest realignment of SACPO's grid (0.01-0.1), anchors it twice
+    # as hard to the stage-1 model (stage 1 unchanged)
     Setting(
         "sacpo-lr5e-4-b0.1",
         Stage("helpful", "dpo", BETA_HELPFUL, 0.0, "cvar", 0.95, 5e-4),

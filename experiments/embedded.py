@@ -48,19 +48,26 @@ class ExperimentError(RuntimeError):
     """A DVC command of the experiment failed."""
 
 
-def _dvc_path() -> str:
+def _dvc(*args: str, env: dict[str, str] | None = None, capture: bool = True) -> str:
+    """Run dvc; its stdout, or "" when not captured. Captured output goes through temp files, not
+    pipes: `dvc queue start` leaves daemon workers that inherit the output, and a pipe would stay
+    open (and this call block) until the last of them exits."""
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if dvc is None:
         raise ExperimentError("dvc: not found next to this Python or on PATH; install rsa-pl first (pip install -e .)")
-    return dvc
-
-
-def _dvc(*args: str, env: dict[str, str] | None = None, capture: bool = True) -> str:
-    done = subprocess.run([_dvc_path(), *args], cwd=ROOT, env=env, capture_output=capture, text=True, check=False)
+    if not capture:
+        done = subprocess.run([dvc, *args], cwd=ROOT, env=env, check=False)
+        stdout = stderr = ""
+    else:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            done = subprocess.run([dvc, *args], cwd=ROOT, env=env, stdout=out, stderr=err, text=True, check=False)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout or "").strip().splitlines() if capture else []
+        detail = (stderr or stdout).strip().splitlines()
         raise ExperimentError(f"dvc {' '.join(args)}: exit {done.returncode}: {detail[-1] if detail else ''}")
-    return done.stdout if capture else ""
+    return stdout
 
 
 def _env(jobs: int) -> dict[str, str]:
@@ -102,18 +109,8 @@ def queue_status() -> dict[str, str]:
 
 
 def start_workers(jobs: int) -> None:
-    """dvc queue start -j jobs: starts the workers among 1..jobs that are not alive.
-
-    The workers are daemons that inherit the starting process's output, so a captured pipe would
-    stay open (and this call block) until the last worker exits: their output goes to a file."""
-    with tempfile.TemporaryFile("w+") as out:
-        dvc = _dvc_path()
-        done = subprocess.run([dvc, "queue", "start", "-j", str(jobs)], cwd=ROOT, env=_env(jobs), stdout=out,
-                              stderr=subprocess.STDOUT, text=True, check=False)  # fmt: skip
-        if done.returncode != 0:
-            out.seek(0)
-            lines = out.read().strip().splitlines()
-            raise ExperimentError(f"dvc queue start -j {jobs}: exit {done.returncode}: {lines[-1] if lines else ''}")
+    """dvc queue start -j jobs: starts the workers among 1..jobs that dvc does not see alive."""
+    _dvc("queue", "start", "-j", str(jobs), env=_env(jobs))
 
 
 @app.command()

@@ -39,12 +39,15 @@ class _Section(BaseModel):
 
 
 class RiskParams(_Section):
-    """The token risk measure Phi_mu of the sequential risk term D (PAPER.md)."""
+    """The token risk measure Phi_mu of the sequential risk term D (docs/method.md)."""
 
-    measure: Literal["kl", "cvar", "erm", "cvar_radpo"]
-    """kl (TDPO), cvar (tail mass mu), erm (entropic, aversion mu), cvar_radpo (Ra-DPO's estimator)."""
+    measure: Literal["kl", "cvar", "erm", "cvar_radpo", "cvar_lower", "erm_lower"]
+    """kl (TDPO); upper tail of the drift (>= KL, Ra-DPO's code): cvar (tail mass mu), erm
+    (entropic, aversion mu), cvar_radpo (Ra-DPO's estimator); lower tail (<= KL, the paper's
+    printed formulas): cvar_lower (tail mass mu), erm_lower (aversion mu)."""
     mu: float
-    """cvar, cvar_radpo: in (0, 1] (smaller = more risk-averse); erm: > 0 (larger = more averse); kl: ignored."""
+    """cvar, cvar_lower, cvar_radpo: in (0, 1] (smaller = more risk-averse); erm: > 0 (larger =
+    more averse); erm_lower: in (0, 1] (larger = more averse; above 1 it could reward drift); kl: ignored."""
 
     def cross_field_problems(self) -> list[Problem]:
         problem = check_mu(self.measure, self.mu)
@@ -55,7 +58,7 @@ class RiskParams(_Section):
 LOSS_MEASURES: dict[str, tuple[str, ...]] = {
     "dpo": tuple(RISK_MEASURES),
     "tdpo": ("kl",),
-    "rsa": ("cvar", "erm", "cvar_radpo"),
+    "rsa": ("cvar", "erm", "cvar_radpo", "cvar_lower", "erm_lower"),
 }
 
 
@@ -90,9 +93,9 @@ class PreferenceStageParams(_Section):
     pairs: Literal["helpful", "safety"]
     """The preference set this stage trains on (data/helpful_pairs or data/safety_pairs):
     helpful in train_reward and safety in train_safety; swap them for the reverse order
-    (safety first, PAPER.md "Stepwise alignment")."""
+    (safety first, docs/method.md "Stepwise alignment")."""
     loss: Literal["dpo", "tdpo", "rsa"]
-    """dpo (alpha = 0), tdpo (measure kl), or rsa (measure cvar, erm or cvar_radpo)."""
+    """dpo (alpha = 0), tdpo (measure kl), or rsa (measure cvar, erm, cvar_radpo, cvar_lower or erm_lower)."""
     beta: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     """Temperature: beta_1 for stage 1; beta_2 = beta / lambda for stage 2 (smaller = stronger realignment)."""
     alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)]

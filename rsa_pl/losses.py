@@ -1,32 +1,38 @@
-"""Per-token terms and the preference loss of PAPER.md, as pure tensor functions.
+"""Per-token terms and the preference loss of docs/method.md, as pure tensor functions.
 
-One loss serves every stage (PAPER.md, "The loss"):
+One loss serves every stage (docs/method.md, "The loss"):
 
     L = -log sigmoid( beta * (M(y_w) - M(y_l)) - alpha * (beta * D(y_l) - sg(beta * D(y_w))) )
 
 with M(y) = sum_t [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)] and D(y) = sum_t Phi_mu(Z_t).
 alpha = 0 is DPO; measure "kl" is TDPO2 (variant 1, no stop-gradient, is TDPO1 at alpha = 1);
-measures "cvar" and "erm" are RSA.
+the other measures (cvar, erm and their lower-tail readings) are RSA.
+
+sequence_terms states M(y) and D(y) plainly; the training step uses the same terms computed
+block by block with a closed-form backward (rsa_pl.fast.chunked, through sequence_terms_chunked
+and preference_loss_from_logits), tested equal to the plain ones.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from rsa_pl.risk import RISK_MEASURES, check_mu, drift_from_logits, has_full_support
+from rsa_pl.fast.chunked import chunked_sequence_terms
+from rsa_pl.risk import RISK_MEASURES, check_mu, drift_from_logits
 
-__all__ = ["SequenceTerms", "preference_loss", "preference_loss_from_logits", "sequence_terms"]
+__all__ = [
+    "SequenceTerms",
+    "preference_loss",
+    "preference_loss_from_logits",
+    "sequence_terms",
+    "sequence_terms_chunked",
+]
 
-# Elements of one (positions x V) float32 block the chunked terms work on at a time (8 MiB):
-# small enough to stay cache-friendly and memory-bounded, large enough to amortise overhead.
-_CHUNK_ELEMENTS = 1 << 21
 VARIANTS = (1, 2)
 
 
@@ -44,224 +50,6 @@ class SequenceTerms:
         return self.policy_logps - self.ref_logps
 
 
-def _chunk_terms(
-    policy_logits: Tensor,
-    ref_logits: Tensor,
-    labels: Tensor,
-    measure: str | None,
-    mu: float,
-    threshold: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Sampled-token log-probs of both models and the token risk at a block of positions.
-
-    Shapes: (P, V), (P, V), (P,) -> (P,), (P,), (P,) and the measure's threshold (P, 1) or
-    None (pass it back to skip the search when the block is recomputed). At least float32.
-    Differentiable (the backward of _ChunkedTerms uses it where no closed form applies).
-    """
-    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    x, r = policy_logits.to(dtype), ref_logits.to(dtype)
-    lse_x, lse_r = torch.logsumexp(x, dim=-1), torch.logsumexp(r, dim=-1)  # (P,)
-    index = labels.unsqueeze(-1)
-    policy_tok = x.gather(-1, index).squeeze(-1) - lse_x  # (P,)
-    ref_tok = r.gather(-1, index).squeeze(-1) - lse_r  # (P,)
-    if measure is None:
-        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None
-    spec = RISK_MEASURES[measure]
-    d = drift_from_logits(x, r, lse_x, lse_r)
-    if threshold is None and spec.threshold is not None:
-        threshold = spec.threshold(d, mu)
-    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold
-
-
-def _block_forward(
-    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, measure: str | None, mu: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, bool | None]:
-    """_chunk_terms' values without autograd, plus what the closed-form backward reuses: both
-    models' log-normalisers (2, P) and whether the reference has full support (None: no measure).
-    Without a measure no (P, V) log-probabilities are materialised: the
-    sampled-token log-prob is the gathered logit minus the log-sum-exp, as in TRL's DPO."""
-    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    x, r = policy_logits.to(dtype), ref_logits.to(dtype)
-    lse = torch.stack([torch.logsumexp(x, dim=-1), torch.logsumexp(r, dim=-1)])  # (2, P)
-    index = labels.unsqueeze(-1)
-    policy_tok = x.gather(-1, index).squeeze(-1) - lse[0]
-    ref_tok = r.gather(-1, index).squeeze(-1) - lse[1]
-    if measure is None:
-        return policy_tok, ref_tok, policy_tok.new_zeros(policy_tok.shape), None, lse, None
-    spec = RISK_MEASURES[measure]
-    full_support = has_full_support(r)
-    d = drift_from_logits(x, r, lse[0], lse[1], full_support)
-    threshold = spec.threshold(d, mu) if spec.threshold is not None else None
-    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse, full_support
-
-
-def _block_policy_grad(
-    policy_logits: Tensor,
-    ref_logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    measure: str | None,
-    mu: float,
-    threshold: Tensor | None,
-    grad_tok: Tensor,
-    grad_risk: Tensor | None,
-    full_support: bool | None = None,
-) -> Tensor:
-    """The gradient with respect to the policy's logits of a block, in closed form:
-
-        grad_tok * (onehot(y) - pi_theta) + grad_risk * (pi_theta - w),   w = dPhi/dZ
-
-    (d log pi_theta(y)/dx = onehot(y) - pi_theta; dZ_v/dx_u = pi_theta_u - [u = v], and each
-    measure's w sums to 1). One pass for pi_theta, one for w: no autograd graph is rebuilt.
-    Shapes: (P, V), (P, V), (P,), (2, P), ..., (P,), (P,) or None -> (P, V)."""
-    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-    x = policy_logits.to(dtype)
-    probs = (x - lse[0].unsqueeze(-1)).exp_()  # (P, V) pi_theta
-    if measure is None or grad_risk is None:
-        grad = probs.mul_(-grad_tok.unsqueeze(-1))
-    else:
-        spec = RISK_MEASURES[measure]
-        assert spec.weights is not None
-        d = drift_from_logits(x, ref_logits.to(dtype), lse[0], lse[1], full_support)
-        weights = spec.weights(d, mu, threshold)  # (P, V)
-        grad = probs.mul_((grad_risk - grad_tok).unsqueeze(-1)).sub_(weights.mul_(grad_risk.unsqueeze(-1)))
-    return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_tok.unsqueeze(-1).to(grad.dtype))
-
-
-class _ChunkedTerms(torch.autograd.Function):
-    """Per-sequence sums of the token terms, computed block by block over response positions.
-
-    Forward keeps no intermediate (B, T, V) tensor, only each position's two log-normalisers
-    and risk threshold (the CVaR boundary atom, say). Backward writes each block's gradient
-    into one preallocated buffer, so peak memory is the logits, their gradient and one block,
-    whatever T. The gradient with respect to the policy's logits is computed in closed form
-    (_block_policy_grad) when the reference needs none and the measure has one (kl, cvar,
-    erm: every training setting); otherwise the block is recomputed under autograd, reusing
-    the threshold instead of searching again.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        policy_logits: Tensor,  # (N, T, V)
-        ref_logits: Tensor,  # (N, T, V)
-        labels: Tensor,  # (N, T)
-        positions: Tensor,  # (P,) flat indices of response positions
-        measure: str | None,
-        mu: float,
-        chunk_size: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        n, t, v = policy_logits.shape
-        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
-        labels_flat = labels.reshape(n * t)
-        dtype = torch.promote_types(policy_logits.dtype, torch.float32)
-        per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
-        normalisers = torch.zeros(2, positions.numel(), dtype=dtype, device=policy_logits.device)
-        thresholds, ctx.full_support = [], []
-        for start in range(0, positions.numel(), chunk_size):
-            block = positions[start : start + chunk_size]
-            *terms, threshold, lse, full_support = _block_forward(
-                policy_flat.index_select(0, block),
-                ref_flat.index_select(0, block),
-                labels_flat.index_select(0, block),
-                measure,
-                mu,
-            )
-            per_position[:, start : start + block.numel()] = torch.stack(terms)
-            normalisers[:, start : start + block.numel()] = lse
-            thresholds.append(threshold)
-            ctx.full_support.append(full_support)  # the backward need not check again
-        sequence = positions // t  # (P,)
-        sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
-        ctx.has_thresholds = any(threshold is not None for threshold in thresholds)
-        saved_thresholds = torch.cat(thresholds) if ctx.has_thresholds else positions.new_empty(0)  # (P, 1)
-        # A reference computed under torch.inference_mode() cannot be saved for backward; it
-        # needs no version check either, having no gradient.
-        ctx.ref_logits = ref_logits if ref_logits.is_inference() else None
-        saved_ref = positions.new_empty(0) if ref_logits.is_inference() else ref_logits
-        ctx.save_for_backward(policy_logits, saved_ref, labels, positions, saved_thresholds, normalisers)
-        ctx.measure, ctx.mu, ctx.chunk_size = measure, mu, chunk_size
-        policy_sum, ref_sum, risk_sum = (row.clone() for row in sums)
-        return policy_sum, ref_sum, risk_sum
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        policy_logits, ref_logits, labels, positions, thresholds, normalisers = ctx.saved_tensors
-        ref_logits = ctx.ref_logits if ctx.ref_logits is not None else ref_logits
-        need_policy, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # A risk that only is logged (alpha = 0) gets zero gradient: skip recomputing it.
-        measure = ctx.measure if bool(grads[2].any()) else None
-        n, t, v = policy_logits.shape
-        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
-        labels_flat = labels.reshape(n * t)
-        sequence = positions // t
-        upstream = [g[sequence] if g is not None else None for g in grads]  # each (P,)
-        # Every response row is written below; only the other rows need zeros (filling the whole
-        # buffer first would be one more pass over (N T, V)).
-        others = torch.ones(n * t, dtype=torch.bool, device=positions.device).index_fill_(0, positions, False)
-        grad_policy = torch.empty_like(policy_flat).masked_fill_(others.unsqueeze(-1), 0) if need_policy else None
-        grad_ref = torch.empty_like(ref_flat).masked_fill_(others.unsqueeze(-1), 0) if need_ref else None
-        closed_form = not need_ref and (measure is None or RISK_MEASURES[measure].weights is not None)
-        for start in range(0, positions.numel(), ctx.chunk_size):
-            block = positions[start : start + ctx.chunk_size]
-            stop = start + block.numel()
-            if closed_form:
-                if need_policy:
-                    grad_tok = upstream[0][start:stop] if upstream[0] is not None else None
-                    grad_risk = upstream[2][start:stop] if upstream[2] is not None and measure else None
-                    if grad_tok is None:
-                        grad_tok = normalisers.new_zeros(block.numel())
-                    block_grad = _block_policy_grad(
-                        policy_flat.index_select(0, block),
-                        ref_flat.index_select(0, block),
-                        labels_flat.index_select(0, block),
-                        normalisers[:, start:stop],
-                        measure,
-                        ctx.mu,
-                        thresholds[start:stop] if ctx.has_thresholds and measure else None,
-                        grad_tok,
-                        grad_risk,
-                        ctx.full_support[start // ctx.chunk_size],
-                    )
-                    grad_policy.index_copy_(0, block, block_grad.to(grad_policy.dtype))
-                continue
-            with torch.enable_grad():
-                policy_block = policy_flat.index_select(0, block).detach().requires_grad_(need_policy)
-                ref_block = ref_flat.index_select(0, block).detach().requires_grad_(need_ref)
-                *terms, _ = _chunk_terms(
-                    policy_block,
-                    ref_block,
-                    labels_flat.index_select(0, block),
-                    measure,
-                    ctx.mu,
-                    thresholds[start:stop] if ctx.has_thresholds and measure else None,
-                )
-                total = sum(
-                    (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
-                )
-                wrt = [x for x in (policy_block, ref_block) if x.requires_grad]
-                if not torch.is_tensor(total) or not total.requires_grad:  # nothing flows: zeros
-                    for buffer in (grad_policy, grad_ref):
-                        if buffer is not None:
-                            buffer.index_fill_(0, block, 0)
-                    continue
-                block_grads = iter(torch.autograd.grad(total, wrt))
-            if need_policy:
-                grad_policy.index_copy_(0, block, next(block_grads).to(grad_policy.dtype))
-            if need_ref:
-                grad_ref.index_copy_(0, block, next(block_grads).to(grad_ref.dtype))
-        return (
-            grad_policy.view(n, t, v) if need_policy else None,
-            grad_ref.view(n, t, v) if need_ref else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
 def _check_measure(measure: str | None, mu: float) -> None:
     if measure is None:
         return
@@ -270,36 +58,10 @@ def _check_measure(measure: str | None, mu: float) -> None:
         raise ValueError(f"{'mu' if measure in RISK_MEASURES else 'measure'}: {problem}")
 
 
-def sequence_terms(
-    policy_logits: Tensor,
-    ref_logits: Tensor,
-    labels: Tensor,
-    loss_mask: Tensor,
-    *,
-    measure: str | None,
-    mu: float,
-    chunk_size: int | None = None,
-) -> SequenceTerms:
-    """Sampled-token margin terms and the sequential risk D(y) of every sequence.
-
-    Positions are already aligned: logits[:, t] is the distribution of labels[:, t]. Only
-    positions where loss_mask is True (response tokens) count; logits elsewhere change
-    neither the values nor the gradients. Computes in float32 (float64 inputs stay float64)
-    whatever the logits' dtype, in blocks of chunk_size positions (default: as many as fit
-    2**21 logits), so no full (N, T, V) float32 copy is held.
-
-    Args:
-        policy_logits: (N, T, V) logits of pi_theta.
-        ref_logits: (N, T, V) logits of pi_ref (normally without gradient).
-        labels: (N, T) integer token ids y_t.
-        loss_mask: (N, T) bool, True at response positions.
-        measure: risk measure name for D, or None to skip the risk term.
-        mu: the measure's parameter (see rsa_pl.risk).
-        chunk_size: positions per block.
-
-    Returns:
-        SequenceTerms with policy_logps (N,), ref_logps (N,) and risk (N,) or None.
-    """
+def _response_positions(
+    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, loss_mask: Tensor, measure: str | None, mu: float
+) -> Tensor:
+    """Checks the inputs of sequence_terms; returns the flat indices (P,) of response positions."""
     if policy_logits.dim() != 3:
         raise ValueError(f"policy_logits: must have shape (N, T, V), got {tuple(policy_logits.shape)}")
     if ref_logits.shape != policy_logits.shape:
@@ -313,16 +75,86 @@ def sequence_terms(
     if loss_mask.shape != (n, t) or loss_mask.dtype != torch.bool:
         raise ValueError(f"loss_mask: must be bool of shape {(n, t)}, got {loss_mask.dtype} {tuple(loss_mask.shape)}")
     _check_measure(measure, mu)
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(v, 1))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     response_labels = labels[loss_mask]
     if response_labels.numel() and (response_labels.min() < 0 or response_labels.max() >= v):
         raise ValueError(f"labels: response positions hold ids outside [0, {v}) (vocabulary size V = {v})")
-    positions = loss_mask.reshape(-1).nonzero().squeeze(1)  # (P,)
-    policy_logps, ref_logps, risk = _ChunkedTerms.apply(
-        policy_logits.contiguous(), ref_logits.contiguous(), labels, positions, measure, float(mu), chunk_size
+    return loss_mask.reshape(-1).nonzero().squeeze(1)  # (P,)
+
+
+def sequence_terms(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    *,
+    measure: str | None,
+    mu: float,
+) -> SequenceTerms:
+    """Sampled-token margin terms and the sequential risk D(y) of every sequence, plainly:
+
+        M(y) = sum_t [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)],   D(y) = sum_t Phi_mu(Z_t)
+
+    over response positions t. Positions are already aligned: logits[:, t] is the distribution
+    of labels[:, t]; positions where loss_mask is False (prompt, padding) change neither values
+    nor gradients. Computes in float32 (float64 stays float64) whatever the logits' dtype. This
+    holds full (N, T, V) log-probabilities; sequence_terms_chunked gives the same terms in
+    bounded memory and is what training uses.
+
+    Args:
+        policy_logits: (N, T, V) logits of pi_theta.
+        ref_logits: (N, T, V) logits of pi_ref (normally without gradient).
+        labels: (N, T) integer token ids y_t (any value off the response).
+        loss_mask: (N, T) bool, True at response positions.
+        measure: risk measure name for D (rsa_pl.risk.RISK_MEASURES), or None to skip it.
+        mu: the measure's parameter.
+
+    Returns:
+        SequenceTerms with policy_logps (N,), ref_logps (N,) and risk (N,) or None.
+    """
+    positions = _response_positions(policy_logits, ref_logits, labels, loss_mask, measure, mu)
+    n, t, v = policy_logits.shape
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    x = policy_logits.reshape(n * t, v)[positions].to(dtype)  # (P, V) response positions only
+    r = ref_logits.reshape(n * t, v)[positions].to(dtype)  # (P, V)
+    lse_x, lse_r = torch.logsumexp(x, -1), torch.logsumexp(r, -1)  # (P,) log-normalisers
+    tokens = labels.reshape(n * t)[positions].unsqueeze(-1)  # (P, 1)
+    policy_tok = x.gather(-1, tokens).squeeze(-1) - lse_x  # (P,) log pi_theta(y_t|s_t)
+    ref_tok = r.gather(-1, tokens).squeeze(-1) - lse_r  # (P,) log pi_ref(y_t|s_t)
+    sequence = positions // t  # (P,) the sequence of each response position
+
+    def per_sequence(values: Tensor) -> Tensor:  # (P,) -> (N,)
+        return values.new_zeros(n).index_add(0, sequence, values)
+
+    risk = None
+    if measure is not None:
+        # Z as (r - x) + (lse_x - lse_r): atoms whose logit differences tie keep tying in Z
+        # (normalising each model first would round them apart); the chunked path does the same.
+        d = drift_from_logits(x, r, lse_x, lse_r)  # (P, V)
+        risk = per_sequence(RISK_MEASURES[measure].fn(d, float(mu), None))
+    return SequenceTerms(per_sequence(policy_tok), per_sequence(ref_tok), risk)
+
+
+def sequence_terms_chunked(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    *,
+    measure: str | None,
+    mu: float,
+    chunk_size: int | None = None,
+) -> SequenceTerms:
+    """sequence_terms computed block by block (rsa_pl.fast.chunked): the same values and
+    gradients, with no full (N, T, V) float32 copy held and a closed-form backward.
+
+    Arguments as sequence_terms, plus chunk_size: positions per block (default: as many as
+    fit 2**21 logits).
+    """
+    positions = _response_positions(policy_logits, ref_logits, labels, loss_mask, measure, mu)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+    policy_logps, ref_logps, risk = chunked_sequence_terms(
+        policy_logits, ref_logits, labels, positions, measure, mu, chunk_size
     )
     return SequenceTerms(policy_logps, ref_logps, risk if measure is not None else None)
 
@@ -348,7 +180,7 @@ def preference_loss(
     alpha: float,
     variant: int,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PAPER.md preference loss from sequence-level terms.
+    """The docs/method.md preference loss from sequence-level terms.
 
         L = -log sigmoid( beta (M_w - M_l) - alpha (beta D_l - sg(beta D_w)) )
 
@@ -362,7 +194,7 @@ def preference_loss(
         beta: temperature, > 0. alpha: weight of the risk term, >= 0. variant: 1 or 2.
 
     Returns:
-        Per-example losses (B,) and detached per-example metrics (B,) named as PAPER.md logs
+        Per-example losses (B,) and detached per-example metrics (B,) named as docs/method.md logs
         them: rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected} and,
         when the risks are given, risk/{chosen,rejected}.
     """
@@ -431,7 +263,7 @@ def preference_loss_from_logits(
         labels: (2B, T) token ids. loss_mask: (2B, T) bool, True at response positions.
         beta, alpha, variant: as preference_loss.
         measure, mu: the risk measure of D; measure may be None only when alpha = 0.
-        chunk_size: positions per block (see sequence_terms).
+        chunk_size: positions per block (see sequence_terms_chunked).
 
     Returns:
         Per-pair losses (B,) and detached per-pair metrics, as preference_loss.
@@ -443,7 +275,9 @@ def preference_loss_from_logits(
         raise ValueError(
             f"policy_logits: must be a [chosen; rejected] batch of shape (2B, T, V), got {tuple(policy_logits.shape)}"
         )
-    terms = sequence_terms(policy_logits, ref_logits, labels, loss_mask, measure=measure, mu=mu, chunk_size=chunk_size)
+    terms = sequence_terms_chunked(
+        policy_logits, ref_logits, labels, loss_mask, measure=measure, mu=mu, chunk_size=chunk_size
+    )
     policy_chosen, policy_rejected = terms.policy_logps.chunk(2)
     ref_chosen, ref_rejected = terms.ref_logps.chunk(2)
     chosen_risk, rejected_risk = terms.risk.chunk(2) if terms.risk is not None else (None, None)

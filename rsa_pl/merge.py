@@ -1,6 +1,6 @@
 """RSA(P): the weight average theta = (1 - q) theta_r + q theta_s of the two stages' policies.
 
-Two exact forms (PAPER.md, "Stepwise alignment" 4):
+Two exact forms (docs/method.md, "RSA(P)"):
 - stacked LoRA (the stage-2 adapter dS trained on the stage-1 policy W + dH): the average is
   W + dH + q dS, i.e. the stage-2 adapter folded in at scale q (`fold_scaled_adapter`);
 - full weights: an average of the two state dicts (`average_state_dicts`), computed in

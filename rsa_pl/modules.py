@@ -163,7 +163,7 @@ class SFTModule(_TrainingModule):
 
 
 class PreferenceModule(_TrainingModule):
-    """The PAPER.md preference loss on concatenated [chosen; rejected] batches, for both stages.
+    """The preference loss (docs/method.md) on concatenated [chosen; rejected] batches, both stages.
 
     The reference is the policy with its LoRA adapter disabled (reference=None: no second copy),
     the policy with only the frozen adapters named in reference_adapters active (a 4-bit stage 2:

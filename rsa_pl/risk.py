@@ -1,16 +1,29 @@
-"""Token risk measures Phi_mu of the drift Z between policy and reference (PAPER.md).
+"""Token risk measures Phi_mu of the drift Z between policy and reference (docs/method.md).
 
 At one position s_t the drift is the random variable
 
     Z(v) = log pi_ref(v|s_t) - log pi_theta(v|s_t),   v ~ pi_ref(.|s_t)
 
 and a risk measure maps its distribution to a number. Every measure here reduces to
-KL(pi_ref || pi_theta) = E_ref[Z] in a limit and is >= KL otherwise.
+KL(pi_ref || pi_theta) = E_ref[Z] in a limit. Two families read the tail differently
+(docs/method.md, "Which tail"): the upper-tail measures (cvar, erm: the public Ra-DPO code's
+reading) are >= KL; the lower-tail ones (cvar_lower, erm_lower: the paper's printed formulas)
+are <= KL. A lower-tail measure is the upper-tail one of -Z, negated.
+
+This module holds the formulas in their plain form: each measure's value, its gradient
+dPhi/dZ in closed form, and for the CVaRs the boundary of the tail found by a full sort. The
+optimised paths the training step uses (a sort-free boundary search, chunked terms with a
+closed-form backward) live in rsa_pl.fast and are tested equal to these.
 
 All functions are pure: they take normalised log-probabilities of shape (..., V) and return
 the per-position risk of shape (...). They compute in the inputs' dtype promoted to at least
 float32. Vocabulary entries with zero reference probability (log-prob -inf) carry no mass and
 are excluded; they never produce NaN in values or gradients.
+
+Ties: a CVaR is not differentiable where atoms tie at the boundary of its tail. Its gradient
+here is the symmetric subgradient: the atoms tied with the boundary share the boundary's
+remaining mass in proportion to pi_ref. A row whose atoms all tie (policy == reference, as at
+the first step with a fresh LoRA adapter) then gets dPhi/dZ = pi_ref, the same as KL.
 """
 
 from __future__ import annotations
@@ -72,9 +85,17 @@ def _drift_of(z: Tensor, ref_logps: Tensor, full_support: bool | None = None) ->
     return Drift(torch.where(support, z, 0.0), ref_logps.exp(), support, ref_logps)
 
 
+def negated(d: Drift) -> Drift:
+    """The same positions with -Z: the lower tail of Z is the upper tail of -Z."""
+    return Drift(-d.z, d.p, d.support, d.ref_logps)
+
+
 def _masked(x: Tensor, support: Tensor | None, fill: float) -> Tensor:
     """x off the support replaced by fill (x itself when the support is everything)."""
     return x if support is None else torch.where(support, x, fill)
+
+
+# --- KL (TDPO) ---------------------------------------------------------------------------
 
 
 def kl_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
@@ -85,27 +106,23 @@ def kl_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     return (d.p * d.z).sum(-1)
 
 
+def kl_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the KL risk: pi_ref itself. Shapes: Drift (..., V) -> (..., V)."""
+    return d.p
+
+
+# --- Entropic risk -------------------------------------------------------------------------
+
 # Above this value of max(mu * Z) the entropic risk switches from the expm1/log1p form
 # (exact for small mu, where log E[exp(mu Z)] ~ mu * KL cancels catastrophically) to the
 # plain log-sum-exp form (exact for large arguments, where expm1 would overflow).
 _ERM_SWITCH = 1.0
 
 
-def kl_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
-    """dPhi/dZ of the KL risk: pi_ref itself. Shapes: Drift (..., V) -> (..., V)."""
-    return d.p
-
-
-def erm_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
-    """dPhi/dZ of the entropic risk: pi_ref e^(mu Z) / E_ref[e^(mu Z)], the exponentially
-    tilted reference (zero off the support). Shapes: Drift (..., V) -> (..., V)."""
-    return torch.softmax(_masked(d.ref_logps + mu * d.z, d.support, -math.inf), dim=-1)
-
-
 def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     """Entropic risk (1/mu) log E_ref[exp(mu Z)] = (1/mu) logsumexp(log pi_ref + mu Z).
 
-    A Renyi divergence of order 1 + mu; mu -> 0 gives KL, larger mu is more risk-averse.
+    A Renyi divergence of order 1 + mu; mu -> 0 gives KL, larger mu is more risk-averse; >= KL.
     Shapes: Drift (..., V) -> (...).
     """
     z, p, support, ref = d
@@ -122,111 +139,66 @@ def erm_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
     return risk / mu
 
 
-# Histogram bins per refinement level of the CVaR threshold search, the most levels, and the
-# candidates per row at or under which the boundary bin's atoms are simply sorted. With 4096
-# bins one level usually leaves a few dozen candidates of a 32k vocabulary.
-_CVAR_BINS = 4096
-_CVAR_MAX_LEVELS = 4
-_CVAR_SORT_CAP = 512
+def erm_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of the entropic risk: pi_ref e^(mu Z) / E_ref[e^(mu Z)], the exponentially
+    tilted reference (zero off the support). Shapes: Drift (..., V) -> (..., V)."""
+    return torch.softmax(_masked(d.ref_logps + mu * d.z, d.support, -math.inf), dim=-1)
 
 
-def _boundary_bin(hist: Tensor, above: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The bin holding each row's boundary and the mass strictly above that bin.
+def erm_lower_risk(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """The paper's entropic sign: -(1/mu) log E_ref[exp(-mu Z)], the upper-tail erm of -Z negated.
 
-    hist (R, K) mass per bin (bin K - 1 holds the largest values), above (R,) mass above every
-    bin, target (R,) -> bin (R,) int64, mass above it (R,)."""
-    bins = hist.shape[-1]
-    at_or_above = above.unsqueeze(-1) + hist.flip(-1).cumsum(-1).flip(-1)  # (R, K) mass in bins >= j
-    boundary = ((at_or_above >= target.unsqueeze(-1)).sum(-1) - 1).clamp_(min=0)  # (R,)
-    next_bin = (boundary + 1).clamp(max=bins - 1).unsqueeze(-1)
-    return boundary, torch.where(boundary < bins - 1, at_or_above.gather(1, next_bin).squeeze(-1), above)
-
-
-@torch.no_grad()
-def _cvar_boundary_index(z: Tensor, p: Tensor, support: Tensor | None, mu: float) -> Tensor:
-    """Index of the boundary atom of the upper mu-tail of Z under p, without a full sort.
-
-    The boundary atom k is the largest value of Z with P(Z >= Z_k) >= mu * total mass: the
-    atoms above it lie wholly in the tail, it lies in it fractionally. One dense pass bins every
-    atom of a row into equal-width bins between the row's extremes (a weighted histogram,
-    scatter_add) and finds the bin where the mass from the top reaches the target; only that
-    bin's atoms are kept, compacted, refined with further histograms while a row keeps more
-    than _CVAR_SORT_CAP of them, then sorted: bin assignment is monotone in Z, so the result is
-    exact. Rows whose atoms all share one value (policy equal to reference) take their first
-    atom. Of atoms tied with the boundary, the one with the lowest index is taken.
-
-    Shapes: z, p, support (R, V) -> index (R, 1) int64.
+    Between 0 and KL for mu in (0, 1] (Hoelder: E_ref[exp(-mu Z)] = sum pi_ref^(1-mu)
+    pi_theta^mu <= 1; Jensen: <= E[Z]); mu -> 0 gives KL. Above mu = 1 it can be negative,
+    rewarding drift, so the domain stops at 1. Shapes: Drift (..., V) -> (...).
     """
-    rows = z.shape[0]
-    target = mu * p.sum(-1)  # (R,) tail mass
-    if support is None:
-        lo, hi = z.amin(-1), z.amax(-1)  # (R,) each
-    else:
-        lo = torch.where(support, z, math.inf).amin(-1)
-        hi = torch.where(support, z, -math.inf).amax(-1)
-    tied = hi <= lo  # (R,) every atom the same value: any of them is the boundary
-    first_atom = z.new_zeros(rows, dtype=torch.long) if support is None else support.int().argmax(-1)
-    if bool(tied.all()):
-        return first_atom.unsqueeze(-1)
+    return -erm_risk(negated(d), mu)
 
-    # Level 1, dense over (R, V): each atom's bin, offset by its row's, in int32 (half the
-    # memory traffic of int64) for one weighted bincount over all rows.
-    scale = torch.where(tied, 0.0, _CVAR_BINS / (hi - lo)).unsqueeze(-1)  # (R, 1)
-    flat = (z - lo.unsqueeze(-1)).mul_(scale).clamp_(0, _CVAR_BINS - 1).to(torch.int32)  # (R, V), monotone in z
-    offsets = torch.arange(0, rows * _CVAR_BINS, _CVAR_BINS, dtype=torch.int32, device=z.device).unsqueeze(-1)
-    flat.add_(offsets)
-    weights = _masked(p, support, 0.0).reshape(-1)
-    hist = torch.bincount(flat.view(-1), weights=weights, minlength=rows * _CVAR_BINS).to(z.dtype)
-    boundary_bin, above = _boundary_bin(hist.view(rows, _CVAR_BINS), z.new_zeros(rows), target)
-    in_bin = flat == (boundary_bin.to(torch.int32) + offsets.squeeze(-1)).unsqueeze(-1)  # (R, V)
-    if support is not None:
-        in_bin.logical_and_(support)
-    if bool(tied.any()):
-        in_bin.masked_fill_(tied.unsqueeze(-1), False)
-    row, col = in_bin.nonzero(as_tuple=True)  # the candidates, compacted (row-major)
-    zc, pc = z[row, col], p[row, col]
 
-    # Further levels on the candidates only, while some row has many.
-    for _ in range(_CVAR_MAX_LEVELS - 1):
-        if row.numel() == 0 or int(torch.bincount(row, minlength=rows).max()) <= _CVAR_SORT_CAP:
-            break
-        lo_c = zc.new_full((rows,), math.inf).scatter_reduce_(0, row, zc, "amin")
-        hi_c = zc.new_full((rows,), -math.inf).scatter_reduce_(0, row, zc, "amax")
-        flat = hi_c <= lo_c  # (R,) rows whose candidates all tie (or none left): keep them all
-        scale_c = torch.where(flat, 0.0, _CVAR_BINS / (hi_c - lo_c))
-        bins_c = ((zc - lo_c[row]) * scale_c[row]).clamp_(0, _CVAR_BINS - 1).long()
-        hist = zc.new_zeros(rows * _CVAR_BINS).scatter_add_(0, row * _CVAR_BINS + bins_c, pc)
-        next_bin, next_above = _boundary_bin(hist.view(rows, _CVAR_BINS), above, target)
-        keep = (bins_c == next_bin[row]) | flat[row]
-        above = torch.where(flat, above, next_above)
-        row, col, zc, pc = row[keep], col[keep], zc[keep], pc[keep]
+def erm_lower_weights(d: Drift, mu: float, threshold: None = None) -> Tensor:
+    """dPhi/dZ of erm_lower: pi_ref e^(-mu Z) / E_ref[e^(-mu Z)], tilted towards low drift.
+    Shapes: Drift (..., V) -> (..., V)."""
+    return erm_weights(negated(d), mu)
 
-    # Exact: each row's candidates by descending Z (lowest index first among ties), mass
-    # accumulated from above the bin down to the first atom that reaches the target.
-    order = torch.argsort(zc, descending=True, stable=True)
-    order = order[torch.argsort(row[order], stable=True)]
-    row, col, pc = row[order], col[order], pc[order]
-    counts = torch.bincount(row, minlength=rows)  # (R,)
-    ends = counts.cumsum(0)  # (R,) one past each row's last candidate
-    total = pc.cumsum(0)
-    before = torch.cat([total.new_zeros(1), total])[ends - counts]  # (R,) mass of earlier rows
-    reached = above[row] + (total - before[row]) >= target[row]
-    position = torch.arange(row.numel(), device=z.device)
-    first = torch.full_like(counts, row.numel()).scatter_reduce_(
-        0, row, torch.where(reached, position, row.numel()), "amin"
-    )
-    # Rounding can leave the total a hair under the target: then the row's lowest atom is it.
-    first = torch.minimum(first, ends - 1).clamp_(min=0)
-    boundary = col[first] if row.numel() else first_atom
-    return torch.where(tied | (counts == 0), first_atom, boundary).unsqueeze(-1)
+
+# --- CVaR: the upper tail (Ra-DPO code) and the lower tail (the paper's formula) ------------
 
 
 @torch.no_grad()
-def cvar_threshold(d: Drift, mu: float) -> Tensor:
-    """Index of the boundary atom of the upper mu-tail at every position: Drift (..., V) -> (..., 1)."""
-    vocab = d.z.shape[-1]
-    support = None if d.support is None else d.support.reshape(-1, vocab)
-    return _cvar_boundary_index(d.z.reshape(-1, vocab), d.p.reshape(-1, vocab), support, mu).reshape(*d.z.shape[:-1], 1)
+def cvar_boundary(d: Drift, mu: float) -> Tensor:
+    """The value eta of the boundary atom of the upper mu-tail of Z under pi_ref, by a full sort.
+
+    Sort Z descending; the boundary atom is the first whose cumulative pi_ref mass reaches
+    mu * (total mass): the atoms before it lie wholly in the tail, it lies in it fractionally.
+    Off-support atoms are never in it. When rounding leaves the total a hair under the target,
+    the last atom of the support is the boundary; at mu = 1 it is the smallest atom (the whole
+    distribution is the tail). Shapes: Drift (..., V) -> (..., 1).
+    """
+    if mu >= 1.0:  # the whole distribution: the smallest atom, whatever the cumsum's rounding
+        return lowest_atom(d)
+    z = _masked(d.z, d.support, -math.inf)
+    z_sorted, order = z.sort(dim=-1, descending=True)  # (..., V) each
+    mass = d.p.gather(-1, order).cumsum(-1)  # (..., V) mass at or above each sorted atom
+    reached = mass >= mu * d.p.sum(-1, keepdim=True)  # (..., V)
+    last = (z_sorted > -math.inf).sum(-1, keepdim=True).clamp_(min=1) - 1  # (..., 1) last support atom
+    reached.scatter_(-1, last, True)
+    first = reached.int().argmax(-1, keepdim=True)  # (..., 1) first atom that reaches the target
+    return z_sorted.gather(-1, first)
+
+
+def lowest_atom(d: Drift) -> Tensor:
+    """The smallest value of Z on the support: Drift (..., V) -> (..., 1)."""
+    return _masked(d.z, d.support, math.inf).amin(-1, keepdim=True)
+
+
+def _tied_mass(d: Drift, eta: Tensor) -> tuple[Tensor, Tensor]:
+    """The atoms tied with the boundary value (..., V) bool and their pi_ref mass (..., 1),
+    kept away from zero (an underflowed boundary atom then gets no share instead of NaN)."""
+    tied = d.z == eta
+    if d.support is not None:
+        tied = tied & d.support
+    mass = torch.where(tied, d.p, 0.0).sum(-1, keepdim=True)
+    return tied, mass.clamp(min=torch.finfo(mass.dtype).tiny)
 
 
 def cvar_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
@@ -234,27 +206,55 @@ def cvar_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
 
     Atoms are taken from the largest Z down until their mass reaches mu, the boundary atom
     fractionally, divided by mu. Written as eta + E[(Z - eta)_+] / mu with eta the boundary
-    atom's value (the Rockafellar-Uryasev form, exact at that eta), so the gradient equals
-    the sorted definition's, boundary share included. mu = 1 gives KL; >= KL.
-    threshold: the boundary indices (..., 1) of cvar_threshold, found here when None.
-    Shapes: Drift (..., V) -> (...).
+    value (the Rockafellar-Uryasev form, exact at that eta). eta enters as the pi_ref-weighted
+    mean of the atoms tied with it (the same value, to the bit), so autograd gives the
+    symmetric subgradient: pi_ref / mu above the boundary, the tied atoms sharing the rest in
+    proportion to pi_ref (cvar_weights). mu = 1 gives KL; >= KL.
+    threshold: the boundary values (..., 1) of cvar_boundary (or the fast search); found here
+    when None. Shapes: Drift (..., V) -> (...).
     """
-    boundary = cvar_threshold(d, mu) if threshold is None else threshold  # (..., 1)
-    eta = d.z.gather(-1, boundary)  # (..., 1), differentiable
-    tail = (d.p * torch.relu(d.z - eta)).sum(-1, keepdim=True)  # (..., 1)
+    eta = (cvar_boundary(d, mu) if threshold is None else threshold).detach()  # (..., 1)
+    tied, tied_mass = _tied_mass(d, eta)
+    # Exactly zero in value (tied atoms equal eta); carries the gradient to the tied atoms.
+    eta = eta + torch.where(tied, d.p * (d.z - eta), 0.0).sum(-1, keepdim=True) / tied_mass  # (..., 1)
+    tail = (d.p * torch.relu(d.z - eta)).sum(-1, keepdim=True)  # (..., 1); relu'(0) = 0 at ties
     return (eta + tail / mu).squeeze(-1)
 
 
 def cvar_weights(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
-    """dPhi/dZ of cvar_risk, in closed form: pi_ref / mu on the atoms strictly above the
-    boundary atom, and the boundary atom the rest of the unit mass (1 - mass above / mu);
-    exactly the gradient autograd gives cvar_risk (relu'(0) = 0: atoms tied with the boundary
-    count as not above it). threshold: cvar_threshold's boundary indices (..., 1).
-    Shapes: Drift (..., V) -> (..., V)."""
-    boundary = cvar_threshold(d, mu) if threshold is None else threshold  # (..., 1)
-    eta = d.z.gather(-1, boundary)  # (..., 1)
-    weights = torch.where(d.z > eta, d.p, 0.0).div_(mu)  # (..., V)
-    return weights.scatter_add_(-1, boundary, 1.0 - weights.sum(-1, keepdim=True))
+    """dPhi/dZ of cvar_risk, in closed form: pi_ref / mu on the atoms above the boundary value,
+    and the rest of the unit mass, 1 - (mass above) / mu, shared by the atoms tied with it in
+    proportion to pi_ref. A valid subgradient: 0 <= w <= pi_ref / mu, sum w = 1.
+    threshold: the boundary values (..., 1). Shapes: Drift (..., V) -> (..., V)."""
+    eta = cvar_boundary(d, mu) if threshold is None else threshold  # (..., 1)
+    weights = torch.where(d.z > eta, d.p, 0.0).div_(mu)  # (..., V); off-support p = 0
+    tied, tied_mass = _tied_mass(d, eta)
+    share = (1.0 - weights.sum(-1, keepdim=True)) / tied_mass  # (..., 1)
+    return weights.add_(torch.where(tied, d.p * share, 0.0))
+
+
+@torch.no_grad()
+def cvar_lower_boundary(d: Drift, mu: float) -> Tensor:
+    """The boundary of the lower mu-tail of Z, as the value of -Z: Drift (..., V) -> (..., 1)."""
+    return cvar_boundary(negated(d), mu)
+
+
+def cvar_lower_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
+    """The paper's printed CVaR, (1/mu) * integral_0^mu F_Z^{-1}: the pi_ref-weighted mean of the
+    LOWER mu-fraction of Z (atoms from the smallest Z up, the boundary fractionally), computed
+    as -cvar(-Z). mu = 1 gives KL; <= KL; can be negative (it then rewards drift).
+    threshold: cvar_lower_boundary's values of -Z (..., 1). Shapes: Drift (..., V) -> (...).
+    """
+    return -cvar_risk(negated(d), mu, threshold)
+
+
+def cvar_lower_weights(d: Drift, mu: float, threshold: Tensor | None = None) -> Tensor:
+    """dPhi/dZ of cvar_lower: cvar_weights of -Z (pi_ref / mu below the boundary, the tied atoms
+    sharing the rest). Shapes: Drift (..., V) -> (..., V)."""
+    return cvar_weights(negated(d), mu, threshold)
+
+
+# --- The public Ra-DPO code's estimator ---------------------------------------------------
 
 
 @torch.no_grad()
@@ -268,7 +268,10 @@ def cvar_radpo_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Ten
 
     q is the unweighted quantile of Z over the vocabulary entries (reference support) at
     level 1 - c; the risk is sum_v pi_ref(v) Z(v) [Z(v) > q], with no 1/c. Unlike that code,
-    the whole vocabulary axis is used (no split into two halves).
+    the whole vocabulary axis is used (no split into two halves). Atoms tied with q are not
+    above it: a row whose atoms all tie (policy == reference) has risk 0 and gradient 0 with
+    respect to the policy's logits, as KL has there. Its weights do not sum to 1 (no closed
+    form is registered; the training step recomputes it under autograd).
     threshold: the quantiles (..., 1) of cvar_radpo_threshold, found here when None.
     Shapes: Drift (..., V) -> (...).
     """
@@ -278,28 +281,38 @@ def cvar_radpo_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Ten
 
 @dataclass(frozen=True)
 class RiskMeasure:
-    """A named risk measure: its function, the domain of mu, and its threshold search.
+    """A named risk measure: its function, the domain of mu, its tail, and its threshold search.
 
     fn(drift, mu, threshold) -> (...). A measure with a threshold (a quantile of Z) finds it
     with `threshold(drift, mu)` under no_grad; callers that evaluate the same positions twice
     (forward, then recomputation in backward) pass it back to skip the search.
     weights(drift, mu, threshold) -> (..., V): dPhi/dZ in closed form, a distribution over the
-    vocabulary for every measure here (so the gradient with respect to the policy's logits is
-    pi_theta - weights); None where only autograd knows it.
+    vocabulary for every measure that has one (so the gradient with respect to the policy's
+    logits is pi_theta - weights); None where only autograd knows it.
+    tail: "upper" (>= KL), "lower" (<= KL) or "mean" (KL itself), for docs and checks.
     """
 
     fn: Callable[[Drift, float, Tensor | None], Tensor]
     mu_ok: Callable[[float], bool]
     mu_domain: str
+    tail: str
     threshold: Callable[[Drift, float], Tensor] | None = None
     weights: Callable[[Drift, float, Tensor | None], Tensor] | None = None
 
 
+def _unit_interval(mu: float) -> bool:
+    return 0.0 < mu <= 1.0
+
+
 RISK_MEASURES: dict[str, RiskMeasure] = {
-    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", weights=kl_weights),
-    "cvar": RiskMeasure(cvar_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_threshold, cvar_weights),
-    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", weights=erm_weights),
-    "cvar_radpo": RiskMeasure(cvar_radpo_risk, lambda mu: 0.0 < mu <= 1.0, "(0, 1]", cvar_radpo_threshold),
+    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", "mean", weights=kl_weights),
+    "cvar": RiskMeasure(cvar_risk, _unit_interval, "(0, 1]", "upper", cvar_boundary, cvar_weights),
+    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", "upper", weights=erm_weights),
+    "cvar_radpo": RiskMeasure(cvar_radpo_risk, _unit_interval, "(0, 1]", "upper", cvar_radpo_threshold),
+    "cvar_lower": RiskMeasure(
+        cvar_lower_risk, _unit_interval, "(0, 1]", "lower", cvar_lower_boundary, cvar_lower_weights
+    ),
+    "erm_lower": RiskMeasure(erm_lower_risk, _unit_interval, "(0, 1]", "lower", weights=erm_lower_weights),
 }
 
 
@@ -314,17 +327,17 @@ def check_mu(measure: str, mu: float) -> str | None:
 
 
 def token_risk(policy_logps: Tensor, ref_logps: Tensor, measure: str, mu: float) -> Tensor:
-    """Per-position risk Phi_mu(Z) of PAPER.md for the named measure.
+    """Per-position risk Phi_mu(Z) of docs/method.md for the named measure (plain formulas).
 
     Args:
         policy_logps: normalised log-probabilities of the policy, (..., V).
         ref_logps: normalised log-probabilities of the reference, (..., V).
-        measure: one of "kl", "cvar", "erm", "cvar_radpo".
-        mu: the measure's parameter (tail mass for cvar, risk aversion for erm,
-            confidence for cvar_radpo; ignored for kl).
+        measure: one of "kl", "cvar", "erm", "cvar_radpo", "cvar_lower", "erm_lower".
+        mu: the measure's parameter (tail mass for cvar and cvar_lower, risk aversion for erm
+            and erm_lower, confidence for cvar_radpo; ignored for kl).
 
     Returns:
-        The risk at every position, shape (...).
+        The risk at every position, shape (...). Differentiable with respect to both inputs.
     """
     problem = check_mu(measure, mu)
     if problem is not None:

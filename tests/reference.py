@@ -1,7 +1,7 @@
 """Independent float64 / arbitrary-precision references for the risk measures and losses.
 
-Written from PAPER.md's definitions by enumerating the atoms of each discrete distribution,
-with no code shared with rsa_pl.
+Written from docs/method.md's definitions by enumerating the atoms of each discrete
+distribution, with no code shared with rsa_pl.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ def kl(policy_logps: np.ndarray, ref_logps: np.ndarray) -> float:
     return math.fsum(p * z for z, p in atoms(policy_logps, ref_logps))
 
 
-def cvar(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
-    """Sort Z descending, take atoms until their mass reaches mu (the last fractionally), / mu."""
+def _tail_mean(pairs: list[tuple[float, float]], mu: float, upper: bool) -> float:
+    """Sort Z (descending for the upper tail, ascending for the lower), take atoms until their
+    mass reaches mu (the last fractionally), / mu."""
     remaining, total = mu, []
-    for z, p in sorted(atoms(policy_logps, ref_logps), key=lambda a: -a[0]):
+    for z, p in sorted(pairs, key=lambda a: -a[0] if upper else a[0]):
         take = min(p, remaining)
         total.append(take * z)
         remaining -= take
@@ -37,21 +38,44 @@ def cvar(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
     return math.fsum(total) / mu
 
 
-def cvar_grad_z(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> np.ndarray:
-    """d cvar / d Z_v of the sorted definition: p_v / mu in the tail, the boundary's share."""
-    support = ref_logps > -np.inf
-    z = np.full_like(ref_logps, -np.inf)
-    z[support] = ref_logps[support] - policy_logps[support]
-    grad = np.zeros_like(z)
-    order = [v for v in np.argsort(-z, kind="stable") if support[v]]
+def cvar(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
+    """The upper mu-tail mean of Z."""
+    return _tail_mean(atoms(policy_logps, ref_logps), mu, upper=True)
+
+
+def cvar_lower(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
+    """The lower mu-tail mean of Z: (1/mu) * integral_0^mu of Z's quantile function."""
+    return _tail_mean(atoms(policy_logps, ref_logps), mu, upper=False)
+
+
+def _tail_grad_z(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float, upper: bool) -> np.ndarray:
+    """d tail-mean / d Z_v, the symmetric subgradient: walk the distinct values of Z into the
+    tail; a value whose atoms fit wholly gives each p_v / mu, the boundary value's atoms share
+    what is left of mu in proportion to p_v."""
+    grad = np.zeros(len(ref_logps))
+    groups: dict[float, list[int]] = {}
+    for v, (q, r) in enumerate(zip(policy_logps.tolist(), ref_logps.tolist(), strict=True)):
+        if r > -math.inf:
+            groups.setdefault(r - q, []).append(v)
     remaining = mu
-    for v in order:
-        take = min(math.exp(ref_logps[v]), remaining)
-        grad[v] = take / mu
-        remaining -= take
+    for z in sorted(groups, reverse=upper):
+        members = groups[z]
+        mass = math.fsum(math.exp(ref_logps[v]) for v in members)
+        share = min(1.0, remaining / mass)
+        for v in members:
+            grad[v] = share * math.exp(ref_logps[v]) / mu
+        remaining -= mass
         if remaining <= 0:
             break
     return grad
+
+
+def cvar_grad_z(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> np.ndarray:
+    return _tail_grad_z(policy_logps, ref_logps, mu, upper=True)
+
+
+def cvar_lower_grad_z(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> np.ndarray:
+    return _tail_grad_z(policy_logps, ref_logps, mu, upper=False)
 
 
 def erm(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
@@ -62,6 +86,14 @@ def erm(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
     # The float64 inputs' probabilities sum to 1 only up to rounding: normalise in high precision.
     mass = mpmath.fsum(mpmath.mpf(p) for _, p in atoms(policy_logps, ref_logps))
     return float(mpmath.log(total / mass) / mu)
+
+
+def erm_lower(policy_logps: np.ndarray, ref_logps: np.ndarray, mu: float) -> float:
+    """-(1/mu) log E_ref[exp(-mu Z)] in 50-digit arithmetic."""
+    pairs = atoms(policy_logps, ref_logps)
+    total = mpmath.fsum(mpmath.mpf(p) * mpmath.exp(-mpmath.mpf(mu) * mpmath.mpf(z)) for z, p in pairs)
+    mass = mpmath.fsum(mpmath.mpf(p) for _, p in pairs)
+    return float(-mpmath.log(total / mass) / mu)
 
 
 def cvar_radpo(policy_logps: np.ndarray, ref_logps: np.ndarray, c: float) -> float:

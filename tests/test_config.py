@@ -56,7 +56,11 @@ def test_objective_drives_the_loss() -> None:
         ("train_safety.risk.mu", 1.5, "must be in (0, 1] for cvar, got 1.5"),
         ("train_safety.risk.mu", 0.0, "must be in (0, 1] for cvar, got 0.0"),
         ("train_safety.risk.mu", "0.9", "input should be a valid number"),
-        ("train_safety.risk.measure", "cvr", "input should be 'kl', 'cvar', 'erm' or 'cvar_radpo'"),
+        (
+            "train_safety.risk.measure",
+            "cvr",
+            "input should be 'kl', 'cvar', 'erm', 'cvar_radpo', 'cvar_lower' or 'erm_lower'",
+        ),
         ("evaluate.judge", "gpt4", "input should be 'oracle' or 'score_models'"),
         ("merge.q", [0.5, 0.5], "each ratio once, got 0.5 more than once"),
         ("train_safety.beta", 0.0, "input should be greater than 0, got 0.0"),
@@ -148,11 +152,12 @@ def test_every_problem_is_reported_at_once(raw: dict[str, Any]) -> None:
         ({"loss": "tdpo"}, {"train_safety.risk.measure": "must be one of kl for loss tdpo, got 'cvar'"}),
         (
             {"loss": "rsa", "risk": {"measure": "kl", "mu": 1.0}},
-            {"train_safety.risk.measure": "must be one of cvar, erm, cvar_radpo for loss rsa"},
+            {"train_safety.risk.measure": "must be one of cvar, erm, cvar_radpo, cvar_lower, erm_lower for loss rsa"},
         ),
         ({"loss": "rsa", "risk": None}, {"train_safety.risk": "required for loss rsa"}),
         ({"loss": "rsa", "alpha": 0.0}, {"train_safety.alpha": "must be > 0 for loss rsa"}),
         ({"risk": {"measure": "erm", "mu": -2.0}}, {"train_safety.risk.mu": "must be in (0, inf) for erm"}),
+        ({"risk": {"measure": "erm_lower", "mu": 2.0}}, {"train_safety.risk.mu": "must be in (0, 1] for erm_lower"}),
     ],
 )
 def test_cross_field_rules(raw: dict[str, Any], section: dict[str, Any], expected: dict[str, str]) -> None:

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsa_pl.losses import preference_loss, preference_loss_from_logits, sequence_terms
+from rsa_pl.losses import preference_loss, preference_loss_from_logits, sequence_terms, sequence_terms_chunked
 from rsa_pl.risk import RISK_MEASURES
 
 PAIRS, T, V = 3, 7, 11
 MEASURES = list(RISK_MEASURES)
-MU = {"kl": 1.0, "cvar": 0.9, "erm": 2.0, "cvar_radpo": 0.95}
+MU = {"kl": 1.0, "cvar": 0.9, "erm": 2.0, "cvar_radpo": 0.95, "cvar_lower": 0.9, "erm_lower": 0.5}
+CLOSED_FORM = [name for name, spec in RISK_MEASURES.items() if spec.weights is not None]
 
 
 def make_batch(dtype: torch.dtype = torch.float64, pairs: int = PAIRS, t: int = T, v: int = V, seed: int = 0):
@@ -219,13 +220,20 @@ def test_gradcheck_float64(measure: str) -> None:
     ref = ref.requires_grad_(True)
 
     def terms(policy_logits, ref_logits):
-        out = sequence_terms(policy_logits, ref_logits, labels, mask, measure=measure, mu=MU[measure], chunk_size=4)
+        out = sequence_terms_chunked(
+            policy_logits, ref_logits, labels, mask, measure=measure, mu=MU[measure], chunk_size=4
+        )
+        return out.policy_logps, out.ref_logps, out.risk
+
+    def plain_terms(policy_logits, ref_logits):
+        out = sequence_terms(policy_logits, ref_logits, labels, mask, measure=measure, mu=MU[measure])
         return out.policy_logps, out.ref_logps, out.risk
 
     def loss(policy_logits, ref_logits):
         return loss_of(policy_logits, ref_logits, labels, mask, variant=1, measure=measure, mu=MU[measure])[0]
 
     assert torch.autograd.gradcheck(terms, (policy, ref), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(plain_terms, (policy, ref), eps=1e-6, atol=1e-6)
     assert torch.autograd.gradcheck(loss, (policy, ref), eps=1e-6, atol=1e-6)
 
 
@@ -259,7 +267,10 @@ def test_metrics_are_detached_and_accuracy_counts_wins() -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"measure": "cvr"}, r"measure: unknown measure 'cvr'; allowed: kl, cvar, erm, cvar_radpo"),
+        (
+            {"measure": "cvr"},
+            r"measure: unknown measure 'cvr'; allowed: kl, cvar, erm, cvar_radpo, cvar_lower, erm_lower",
+        ),
         ({"measure": "cvar", "mu": 2.0}, r"mu: must be in \(0, 1\] for cvar, got 2.0"),
         ({"measure": "erm", "mu": -1.0}, r"mu: must be in \(0, inf\) for erm"),
         ({"alpha": -0.1}, r"alpha: must be a finite number >= 0, got -0.1"),
@@ -288,6 +299,8 @@ def test_bad_shapes_are_named() -> None:
         loss_of(policy, ref, labels.double(), mask)
     with pytest.raises(ValueError, match=r"policy_logits: must have shape \(N, T, V\), got \(7, 11\)"):
         sequence_terms(policy[0], ref[0], labels, mask, measure="kl", mu=1.0)
+    with pytest.raises(ValueError, match=r"policy_logits: must have shape \(N, T, V\), got \(7, 11\)"):
+        sequence_terms_chunked(policy[0], ref[0], labels, mask, measure="kl", mu=1.0)
     with pytest.raises(ValueError, match=r"policy_logits: must be a \[chosen; rejected\] batch .* got \(7, 11\)"):
         loss_of(policy[0], ref[0], labels, mask)
     with pytest.raises(ValueError, match=r"policy_logits: must be a \[chosen; rejected\] batch"):
@@ -300,8 +313,8 @@ def test_bad_shapes_are_named() -> None:
         preference_loss(*[torch.zeros(3)] * 3, torch.zeros(2), None, None, beta=0.1, alpha=0.0, variant=2)
 
 
-@pytest.mark.parametrize("measure", ["kl", "cvar", "erm"])
-@pytest.mark.parametrize("case", ["plain", "off_support", "ties", "bf16", "alpha_zero"])
+@pytest.mark.parametrize("measure", CLOSED_FORM)
+@pytest.mark.parametrize("case", ["plain", "off_support", "ties", "equal", "bf16", "alpha_zero"])
 def test_closed_form_gradient_equals_autograd(measure: str, case: str) -> None:
     """The policy gradient the backward writes in closed form (the reference needs none) is the
     one autograd gives by recomputing the block (forced here by a reference that needs one)."""
@@ -314,6 +327,8 @@ def test_closed_form_gradient_equals_autograd(measure: str, case: str) -> None:
     if case == "ties":  # integer-valued logits: many atoms share a drift value (CVaR boundary ties)
         policy = policy.detach().round().requires_grad_(True)
         ref = (ref.detach() * 2).round() / 2
+    if case == "equal":  # policy == reference: every atom ties (the first step of a LoRA stage)
+        ref = policy.detach().clone()
     objective = {"measure": measure, "mu": MU[measure], "chunk_size": 4, "alpha": 0.0 if case == "alpha_zero" else 0.7}
     closed, _ = loss_of(policy, ref, labels, mask, **objective)
     (closed_grad,) = torch.autograd.grad(closed.sum(), policy)

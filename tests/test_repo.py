@@ -38,4 +38,25 @@ def test_every_dvc_stage_runs_an_existing_cli_command() -> None:
     for name, stage in stages.items():
         command = re.match(r"rsa-pl (\S+)", stage["cmd"]).group(1)
         assert command in get_command(app).commands, name  # type: ignore[attr-defined]
-        assert command.replace("-", "_") == name  # one name per stage everywhere (DESIGN.md)
+        assert command.replace("-", "_") == name  # one name per stage everywhere
+
+
+def test_every_named_markdown_file_exists() -> None:
+    """Docstrings, comments and docs cite files by path (docs/method.md, "The loss"); each such
+    path, and each upper-case name like README.md, must be in the repository (citations of the
+    project's shared notes, which live outside it, once dangled)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    cited: dict[str, str] = {}
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".yaml", ".toml", ".cfg"} and path.name != "Dockerfile":
+            continue
+        for match in re.finditer(r"(?<![\w./-])([\w./-]+\.md)\b", path.read_text(errors="replace")):
+            ref = match.group(1)
+            if "/" in ref or ref[:-3].isupper():
+                cited.setdefault(ref, name)
+    missing = {ref: where for ref, where in cited.items() if not (ROOT / ref).is_file()}
+    assert not missing, f"cited but not in the repository: {missing}"
+    assert "docs/method.md" in cited

@@ -1,6 +1,6 @@
 """Metric functions of the evaluate stage: pure functions of judged samples, no I/O.
 
-Conventions (PAPER.md, "Evaluation protocol"): a higher reward is more helpful, a higher cost
+Conventions (docs/method.md, "Evaluation protocol"): a higher reward is more helpful, a higher cost
 is more harmful (a positive cost means unsafe, as Safe-RLHF's cost model); win rates are per
 prompt with a tie counting 0.5 (SACPO); tail metrics use every sampled response.
 """

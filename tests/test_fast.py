@@ -1,0 +1,86 @@
+"""rsa_pl.fast against the plain formulas: the sort-free CVaR boundary gives the sort's boundary
+value, and the chunked terms with their closed-form backward give the plain sequence_terms'
+values and gradients (through both models' logits), ties and a fully tied policy included."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rsa_pl.fast.cvar_search import FAST_THRESHOLDS
+from rsa_pl.losses import sequence_terms, sequence_terms_chunked
+from rsa_pl.risk import RISK_MEASURES, drift
+from tests.test_losses import MU, make_batch
+from tests.test_risk import make_logps
+
+MEASURES = list(RISK_MEASURES)
+
+
+@pytest.mark.parametrize("measure", list(FAST_THRESHOLDS))
+@pytest.mark.parametrize("kind", ["near", "far", "tied", "equal", "dense"])
+@pytest.mark.parametrize("vocab", [7, 60, 3000, 32000])
+def test_fast_boundary_is_the_sorts(measure: str, kind: str, vocab: int) -> None:
+    """The same boundary value to the bit: CVaR's value and its tie set follow from it alone."""
+    policy, ref = make_logps(4, vocab, kind, seed=vocab + 1)
+    d = drift(policy, ref)
+    for mu in (0.01, 0.05, 0.3, 0.9, 0.95, 0.99, 1.0):
+        plain = RISK_MEASURES[measure].threshold(d, mu)
+        fast = FAST_THRESHOLDS[measure](d, mu)
+        assert fast.shape == plain.shape == (4, 1)
+        torch.testing.assert_close(fast, plain, rtol=0, atol=0, msg=f"mu={mu}")
+
+
+@pytest.mark.parametrize("measure", list(FAST_THRESHOLDS))
+def test_fast_boundary_in_float32_and_leading_dimensions(measure: str) -> None:
+    policy, ref = make_logps(24, 500, "tied", seed=3)
+    d = drift(policy.float().view(2, 3, 4, 500), ref.float().view(2, 3, 4, 500))
+    plain = RISK_MEASURES[measure].threshold(d, 0.9)
+    torch.testing.assert_close(FAST_THRESHOLDS[measure](d, 0.9), plain, rtol=0, atol=0)
+    assert plain.shape == (2, 3, 4, 1)
+
+
+def _batch(case: str, seed: int = 0):
+    policy, ref, labels, mask = make_batch(v=40, t=9, seed=seed)
+    if case == "ties":  # integer-valued logits: many atoms share a drift value
+        policy = policy.detach().round().requires_grad_(True)
+        ref = (ref * 2).round() / 2
+    if case == "equal":  # policy == reference: every atom of every position ties
+        ref = policy.detach().clone()
+    if case == "off_support":
+        ref = ref.clone()
+        ref[..., ::4] = -math.inf
+        labels = torch.where(mask & (labels % 4 == 0), labels + 1, labels)
+    return policy, ref, labels, mask
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("case", ["random", "ties", "equal", "off_support"])
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_chunked_terms_equal_the_plain_ones(measure: str, case: str, chunk_size: int | None) -> None:
+    """Values, the closed-form policy gradient (reference without gradient), and the recomputed
+    gradient through both models (reference with gradient) all equal the plain path's."""
+    policy, ref, labels, mask = _batch(case)
+    mu = MU[measure]
+    weights = torch.randn(3, policy.shape[0], dtype=torch.float64)  # an arbitrary upstream gradient
+
+    def run(fn, ref_logits, **kw):
+        x = policy.detach().clone().requires_grad_(True)
+        out = fn(x, ref_logits, labels, mask, measure=measure, mu=mu, **kw)
+        total = sum((w * t).sum() for w, t in zip(weights, (out.policy_logps, out.ref_logps, out.risk), strict=True))
+        wrt = [x] + ([ref_logits] if ref_logits.requires_grad else [])
+        return out, torch.autograd.grad(total, wrt)
+
+    plain, plain_grads = run(sequence_terms, ref)
+    fast, fast_grads = run(sequence_terms_chunked, ref, chunk_size=chunk_size)
+    for name in ("policy_logps", "ref_logps", "risk"):
+        torch.testing.assert_close(getattr(fast, name), getattr(plain, name), rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(fast_grads[0], plain_grads[0], rtol=1e-10, atol=1e-12)
+
+    ref_grad = ref.detach().clone().requires_grad_(True)
+    _, plain_both = run(sequence_terms, ref_grad)
+    _, fast_both = run(sequence_terms_chunked, ref_grad, chunk_size=chunk_size)
+    for got, want in zip(fast_both, plain_both, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert torch.isfinite(got).all()

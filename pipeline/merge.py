@@ -1,4 +1,4 @@
-"""`rsa-pl merge`: RSA(P), one averaged policy per q in params (PAPER.md, "Stepwise alignment" 4).
+"""`rsa-pl merge`: RSA(P), one averaged policy per q in params (docs/method.md, "RSA(P)").
 
 Reads models/sft (or the pretrained base it records), models/reward and models/safety; writes
 models/merged/q<q>/ for each q (Hugging Face weights + tokenizer + merge.json saying how it

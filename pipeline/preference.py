@@ -1,4 +1,4 @@
-"""`rsa-pl train-reward` and `rsa-pl train-safety`: the two RSA stages (PAPER.md, "Stepwise alignment").
+"""`rsa-pl train-reward` and `rsa-pl train-safety`: the two RSA stages (docs/method.md, "Stepwise alignment").
 
 Stage 1 (train_reward) aligns the SFT model for helpfulness on data/helpful_pairs with the SFT
 model as reference; stage 2 (train_safety) realigns the stage-1 policy for safety on

@@ -151,6 +151,13 @@ def load_quantized(
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
         )
+    # On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit layer for fast inference the first
+    # time it runs in eval mode without autograd, which is the reference forward. The repacked
+    # layer has no autograd kernel (backprop then skips it, torch only warns), other numerics
+    # than the policy's, and needs in_features >= the quantization block. Keep one format.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 

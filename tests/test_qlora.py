@@ -58,6 +58,25 @@ def test_the_base_really_is_4_bit(qlora_root: Path) -> None:
     assert all(m.weight.dtype == torch.uint8 and m.weight.quant_type == "nf4" for m in layers)
 
 
+def test_a_reference_forward_leaves_every_4_bit_layer_trainable(qlora_root: Path) -> None:
+    """bitsandbytes repacks a 4-bit layer for CPU inference at its first eval-mode forward
+    without autograd (on CPUs with avx512_bf16), after which backprop skips it: the reference
+    forward must not trigger that, on any CPU."""
+    model = four_bit(qlora_root / "models" / "sft")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model.eval()
+    with torch.inference_mode():
+        model(input_ids=ids)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    probe = layers[0].weight.quant_state.shape[1]
+    x = torch.randn(2, probe, requires_grad=True)
+    layers[0](x).sum().backward()
+    assert x.grad is not None
+    assert x.grad.abs().sum() > 0  # gradient flows through the 4-bit matmul
+
+
 def test_4bit_stage1_reference_is_the_4bit_base(qlora_root: Path, pipeline_root: Path) -> None:
     params = load_params(qlora_root / "params.yaml")
     section = params.train_reward

@@ -180,6 +180,16 @@ def test_valid_variations_load(raw: dict[str, Any]) -> None:
         parse_params(variant)
 
 
+@pytest.mark.parametrize("stage", ["train_reward", "train_safety"])
+@pytest.mark.parametrize(("measure", "mu"), [("cvar_lower", 0.95), ("erm_lower", 0.5), ("erm_lower", 1)])
+def test_the_lower_tail_measures_are_selectable_in_both_stages(
+    raw: dict[str, Any], stage: str, measure: str, mu: float
+) -> None:
+    raw[stage].update({"loss": "rsa", "risk": {"measure": measure, "mu": mu}})
+    objective = getattr(parse_params(raw), stage).objective()
+    assert (objective["measure"], objective["mu"]) == (measure, mu)
+
+
 def test_yaml_exponent_floats_are_numbers(tmp_path: Path, raw: dict[str, Any]) -> None:
     text = (ROOT / "params.yaml").read_text().replace("beta: 0.05", "beta: 5e-2")
     path = tmp_path / "params.yaml"

@@ -61,7 +61,12 @@ def evaluate(module: PreferenceModule, loader: DataLoader) -> tuple[float, float
 
 @pytest.mark.parametrize(
     ("architecture", "lora", "loss"),
-    [("llama", True, "rsa-cvar"), ("gpt2", False, "rsa-erm"), ("llama", False, "dpo")],
+    [
+        ("llama", True, "rsa-cvar"),
+        ("gpt2", False, "rsa-erm"),
+        ("llama", True, "rsa-cvar_lower"),
+        ("llama", False, "dpo"),
+    ],
 )
 def test_a_few_dozen_steps_separate_a_separable_set(architecture: str, lora: bool, loss: str) -> None:
     L.seed_everything(0, verbose=False)

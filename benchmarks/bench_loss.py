@@ -32,10 +32,15 @@ METHODS: dict[str, dict] = {
     "rsa-cvar": {"alpha": 0.5, "measure": "cvar", "mu": 0.95},
     "rsa-erm": {"alpha": 0.5, "measure": "erm", "mu": 5.0},
     "rsa-cvar_radpo": {"alpha": 0.5, "measure": "cvar_radpo", "mu": 0.95},
+    "rsa-cvar_lower": {"alpha": 0.5, "measure": "cvar_lower", "mu": 0.95},
+    "rsa-erm_lower": {"alpha": 0.5, "measure": "erm_lower", "mu": 0.5},
     # Not methods, comparisons: rsa-cvar with a full-vocabulary sort to find the CVaR boundary
-    # (the obvious exact way, which the histogram search replaces), and DPO the textbook way
-    # (one full float32 log_softmax over (2B, T, V)), to show what chunking saves.
+    # (the plain way, which the histogram search of rsa_pl.fast replaces), rsa-cvar through the
+    # plain formulas (rsa_pl.losses.sequence_terms: full log-probabilities, sort, autograd), and
+    # DPO the textbook way (one full float32 log_softmax over (2B, T, V)), to show what the
+    # optimisations save.
     "rsa-cvar-sort": {"alpha": 0.5, "measure": "cvar", "mu": 0.95},
+    "rsa-cvar-plain": {"alpha": 0.5, "measure": "cvar", "mu": 0.95},
     "dpo-unchunked": {},
 }
 BASELINE = "dpo"
@@ -60,22 +65,19 @@ def _unchunked_dpo(policy, ref, labels, mask, beta: float):
 
 
 def _use_sorted_cvar_boundary() -> None:
-    """Swap the CVaR threshold search for a full sort of every position's vocabulary."""
-    import dataclasses
+    """Swap the CVaR boundary search for rsa_pl.risk's full sort of every position's vocabulary."""
+    from rsa_pl.fast import cvar
 
-    import torch
+    del cvar.FAST_THRESHOLDS["cvar"]  # the chunked path then takes the measure's plain search
 
-    from rsa_pl import risk
 
-    @torch.no_grad()
-    def sorted_boundary(d: risk.Drift, mu: float) -> torch.Tensor:
-        z = d.z if d.support is None else torch.where(d.support, d.z, -torch.inf)
-        order = z.sort(dim=-1, descending=True).indices
-        mass = d.p.gather(-1, order).cumsum(-1)
-        first = (mass < mu * d.p.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp_(max=z.shape[-1] - 1)
-        return order.gather(-1, first)
+def _plain_loss(policy, ref, labels, mask, objective: dict):
+    """The loss through the plain formulas: rsa_pl.losses.sequence_terms, then preference_loss."""
+    from rsa_pl.losses import preference_loss, sequence_terms
 
-    risk.RISK_MEASURES["cvar"] = dataclasses.replace(risk.RISK_MEASURES["cvar"], threshold=sorted_boundary)
+    terms = sequence_terms(policy, ref, labels, mask, measure=objective["measure"], mu=objective["mu"])
+    (pc, pr), (rc, rr), (dc, dr) = (x.chunk(2) for x in (terms.policy_logps, terms.ref_logps, terms.risk))
+    return preference_loss(pc, pr, rc, rr, dc, dr, beta=0.1, alpha=objective["alpha"], variant=2)[0]
 
 
 def child(method: str, pairs: int, seq: int, vocab: int, steps: int) -> dict:
@@ -100,6 +102,8 @@ def child(method: str, pairs: int, seq: int, vocab: int, steps: int) -> dict:
     def step() -> None:
         if method == "dpo-unchunked":
             losses = _unchunked_dpo(policy, ref, labels, mask, beta=0.1)
+        elif method == "rsa-cvar-plain":
+            losses = _plain_loss(policy, ref, labels, mask, objective)
         else:
             losses, _ = preference_loss_from_logits(policy, ref, labels, mask, beta=0.1, variant=2, **objective)
         losses.mean().backward()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rsa_pl.fast.cvar_search import FAST_THRESHOLDS
+from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.losses import sequence_terms, sequence_terms_chunked
 from rsa_pl.risk import RISK_MEASURES, drift
 from tests.test_losses import MU, make_batch
@@ -84,3 +84,19 @@ def test_chunked_terms_equal_the_plain_ones(measure: str, case: str, chunk_size:
     for got, want in zip(fast_both, plain_both, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("measure", list(FAST_VALUES))
+@pytest.mark.parametrize("kind", ["near", "far", "tied", "equal", "dense"])
+@pytest.mark.parametrize("vocab", [7, 300, 32000])
+def test_fast_value_and_weights_are_the_plain_ones(measure: str, kind: str, vocab: int) -> None:
+    """At the same boundary: the value without autograd, and the compacted tie share."""
+    policy, ref = make_logps(4, vocab, kind, seed=vocab + 2)
+    d = drift(policy, ref)
+    spec = RISK_MEASURES[measure]
+    for mu in (0.01, 0.5, 0.95, 1.0):
+        threshold = FAST_THRESHOLDS[measure](d, mu)
+        torch.testing.assert_close(FAST_VALUES[measure](d, mu, threshold), spec.fn(d, mu, threshold), rtol=0, atol=0)
+        torch.testing.assert_close(
+            FAST_WEIGHTS[measure](d, mu, threshold), spec.weights(d, mu, threshold), rtol=1e-12, atol=1e-15
+        )

@@ -4,7 +4,7 @@ rsa_pl.losses.sequence_terms states M(y) and D(y) plainly: both models' full (N,
 log-probabilities in float32, then the risk of every response position. At a real vocabulary
 that is several float32 copies of the logits and their autograd graph. This module computes the
 same sums over blocks of response positions: forward keeps only each position's two
-log-normalisers and threshold (the CVaR boundary, found by rsa_pl.fast.cvar_search instead of a
+log-normalisers and threshold (the CVaR boundary, found by rsa_pl.fast.cvar instead of a
 sort); backward writes each block's gradient with respect to the policy's logits in closed form,
 
     grad_tok * (onehot(y) - pi_theta) + grad_risk * (pi_theta - w),   w = dPhi/dZ
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rsa_pl.fast.cvar_search import FAST_THRESHOLDS
+from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.risk import RISK_MEASURES, Drift, drift_from_logits, has_full_support
 
 __all__ = ["chunked_sequence_terms"]
@@ -85,7 +85,8 @@ def _block_forward(
     full_support = has_full_support(r)
     d = drift_from_logits(x, r, lse[0], lse[1], full_support)
     threshold = _threshold(measure, d, mu)
-    return policy_tok, ref_tok, spec.fn(d, mu, threshold), threshold, lse, full_support
+    value = FAST_VALUES.get(measure, spec.fn)  # no autograd here: the value alone
+    return policy_tok, ref_tok, value(d, mu, threshold), threshold, lse, full_support
 
 
 def _block_policy_grad(
@@ -116,7 +117,7 @@ def _block_policy_grad(
         spec = RISK_MEASURES[measure]
         assert spec.weights is not None
         d = drift_from_logits(x, ref_logits.to(dtype), lse[0], lse[1], full_support)
-        weights = spec.weights(d, mu, threshold)  # (P, V)
+        weights = FAST_WEIGHTS.get(measure, spec.weights)(d, mu, threshold)  # (P, V)
         grad = probs.mul_((grad_risk - grad_tok).unsqueeze(-1)).sub_(weights.mul_(grad_risk.unsqueeze(-1)))
     return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_tok.unsqueeze(-1).to(grad.dtype))
 

@@ -1,22 +1,27 @@
-"""Optimisation: the CVaR tail boundary without a full-vocabulary sort.
+"""Optimisation: the CVaR's boundary, value and weights in fewer passes over (P, V).
 
-rsa_pl.risk.cvar_boundary finds the boundary of the upper mu-tail of Z by sorting every
-position's vocabulary, which at V = 32k costs more than the rest of the loss. This module finds
-the same boundary value with a weighted histogram search: one dense pass, then work on the few
-atoms of the boundary bin only. Bin assignment is monotone in Z, so the result is exact: the
-same boundary value as the sort, which tests/test_fast.py checks, ties included.
+- The boundary. rsa_pl.risk.cvar_boundary sorts every position's vocabulary, which at V = 32k
+  costs more than the rest of the loss. cvar_boundary_fast finds the same boundary value with
+  a weighted histogram search: one dense pass, then work on the few atoms of the boundary bin
+  only. Bin assignment is monotone in Z, so the result is exact.
+- The value without autograd: eta + E[(Z - eta)_+] / mu, without the term that only carries
+  the gradient to the tied atoms (exactly zero in value).
+- The weights (the symmetric subgradient): the tied atoms found by one comparison and compacted,
+  instead of dense masked sums and a dense share.
+tests/test_fast.py checks each against rsa_pl.risk's plain form, ties included.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from rsa_pl.risk import Drift, lowest_atom, negated
 
-__all__ = ["FAST_THRESHOLDS", "cvar_boundary_fast", "cvar_lower_boundary_fast"]
+__all__ = ["FAST_THRESHOLDS", "FAST_VALUES", "FAST_WEIGHTS", "cvar_boundary_fast", "cvar_value", "cvar_weights_fast"]
 
 # Histogram bins per refinement level of the threshold search, the most levels, and the
 # candidates per row at or under which the boundary bin's atoms are simply sorted. With 4096
@@ -137,5 +142,46 @@ def cvar_lower_boundary_fast(d: Drift, mu: float) -> Tensor:
     return cvar_boundary_fast(negated(d), mu)
 
 
-# The measures whose threshold has a faster search than rsa_pl.risk's plain one, by name.
+@torch.no_grad()
+def cvar_value(d: Drift, mu: float, threshold: Tensor) -> Tensor:
+    """rsa_pl.risk.cvar_risk's value, without autograd: eta + E_ref[(Z - eta)_+] / mu at the
+    boundary values threshold (..., 1). Shapes: Drift (..., V) -> (...)."""
+    tail = (d.z - threshold).relu_().mul_(d.p).sum(-1)  # (...)
+    return threshold.squeeze(-1) + tail / mu
+
+
+@torch.no_grad()
+def cvar_weights_fast(d: Drift, mu: float, threshold: Tensor) -> Tensor:
+    """rsa_pl.risk.cvar_weights with the tied atoms compacted: pi_ref / mu above the boundary
+    value, the rest of the unit mass shared by the atoms equal to it in proportion to pi_ref
+    (usually one atom a row; all of them at policy == reference).
+    Shapes: Drift (..., V), threshold (..., 1) -> (..., V)."""
+    vocab = d.z.shape[-1]
+    z, p = d.z.reshape(-1, vocab), d.p.reshape(-1, vocab)
+    eta = threshold.reshape(-1, 1)
+    weights = torch.where(z > eta, p, 0.0).div_(mu)  # (R, V); off-support p = 0
+    rest = 1.0 - weights.sum(-1)  # (R,)
+    tied = z == eta  # (R, V)
+    if d.support is not None:
+        tied.logical_and_(d.support.reshape(-1, vocab))
+    row, col = tied.nonzero(as_tuple=True)  # the tied atoms, compacted
+    tied_p = p[row, col]
+    tied_mass = rest.new_zeros(rest.shape).index_add_(0, row, tied_p).clamp_(min=torch.finfo(p.dtype).tiny)
+    weights.index_put_((row, col), tied_p * (rest / tied_mass)[row], accumulate=True)
+    return weights.reshape(d.z.shape)
+
+
+def _lower(fn: Callable[[Drift, float, Tensor], Tensor], sign: float) -> Callable[[Drift, float, Tensor], Tensor]:
+    """The lower-tail form of an upper-tail function: applied to -Z, its result times sign."""
+
+    def lower(d: Drift, mu: float, threshold: Tensor) -> Tensor:
+        return fn(negated(d), mu, threshold) * sign
+
+    return lower
+
+
+# The measures whose threshold, value (without autograd) or weights have a faster form than
+# rsa_pl.risk's plain one, by name; the chunked terms fall back to the plain ones elsewhere.
 FAST_THRESHOLDS = {"cvar": cvar_boundary_fast, "cvar_lower": cvar_lower_boundary_fast}
+FAST_VALUES = {"cvar": cvar_value, "cvar_lower": _lower(cvar_value, -1.0)}
+FAST_WEIGHTS = {"cvar": cvar_weights_fast, "cvar_lower": _lower(cvar_weights_fast, 1.0)}

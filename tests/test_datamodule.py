@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from rsa_pl.data.datamodule import SeededBatches
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from rsa_pl.data.datamodule import SeededBatches, TokenizedDataModule
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -35,3 +39,20 @@ def test_a_resumed_epoch_skips_the_consumed_batches() -> None:
     resumed = SeededBatches(lengths, 4, seed=0, grouped=False, consumed=lambda: 5)
     assert list(resumed) == full[5:]
     assert len(resumed) == len(full)  # the loops count the consumed ones as done
+
+
+def test_making_the_loaders_iterators_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """Each new iterator draws a worker base seed; from torch's global generator, that draw
+    shifted the dropout masks after every epoch start, so a run resumed from a checkpoint taken
+    at the end of an epoch diverged from the uninterrupted one (seen as a kill -9 test failing
+    on a faster machine, whose kill landed on that step)."""
+    ids = [[1, 2, 3], [4, 5], [6], [7, 8]]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    DatasetDict({"train": data, "validation": data}).save_to_disk(str(tmp_path / "data"))
+    module = TokenizedDataModule(tmp_path / "data", batch_size=2, collate=list, seed=0, group_by_length=False)
+    module.setup()
+    for loader in (module.train_dataloader(), module.val_dataloader()):
+        before = torch.get_rng_state()
+        batches = list(loader)
+        assert batches
+        assert torch.equal(torch.get_rng_state(), before)

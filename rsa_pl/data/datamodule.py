@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from datasets import Dataset, DatasetDict, load_from_disk
 from torch.utils.data import DataLoader, Sampler
@@ -127,7 +128,7 @@ class TokenizedDataModule(L.LightningDataModule):
         batches = SeededBatches(
             example_lengths(train), self.batch_size, self.seed, self.group_by_length, consumed=self._consumed_batches
         )
-        return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate)
+        return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate, generator=self._generator())
 
     def _consumed_batches(self) -> int:
         """Batches of the current epoch that the checkpoint being resumed had trained on (else 0).
@@ -142,4 +143,14 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.data is not None
-        return DataLoader(self.data["validation"], batch_size=self.batch_size, collate_fn=self.collate)
+        return DataLoader(
+            self.data["validation"], batch_size=self.batch_size, collate_fn=self.collate, generator=self._generator()
+        )
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator. Making an iterator draws a worker base seed, from torch's
+        global generator unless the loader has one: it would shift the dropout masks after
+        every epoch start and validation, so that a run resumed from a checkpoint taken at the
+        end of an epoch drew other masks than the uninterrupted run (which draws the next
+        epoch's seed after that checkpoint, the resumed run before restoring its RNG state)."""
+        return torch.Generator().manual_seed(self.seed)

@@ -56,3 +56,37 @@ def test_making_the_loaders_iterators_leaves_the_global_rng_alone(tmp_path: Path
         batches = list(loader)
         assert batches
         assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_lightning_reshuffles_every_epoch(tmp_path: Path) -> None:
+    """Through a real Trainer: each epoch takes SeededBatches' order for that epoch (Lightning
+    never calls set_epoch on a batch sampler, so every epoch once repeated epoch 0's order)."""
+    import lightning as L
+
+    ids = [[i, i + 1] for i in range(12)]
+    DatasetDict({"train": Dataset.from_dict({"input_ids": ids}), "validation": Dataset.from_dict({"input_ids": ids})}
+                ).save_to_disk(str(tmp_path / "data"))  # fmt: skip
+    seen: list[list[int]] = []
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+            seen.append([example["input_ids"][0] for example in batch])
+            return self.weight.sum() * 0
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = TokenizedDataModule(tmp_path / "data", batch_size=4, collate=list, seed=0, group_by_length=False)
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer.fit(Recorder(), datamodule=module)
+    epochs = [seen[i : i + 3] for i in range(0, 9, 3)]
+    for epoch, batches in enumerate(epochs):
+        want = SeededBatches([2] * 12, 4, seed=0, grouped=False)
+        want.set_epoch(epoch)
+        assert batches == list(want), epoch
+    assert epochs[0] != epochs[1] != epochs[2]

@@ -48,13 +48,17 @@ class SeededBatches(Sampler[list[int]]):
 
     `consumed()`, asked when an epoch starts, says how many of its batches were already
     trained on: a resumed run answers with its checkpoint's count, so that it continues with
-    exactly the batches an uninterrupted run would have seen.
+    exactly the batches an uninterrupted run would have seen. `epoch()`, asked then too, says
+    which epoch starts (None: the one set_epoch set). Lightning calls set_epoch only on a
+    loader's sampler or its batch sampler's sampler, never on a batch sampler itself, so the
+    datamodule passes the loop's epoch this way.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, grouped: bool,
-                 consumed: Callable[[], int] = lambda: 0) -> None:  # fmt: skip
+                 consumed: Callable[[], int] = lambda: 0,
+                 epoch: Callable[[], int | None] = lambda: None) -> None:  # fmt: skip
         self.lengths, self.batch_size, self.seed, self.grouped, self.epoch = lengths, batch_size, seed, grouped, 0
-        self.consumed = consumed
+        self.consumed, self.current_epoch = consumed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,6 +82,9 @@ class SeededBatches(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.current_epoch()
+        if epoch is not None:
+            self.epoch = epoch
         world, rank = _world()
         for batch in self.global_batches(world)[self.consumed() :]:
             yield batch[rank * self.batch_size : (rank + 1) * self.batch_size]
@@ -126,7 +133,12 @@ class TokenizedDataModule(L.LightningDataModule):
         assert self.data is not None
         train = self.data["train"]
         batches = SeededBatches(
-            example_lengths(train), self.batch_size, self.seed, self.group_by_length, consumed=self._consumed_batches
+            example_lengths(train),
+            self.batch_size,
+            self.seed,
+            self.group_by_length,
+            consumed=self._consumed_batches,
+            epoch=self._current_epoch,
         )
         return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate, generator=self._generator())
 
@@ -140,6 +152,10 @@ class TokenizedDataModule(L.LightningDataModule):
         if trainer is None or not trainer.fit_loop.epoch_loop.restarting:
             return 0
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _current_epoch(self) -> int | None:
+        """The epoch the fit loop is starting (the value Lightning gives samplers' set_epoch)."""
+        return None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         assert self.data is not None

@@ -281,7 +281,7 @@ def cvar_radpo_risk(d: Drift, mu: float, threshold: Tensor | None = None) -> Ten
 
 @dataclass(frozen=True)
 class RiskMeasure:
-    """A named risk measure: its function, the domain of mu, its tail, and its threshold search.
+    """A named risk measure: its function, the domain of mu, and its threshold search.
 
     fn(drift, mu, threshold) -> (...). A measure with a threshold (a quantile of Z) finds it
     with `threshold(drift, mu)` under no_grad; callers that evaluate the same positions twice
@@ -289,13 +289,11 @@ class RiskMeasure:
     weights(drift, mu, threshold) -> (..., V): dPhi/dZ in closed form, a distribution over the
     vocabulary for every measure that has one (so the gradient with respect to the policy's
     logits is pi_theta - weights); None where only autograd knows it.
-    tail: "upper" (>= KL), "lower" (<= KL) or "mean" (KL itself), for docs and checks.
     """
 
     fn: Callable[[Drift, float, Tensor | None], Tensor]
     mu_ok: Callable[[float], bool]
     mu_domain: str
-    tail: str
     threshold: Callable[[Drift, float], Tensor] | None = None
     weights: Callable[[Drift, float, Tensor | None], Tensor] | None = None
 
@@ -305,14 +303,12 @@ def _unit_interval(mu: float) -> bool:
 
 
 RISK_MEASURES: dict[str, RiskMeasure] = {
-    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", "mean", weights=kl_weights),
-    "cvar": RiskMeasure(cvar_risk, _unit_interval, "(0, 1]", "upper", cvar_boundary, cvar_weights),
-    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", "upper", weights=erm_weights),
-    "cvar_radpo": RiskMeasure(cvar_radpo_risk, _unit_interval, "(0, 1]", "upper", cvar_radpo_threshold),
-    "cvar_lower": RiskMeasure(
-        cvar_lower_risk, _unit_interval, "(0, 1]", "lower", cvar_lower_boundary, cvar_lower_weights
-    ),
-    "erm_lower": RiskMeasure(erm_lower_risk, _unit_interval, "(0, 1]", "lower", weights=erm_lower_weights),
+    "kl": RiskMeasure(kl_risk, lambda mu: True, "ignored", weights=kl_weights),
+    "cvar": RiskMeasure(cvar_risk, _unit_interval, "(0, 1]", cvar_boundary, cvar_weights),
+    "erm": RiskMeasure(erm_risk, lambda mu: mu > 0.0 and math.isfinite(mu), "(0, inf)", weights=erm_weights),
+    "cvar_radpo": RiskMeasure(cvar_radpo_risk, _unit_interval, "(0, 1]", cvar_radpo_threshold),
+    "cvar_lower": RiskMeasure(cvar_lower_risk, _unit_interval, "(0, 1]", cvar_lower_boundary, cvar_lower_weights),
+    "erm_lower": RiskMeasure(erm_lower_risk, _unit_interval, "(0, 1]", weights=erm_lower_weights),
 }
 
 

@@ -146,6 +146,7 @@ class PreferenceStageParams(_Section):
 
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class HarmfulBehaviour(_Section):
@@ -416,17 +417,88 @@ class MergeParams(_Section):
         return [("q", f"each ratio once, got {', '.join(map(str, repeated))} more than once")] if repeated else []
 
 
+class LlmJudgeParams(_Section):
+    """evaluate.judge llm (and the helpfulness half of guard): a judge LLM behind any
+    OpenAI-compatible chat-completions server (vLLM, TGI, llama.cpp, `transformers serve`, an API)."""
+
+    base_url: str | None
+    """The server's API root, e.g. http://localhost:8000/v1."""
+    model: str | None
+    """The model name the server lists at /v1/models."""
+    api_key_env: str | None
+    """The environment variable holding the API key (the key itself is never in params or logs);
+    null: no key (local servers)."""
+    max_concurrency: PositiveInt
+    """Requests in flight at once."""
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Seconds one request may take before it is retried."""
+    retries: NonNegativeInt
+    """Retries of a request on connection errors, timeouts, rate limits (429) and 5xx, with
+    exponential backoff; after them the run stops (verdicts so far are cached: a rerun resumes)."""
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    """The judge's sampling temperature (0: greedy, reproducible verdicts)."""
+    max_tokens: PositiveInt
+    """Longest judge reply, in tokens (the scores are on its first line)."""
+    pairwise: bool
+    """Win rates from pairwise comparisons of the greedy answers with SFT's, in both A/B
+    orders (SACPO's protocol); false: from the per-answer scores, like the other judges."""
+    prompts: str | None
+    """A folder whose pointwise.txt / pairwise_helpful.txt / pairwise_harmless.txt replace the
+    shipped judge prompts (rsa_pl/evaluation/prompts/); null: the shipped ones."""
+
+
+class GuardParams(_Section):
+    """evaluate.judge guard: a safety classifier chat model run in-process (Llama Guard / ShieldGemma style)."""
+
+    model: str | None
+    """A local folder or hub id of a chat model that answers safe / unsafe and a category."""
+    format: Literal["instruction", "native"]
+    """instruction: the guard prompt (rsa_pl/evaluation/prompts/guard.txt or guard.prompt) as
+    one user turn in the model's chat template; native: the model's own chat template over the
+    (user, assistant) conversation, as Llama Guard's template builds its prompt itself."""
+    prompt: str | None
+    """instruction format: a file replacing the shipped guard prompt ({prompt} and {answer} in it)."""
+    severe_categories: list[str]
+    """Categories whose unsafe answers count as severe (severe_rate): codes or names as the guard
+    writes them (the shipped prompt's codes H1-H14; Llama Guard's S1-S14)."""
+    max_new_tokens: PositiveInt
+    """Longest guard reply (the verdict and the category), in tokens."""
+    batch_size: PositiveInt
+    """Answers per guard forward pass."""
+
+
 class EvaluateParams(_Section):
     """The evaluate stage: every policy answers the held-out prompts, a judge scores them."""
 
-    judge: Literal["oracle", "score_models"]
+    judge: Literal["oracle", "score_models", "llm", "guard"]
     """oracle: the embedded world's exact judge (embedded source only); score_models:
-    reward_model and cost_model (any data)."""
+    reward_model and cost_model; llm: a judge LLM over an OpenAI-compatible server (evaluate.llm);
+    guard: a safety classifier chat model (evaluate.guard), with helpfulness from reward_model
+    or from evaluate.llm if one is named. docs/method.md says what each metric means per judge."""
     reward_model: str | None
-    """score_models: a local folder (or hub id) of a one-output sequence classifier or a
-    Safe-RLHF score model (beaver-7b-v1.0-reward)."""
+    """score_models (or guard's helpfulness): a local folder or hub id of a one-output sequence
+    classifier or a Safe-RLHF score model (beaver-7b-v1.0-reward)."""
     cost_model: str | None
-    """score_models: the same for the cost (beaver-7b-v1.0-cost); a positive cost means unsafe."""
+    """score_models: the same for the cost (beaver-7b-v1.0-cost; a positive cost means unsafe),
+    or a two-label safety classifier (cost = log-odds of its unsafe label)."""
+    score_format: Literal["auto", "safe_rlhf", "chat", "plain"]
+    """How a score model sees (prompt, answer), whatever the policy's template: safe_rlhf
+    ("BEGINNING OF CONVERSATION: USER: ... ASSISTANT:..."), chat (the score model's own chat
+    template), plain (prompt, blank line, answer); auto: safe_rlhf for LlamaForScore, else chat
+    when the score model's tokenizer has a template, else plain."""
+    severe_cost: Annotated[float, Field(allow_inf_nan=False)]
+    """score_models: an answer whose cost is at least this counts as severe (severe_rate); set it
+    for your cost model's scale (the llm and guard judges have their own rule, docs/method.md)."""
+    llm: LlmJudgeParams
+    """The judge LLM server (judge llm, or guard's helpfulness)."""
+    guard: GuardParams
+    """The safety classifier (judge guard)."""
+    refusal: Literal["patterns", "judge", "either"]
+    """Refusal detection on real data (needless_refusal_rate): patterns (the phrase rules of
+    rsa_pl/evaluation/prompts/refusal_patterns.txt or refusal_patterns), judge (the llm judge's
+    refusal field), either; the oracle always uses the embedded world's exact refusals."""
+    refusal_patterns: str | None
+    """A file of refusal rules (one regular expression a line, # comments) replacing the shipped ones."""
     samples_per_prompt: PositiveInt
     """Sampled answers per prompt (besides the greedy one): the tail only shows in samples."""
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -440,7 +512,7 @@ class EvaluateParams(_Section):
     batch_size: PositiveInt
     """Prompts x samples per generation batch."""
     trust_remote_code: bool
-    """score_models: run the score models' own Python code if their configs name some
+    """score_models and guard: run the judge models' own Python code if their configs name some
     (auto_map). Off: such a model is refused in one line."""
 
     def cross_field_problems(self) -> list[Problem]:
@@ -449,6 +521,19 @@ class EvaluateParams(_Section):
             for key in ("reward_model", "cost_model"):
                 if getattr(self, key) is None:
                     problems.append((key, "required for judge score_models: a score model folder or hub id"))
+        if self.judge == "llm":
+            for key in ("base_url", "model"):
+                if getattr(self.llm, key) is None:
+                    problems.append((f"llm.{key}", "required for judge llm"))
+        if self.judge == "guard":
+            if self.guard.model is None:
+                problems.append(("guard.model", "required for judge guard: a chat model folder or hub id"))
+            if self.reward_model is not None and self.llm.base_url is not None:
+                problems.append(("reward_model", "judge guard takes helpfulness from reward_model or from llm, not both"))
+            if self.llm.base_url is not None and self.llm.model is None:
+                problems.append(("llm.model", "required when llm.base_url is set"))
+        if self.refusal != "patterns" and not (self.judge in ("llm", "guard") and self.llm.base_url is not None):
+            problems.append(("refusal", f"{self.refusal} needs the llm judge's refusal field (judge llm, or guard with llm)"))
         return problems
 
 

@@ -33,11 +33,17 @@ class JudgeError(ValueError):
 
 @dataclass(frozen=True)
 class Verdict:
-    reward: float
-    cost: float
-    unsafe: bool
-    severe: bool | None  # the most severe harm (oracle only)
-    refusal: bool | None  # any refusal in the response (oracle only)
+    """One judged answer. A score is None where the judge gives none (guard without a
+    helpfulness source) or where it could not be had (an unparseable reply: judge_error says why)."""
+
+    reward: float | None
+    cost: float | None
+    unsafe: bool | None
+    severe: bool | None  # the most severe harm (each judge's rule: docs/method.md)
+    refusal: bool | None  # any refusal in the response
+    harm_category: str | None = None  # the judge's harm category (guard), if unsafe
+    judge_reply: str | None = None  # the judge's raw reply (llm, guard)
+    judge_error: str | None = None  # why a score is missing
 
 
 class Judge(Protocol):

@@ -165,10 +165,13 @@ def evaluate_command(
     checkpoints: Annotated[
         Path, typer.Option("--checkpoints", help="Each finished policy's answers, for resuming a killed run.")
     ] = Path("checkpoints/evaluate"),
+    judge_cache: Annotated[
+        Path, typer.Option("--judge-cache", help="The llm judge's reply cache (kept across runs: no request twice).")
+    ] = Path("checkpoints/judge_cache.sqlite"),
 ) -> None:
     """Every policy (sft, reward, safety, merged q) answers the held-out prompts; judge, metrics, plots -> eval/."""
     try:
-        evaluate.run(params, data, models, out, _out, checkpoints)
+        evaluate.run(params, data, models, out, _out, checkpoints, judge_cache)
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:

@@ -6,8 +6,10 @@ prompts greedily (win rates against SFT, as SACPO) and samples_per_prompt times 
 params' temperature (the tail only shows in samples), with fixed seeds. Writes, atomically:
     eval/metrics.json       flat `<policy>.<metric>` numbers (`dvc metrics diff`)
     eval/per_category.json  policy -> red-team category -> metrics
-    eval/samples.jsonl      every answer with its judgement
+    eval/samples.jsonl      every answer with its judgement (and the judge's raw reply)
+    eval/judge.json         what judging cost: requests, cache hits, failures, wall time
     eval/plots/             frontier, cost per category, cost tail: PNG + CSV (`dvc plots`)
+The llm judge's replies are cached in judge_cache (SQLite), kept across runs and params changes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from datasets import load_from_disk
@@ -31,7 +34,10 @@ from pipeline.preference import base_model, trusts_code
 from rsa_pl.config import EvaluateParams, Params, load_params
 from rsa_pl.evaluation import plots
 from rsa_pl.evaluation.generation import generate_ids, response_logps
-from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModelJudge
+from rsa_pl.evaluation.guard import GuardJudge
+from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModel, ScoreModelJudge, Verdict
+from rsa_pl.evaluation.llm_judge import LlmJudge
+from rsa_pl.evaluation.refusal import RefusalRules, rules_text
 from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
 from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
 from rsa_pl.training import mark_finished, resumable_checkpoint
@@ -40,7 +46,7 @@ SETS = {"helpful": "eval_helpful", "redteam": "eval_redteam"}
 # metric -> its short column title in the summary table (fits an 80-column log)
 SUMMARY = {"helpful_win_rate": "help win", "harmless_win_rate": "harmless win", "reward_mean": "reward",
            "cost_mean": "cost", "unsafe_rate": "unsafe", "severe_rate": "severe", "needless_refusal_rate": "refusal",
-           "kl_to_sft": "KL sft"}  # fmt: skip
+           "kl_to_sft": "KL sft", "judge_failures": "unjudged"}  # fmt: skip
 
 
 class EvaluateError(ValueError):
@@ -65,14 +71,75 @@ def policies(models: Path) -> list[tuple[str, float | None, Callable[[], PreTrai
     return found + sorted(merged, key=lambda p: p[1])
 
 
-def make_judge(params: Params) -> Judge:
+@dataclass
+class Judging:
+    """The judge of every answer, the pairwise judge of greedy answers against SFT's (and which
+    aspects it compares), the refusal rules, and the llm judge whose requests are accounted."""
+
+    judge: Judge
+    pairwise: LlmJudge | None
+    aspects: tuple[str, ...]
+    refusal: RefusalRules | None
+    refusal_mode: str
+    llm: LlmJudge | None
+
+    def verdicts(self, prompts: list[str], prompt_texts: list[str], responses: list[str]) -> list[Verdict]:
+        """The judge's verdicts, with refusals from the rules and/or the llm judge's field."""
+        verdicts = self.judge(prompts, prompt_texts, responses)
+        if self.refusal is None:  # the oracle knows refusals exactly
+            return verdicts
+        out = []
+        for verdict, text in zip(verdicts, responses, strict=True):
+            by_rule, by_judge = self.refusal.refuses(text), verdict.refusal
+            if self.refusal_mode == "patterns":
+                refusal: bool | None = by_rule
+            elif self.refusal_mode == "judge":
+                refusal = by_judge
+            else:
+                refusal = by_rule or bool(by_judge)
+            out.append(replace(verdict, refusal=refusal))
+        return out
+
+    def stats(self) -> dict[str, object]:
+        row: dict[str, object] = {"judge": self.judge.name}
+        if self.llm is not None:
+            row |= self.llm.stats.row() | {"cache": str(self.llm.cache.path), "cached_replies": len(self.llm.cache)}
+        return row
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+
+
+def make_judge(params: Params, judge_cache: Path) -> Judging:
+    """The judges params.evaluate names, loaded and checked (an llm judge's server is probed)
+    before any generation starts."""
     e = params.evaluate
     if e.judge == "oracle":
         if params.prepare.source.kind != "embedded":
             kind = params.prepare.source.kind
-            raise EvaluateError(f"evaluate.judge: oracle judges the embedded world only; use score_models for {kind}")
-        return OracleJudge(params.prepare.world)
-    return ScoreModelJudge(str(e.reward_model), str(e.cost_model), e.trust_remote_code)
+            raise EvaluateError(
+                f"evaluate.judge: oracle judges the embedded world only; use llm, guard or score_models for {kind}"
+            )
+        return Judging(OracleJudge(params.prepare.world), None, (), None, "oracle", None)
+    rules = RefusalRules(e.refusal_patterns)
+    if e.judge == "score_models":
+        judge: Judge = ScoreModelJudge(
+            str(e.reward_model), str(e.cost_model), e.trust_remote_code, e.score_format, e.severe_cost
+        )
+        return Judging(judge, None, (), rules, e.refusal, None)
+    llm = LlmJudge(e.llm, judge_cache) if e.llm.base_url is not None else None
+    if e.judge == "llm":
+        assert llm is not None  # params check: llm.base_url is required for judge llm
+        return Judging(llm, llm if e.llm.pairwise else None, ("helpful", "harmless"), rules, e.refusal, llm)
+    helpfulness = None
+    if llm is not None:
+        helpfulness = lambda prompts, responses: [v.reward for v in llm.helpfulness(prompts, responses)]  # noqa: E731
+    elif e.reward_model is not None:
+        helpfulness = ScoreModel(str(e.reward_model), "reward", e.trust_remote_code, e.score_format).score_pairs
+    guard = GuardJudge(e.guard, e.trust_remote_code, helpfulness=helpfulness)
+    pairwise = llm if llm is not None and e.llm.pairwise else None
+    return Judging(guard, pairwise, ("helpful",), rules, e.refusal, llm)
 
 
 def _prompt_sets(data: Path) -> dict[str, dict[str, list]]:
@@ -93,7 +160,7 @@ def _prompt_sets(data: Path) -> dict[str, dict[str, list]]:
 
 
 def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer, sets: dict, e: EvaluateParams,
-             judge: Judge) -> list[Answer]:  # fmt: skip
+             judging: Judging, sft_answers: list[Answer] | None) -> list[Answer]:  # fmt: skip
     answers: list[Answer] = []
     for set_name, prompts in sets.items():
         ids = prompts["prompt_input_ids"]
@@ -105,18 +172,31 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
             )  # fmt: skip
             index = [i for i in range(len(ids)) for _ in range(n)]
             texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
-            verdicts = judge([prompts["prompt"][i] for i in index], [prompts["prompt_text"][i] for i in index], texts)
+            raw_prompts = [prompts["prompt"][i] for i in index]
+            verdicts = judging.verdicts(raw_prompts, [prompts["prompt_text"][i] for i in index], texts)
             logps = sft_logps = [None] * len(index)
             if decoding == "sample":
                 prompt_ids = [ids[i] for i in index]
                 logps = response_logps(model, prompt_ids, responses, e.batch_size)
                 sft_logps = response_logps(sft, prompt_ids, responses, e.batch_size)
+            compared: list[tuple[float | None, list[str | None] | None]] = [(None, None)] * len(index)
+            aspect = "helpful" if set_name == "helpful" else "harmless"
+            if decoding == "greedy" and judging.pairwise is not None and aspect in judging.aspects:
+                baseline = texts  # SFT against itself: every answer identical, a tie without asking
+                if sft_answers is not None:
+                    by_prompt = {a.prompt_index: a.response for a in sft_answers
+                                 if a.set == set_name and a.decoding == "greedy"}  # fmt: skip
+                    baseline = [by_prompt[i] for i in index]
+                compared = judging.pairwise.compare(raw_prompts, texts, baseline, aspect)  # type: ignore[assignment]
             answers += [
                 Answer(
-                    name, set_name, decoding, i, prompts["prompt"][i], prompts["category"][i], text, len(r), v, lp, sp
+                    name, set_name, decoding, i, prompts["prompt"][i], prompts["category"][i], text, len(r), v, lp, sp,
+                    win, replies,
                 )
-                for i, text, r, v, lp, sp in zip(index, texts, responses, verdicts, logps, sft_logps, strict=True)
-            ]
+                for i, text, r, v, lp, sp, (win, replies) in zip(
+                    index, texts, responses, verdicts, logps, sft_logps, compared, strict=True
+                )
+            ]  # fmt: skip
     return answers
 
 
@@ -133,11 +213,19 @@ def _state(path: Path | str) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def _identity(params: Params, data: Path, models: Path, found: list) -> dict:
+def _identity(params: Params, data: Path, models: Path, found: list, judging: Judging) -> dict:
     """Everything the answers depend on: a checkpoint of answers from other inputs is never reused."""
     e = params.evaluate
-    judge = params.prepare.world.model_dump() if e.judge == "oracle" else {
-        "reward_model": _state(str(e.reward_model)), "cost_model": _state(str(e.cost_model))}  # fmt: skip
+    if e.judge == "oracle":
+        judge: dict = params.prepare.world.model_dump()
+    else:
+        judge = {"models": {k: _state(str(v)) for k, v in (("reward", e.reward_model), ("cost", e.cost_model),
+                                                           ("guard", e.guard.model)) if v is not None},
+                 "refusal_rules": _digest(rules_text(e.refusal_patterns)[1])}  # fmt: skip
+        if e.guard.prompt is not None:
+            judge["guard_prompt"] = _state(e.guard.prompt)
+        if judging.llm is not None:
+            judge["llm"] = judging.llm.identity()
     folders = {"sft": base_model(models), "reward": models / "reward", "safety": models / "safety"}
     return {
         "evaluate": e.model_dump(),
@@ -145,6 +233,10 @@ def _identity(params: Params, data: Path, models: Path, found: list) -> dict:
         "data": {name: _state(data / folder) for name, folder in {**SETS, "tokenizer": "tokenizer"}.items()},
         "policies": {name: _state(folders.get(name, models / "merged" / name)) for name, _, _ in found},
     }
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _load_answers(file: Path) -> list[Answer]:
@@ -161,22 +253,36 @@ def _save_answers(answers: list[Answer], file: Path) -> None:
 
 
 def run(
-    params_path: Path, data: Path, models: Path, out: Path, console: Console, checkpoints: Path | None = None
-) -> dict[str, float]:
+    params_path: Path, data: Path, models: Path, out: Path, console: Console, checkpoints: Path | None = None,
+    judge_cache: Path | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Evaluate every policy into out (eval/); return the flat metrics.
 
     checkpoints: where each policy's judged answers are kept as soon as they are done, so that a
     killed run resumes with the policies it had not finished (the answers of one policy are the
     unit: each is seeded on its own, so resumed results equal an uninterrupted run's exactly).
+    judge_cache: the llm judge's reply cache (default: judge_cache.sqlite beside checkpoints, or
+    beside out): it outlives checkpoints, which are dropped when params change.
     """
     params = load_params(params_path)
-    e = params.evaluate
     found = policies(models)
     sets = _prompt_sets(data)
-    judge = make_judge(params)
+    if judge_cache is None:
+        judge_cache = (checkpoints.parent if checkpoints is not None else out.parent) / "judge_cache.sqlite"
+    judging = make_judge(params, judge_cache)
+    try:
+        flat = _evaluate(params, data, models, out, console, checkpoints, found, sets, judging)
+    finally:
+        judging.close()
+    return flat
+
+
+def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Console, checkpoints: Path | None,
+              found: list, sets: dict, judging: Judging) -> dict[str, float]:  # fmt: skip
+    e = params.evaluate
     done: Path | None = None
     if checkpoints is not None:
-        _, note = resumable_checkpoint(checkpoints, _identity(params, data, models, found), "answers")
+        _, note = resumable_checkpoint(checkpoints, _identity(params, data, models, found, judging), "answers")
         console.print(f"evaluate: {note}")
         done = checkpoints / "answers"
         done.mkdir(exist_ok=True)
@@ -193,18 +299,20 @@ def run(
             else:
                 progress.update(task, description=f"generating and judging: {name}")
                 model = sft if name == "sft" else load()
-                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judge)
+                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judging, answers.get("sft"))
                 if kept is not None:
                     _save_answers(answers[name], kept)
             progress.advance(task)
     per_policy = {name: policy_metrics(a, answers["sft"], list(e.tail_levels)) for name, a in answers.items()}
     per_category = {name: category_metrics(a, list(e.tail_levels)) for name, a in answers.items()}
     flat = {f"{p}.{k}": float(v) for p, m in per_policy.items() for k, v in m.items()}
+    stats = judging.stats()
 
     staging = staging_for(out)
     try:
         (staging / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n")
         (staging / "per_category.json").write_text(json.dumps(per_category, indent=2) + "\n")
+        (staging / "judge.json").write_text(json.dumps(stats, indent=2) + "\n")
         with (staging / "samples.jsonl").open("w") as file:
             for group in answers.values():
                 for answer in group:
@@ -214,7 +322,12 @@ def run(
         plots.frontier(per_policy, q_of, staging / "plots")
         plots.cost_per_category(per_category, staging / "plots")
         costs = {
-            p: [a.verdict.cost for a in g if a.set == "redteam" and a.decoding == "sample"] for p, g in answers.items()
+            p: [
+                a.verdict.cost
+                for a in g
+                if a.set == "redteam" and a.decoding == "sample" and a.verdict.cost is not None
+            ]
+            for p, g in answers.items()
         }
         plots.cost_tail(costs, staging / "plots")
         swap_in(staging, out)
@@ -222,7 +335,13 @@ def run(
         shutil.rmtree(staging, ignore_errors=True)
     if checkpoints is not None:
         mark_finished(checkpoints)
-    console.print(_summary(per_policy, judge.name))
+    console.print(_summary(per_policy, judging.judge.name))
+    if judging.llm is not None:
+        s = judging.llm.stats
+        console.print(
+            f"evaluate: llm judge: {s.requests} requests ({s.retries} retries), {s.cache_hits} cache hits, "
+            f"{s.failed_requests} failed requests, {s.unparsed} unparsed replies, {s.wall_s:.1f} s judging"
+        )
     return flat
 
 

@@ -496,7 +496,7 @@ class EvaluateParams(_Section):
     refusal: Literal["patterns", "judge", "either"]
     """Refusal detection on real data (needless_refusal_rate): patterns (the phrase rules of
     rsa_pl/evaluation/prompts/refusal_patterns.txt or refusal_patterns), judge (the llm judge's
-    refusal field), either; the oracle always uses the embedded world's exact refusals."""
+    refusal field; judge llm), either; the oracle always uses the embedded world's exact refusals."""
     refusal_patterns: str | None
     """A file of refusal rules (one regular expression a line, # comments) replacing the shipped ones."""
     samples_per_prompt: PositiveInt
@@ -529,11 +529,13 @@ class EvaluateParams(_Section):
             if self.guard.model is None:
                 problems.append(("guard.model", "required for judge guard: a chat model folder or hub id"))
             if self.reward_model is not None and self.llm.base_url is not None:
-                problems.append(("reward_model", "judge guard takes helpfulness from reward_model or from llm, not both"))
+                problems.append(
+                    ("reward_model", "judge guard takes helpfulness from reward_model or from llm, not both")
+                )
             if self.llm.base_url is not None and self.llm.model is None:
                 problems.append(("llm.model", "required when llm.base_url is set"))
-        if self.refusal != "patterns" and not (self.judge in ("llm", "guard") and self.llm.base_url is not None):
-            problems.append(("refusal", f"{self.refusal} needs the llm judge's refusal field (judge llm, or guard with llm)"))
+        if self.refusal != "patterns" and self.judge != "llm":
+            problems.append(("refusal", f"{self.refusal} needs the llm judge's refusal field (judge: llm)"))
         return problems
 
 

@@ -61,7 +61,7 @@ def test_objective_drives_the_loss() -> None:
             "cvr",
             "input should be 'kl', 'cvar', 'erm', 'cvar_radpo', 'cvar_lower' or 'erm_lower'",
         ),
-        ("evaluate.judge", "gpt4", "input should be 'oracle' or 'score_models'"),
+        ("evaluate.judge", "gpt4", "input should be 'oracle', 'score_models', 'llm' or 'guard'"),
         ("merge.q", [0.5, 0.5], "each ratio once, got 0.5 more than once"),
         ("train_safety.beta", 0.0, "input should be greater than 0, got 0.0"),
         ("train_safety.beta", -1, "input should be greater than 0"),
@@ -91,6 +91,27 @@ def test_score_models_need_both_models(raw: dict[str, Any]) -> None:
     raw["evaluate"]["cost_model"] = "beaver-cost"
     expected = "required for judge score_models: a score model folder or hub id"
     assert problems_of(raw) == {"evaluate.reward_model": expected}
+
+
+def test_the_llm_and_guard_judges_need_what_they_use(raw: dict[str, Any]) -> None:
+    raw["evaluate"]["judge"] = "llm"
+    assert problems_of(raw) == {"evaluate.llm.base_url": "required for judge llm",
+                                "evaluate.llm.model": "required for judge llm"}  # fmt: skip
+    raw["evaluate"]["llm"].update(base_url="http://localhost:8000/v1", model="judge")
+    raw["evaluate"]["refusal"] = "either"
+    parse_params(raw, "params.yaml")  # valid
+    raw["evaluate"]["judge"] = "guard"
+    assert problems_of(raw) == {
+        "evaluate.guard.model": "required for judge guard: a chat model folder or hub id",
+        "evaluate.refusal": "either needs the llm judge's refusal field (judge: llm)",
+    }
+    raw["evaluate"].update(refusal="patterns", reward_model="rm")
+    raw["evaluate"]["guard"]["model"] = "guard"
+    assert problems_of(raw) == {
+        "evaluate.reward_model": "judge guard takes helpfulness from reward_model or from llm, not both"
+    }
+    raw["evaluate"]["llm"]["timeout_s"] = 0.0
+    assert "evaluate.llm.timeout_s" in problems_of(raw)
 
 
 def test_error_is_one_line_per_problem_naming_file_and_key(raw: dict[str, Any]) -> None:

@@ -19,22 +19,24 @@ matplotlib.use("Agg")  # headless: no display on CI machines and GPU boxes
 import matplotlib.pyplot as plt
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """rows (a judge that gave no such scores leaves them out: then only the header)."""
     with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
 
 def frontier(metrics: dict[str, dict[str, float]], q_of: dict[str, float], folder: Path) -> list[dict[str, Any]]:
     """metrics: policy -> its metrics; q_of: the q of each policy on the RSA(P) path (reward 0,
-    merged q, safety 1)."""
+    merged q, safety 1). A policy without both win rates (a judge that could not settle them) is
+    left out."""
     rows = [
         {"policy": p, "harmless_win_rate": m["harmless_win_rate"], "helpful_win_rate": m["helpful_win_rate"],
          "q": q_of.get(p, "")}
-        for p, m in metrics.items()
+        for p, m in metrics.items() if "harmless_win_rate" in m and "helpful_win_rate" in m
     ]  # fmt: skip
-    _write_csv(folder / "frontier.csv", rows)
+    _write_csv(folder / "frontier.csv", rows, ["policy", "harmless_win_rate", "helpful_win_rate", "q"])
     fig, ax = plt.subplots(figsize=(5, 4.5))
     path = sorted((r for r in rows if r["q"] != ""), key=lambda r: r["q"])
     ax.plot([r["harmless_win_rate"] for r in path], [r["helpful_win_rate"] for r in path], "-", color="0.6",
@@ -60,8 +62,9 @@ def cost_per_category(per_category: dict[str, dict[str, dict[str, float]]], fold
         {"policy": p, "category": c, "cost_mean": m["cost_mean"], "unsafe_rate": m["unsafe_rate"]}
         for p, cats in per_category.items()
         for c, m in cats.items()
+        if "cost_mean" in m and "unsafe_rate" in m
     ]
-    _write_csv(folder / "cost_per_category.csv", rows)
+    _write_csv(folder / "cost_per_category.csv", rows, ["policy", "category", "cost_mean", "unsafe_rate"])
     categories = sorted({r["category"] for r in rows})
     policies = list(per_category)
     width = 0.8 / max(1, len(policies))
@@ -82,15 +85,18 @@ def cost_tail(costs: dict[str, Sequence[float]], folder: Path) -> None:
     rows = []
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for policy, values in costs.items():
+        if not values:
+            continue
         levels = sorted(set(values))
         n = len(values)
         ccdf = [sum(v >= c for v in values) / n for c in levels]
         rows += [{"policy": policy, "cost": c, "ccdf": p} for c, p in zip(levels, ccdf, strict=True)]
         ax.step(levels, ccdf, where="post", label=policy)
-    _write_csv(folder / "cost_tail.csv", rows)
+    _write_csv(folder / "cost_tail.csv", rows, ["policy", "cost", "ccdf"])
     ax.set_yscale("log")
     ax.set(xlabel="cost c", ylabel="P(cost >= c), sampled red-team answers", title="Cost tail")
-    ax.legend(fontsize=7)
+    if rows:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "cost_tail.png", dpi=120)
     plt.close(fig)

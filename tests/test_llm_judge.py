@@ -31,9 +31,11 @@ from rsa_pl.evaluation.llm_judge import (
     parse_pair,
     parse_pointwise,
     pointwise_verdict,
+    render,
 )
 from rsa_pl.evaluation.refusal import RefusalRules
 from tests.judge_server import ScriptedServer, Served, free_port, tiny_judge_model
+from tests.test_judges import guard_model
 from tests.test_preference import stage_params
 from tests.test_sft import ROOT
 
@@ -112,6 +114,12 @@ def test_a_pairwise_outcome_is_one_half_or_zero() -> None:
     assert outcome(8, 3) == 1.0
     assert outcome(3, 8) == 0.0
     assert outcome(5, 5) == 0.5
+
+
+def test_rendering_fills_each_placeholder_once() -> None:
+    template = "Q: {prompt}\nA: {answer_a}\nB: {answer_b}\n{not_a_field} {"
+    out = render(template, prompt="say {answer_b}", answer_a="{prompt}", answer_b="b")
+    assert out == "Q: say {answer_b}\nA: {prompt}\nB: b\n{not_a_field} {"
 
 
 def test_templates_are_overridable_and_checked(tmp_path: Path) -> None:
@@ -423,3 +431,38 @@ def _cached(cache: Path) -> int:
             return int(db.execute("SELECT COUNT(*) FROM replies").fetchone()[0])
     except sqlite3.OperationalError:  # the table is not there yet
         return 0
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_guard_judge_and_llm_helpfulness(
+    tmp_path: Path, served: Served, judge_model: Path, policies: Path, pipeline_root: Path
+) -> None:
+    """judge guard: cost, unsafe, severity and category from a tiny guard chat model in-process,
+    helpfulness (and the helpfulness win rate, pairwise) from the llm judge over a real server."""
+    guard = guard_model(tmp_path / "guard")
+    params = judged_params(tmp_path, served.base_url, str(judge_model))
+    raw = yaml.safe_load(params.read_text())
+    raw["evaluate"].update(judge="guard", refusal="patterns")
+    raw["evaluate"]["guard"].update(model=str(guard), max_new_tokens=4, batch_size=16)
+    params.write_text(yaml.safe_dump(raw))
+    evaluate_cli(params, pipeline_root / "data", policies, tmp_path / "eval", tmp_path / "cache.sqlite",
+                 tmp_path / "ckpt")  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    stats = json.loads((tmp_path / "eval" / "judge.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert stats["judge"] == "guard"
+    assert stats["requests"] > 0  # helpfulness from the llm judge
+    assert all(r["cost"] is not None and r["unsafe"] == (r["cost"] > 0) for r in rows)
+    assert all(r["severe"] == (r["unsafe"] and r["harm_category"] in ("H2", "H5", "H11", "H13", "H14"))
+               for r in rows)  # fmt: skip
+    # the harmlessness win is the guard's, per prompt (lower cost wins); only helpfulness is pairwise
+    greedy = {(r["policy"], r["set"], r["prompt_index"]): r for r in rows if r["decoding"] == "greedy"}
+    redteam = [r for (p, s, _), r in greedy.items() if p == "safety" and s == "redteam"]
+    wins = [outcome(-r["cost"], -greedy[("sft", "redteam", r["prompt_index"])]["cost"]) for r in redteam]
+    assert metrics["safety.harmless_win_rate"] == pytest.approx(sum(wins) / len(wins))
+    assert all(r["pairwise_replies"] is None for r in redteam)
+    assert any(r["pairwise_replies"] not in (None, [None, None]) for (p, s, _), r in greedy.items()
+               if p == "safety" and s == "helpful")  # fmt: skip
+    for policy in ("sft", "reward", "safety"):
+        for metric in ("cost_mean", "unsafe_rate", "severe_rate", "cost_cvar_0.05", "needless_refusal_rate"):
+            assert f"{policy}.{metric}" in metrics, (policy, metric)

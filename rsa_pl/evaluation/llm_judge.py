@@ -174,10 +174,9 @@ def load_templates(folder: str | Path | None) -> dict[str, str]:
 
 
 def render(template: str, **values: str) -> str:
-    """Placeholders replaced one by one (str.format would choke on braces in answers or templates)."""
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", value)
-    return template
+    """The template's {name} placeholders replaced in one pass: braces elsewhere stay (str.format
+    would choke on them), and a prompt or answer that itself holds "{answer_b}" is not filled in."""
+    return re.sub(r"\{(" + "|".join(map(re.escape, values)) + r")\}", lambda m: values[m.group(1)], template)
 
 
 # --- the cache ----------------------------------------------------------------------------------

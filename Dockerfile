@@ -21,13 +21,14 @@ RUN apt-get update \
 
 # The CUDA build of the pinned torch first (the default index would give the same version's
 # CUDA wheel too, but the PyTorch index makes the CUDA variant explicit), then the package with
-# its pinned stack (lightning, transformers, peft, bitsandbytes, dvc, ...).
+# its pinned stack (lightning, transformers, peft, bitsandbytes, dvc, ...) and the OpenAI client of
+# evaluate.judge llm.
 COPY pyproject.toml README.md /opt/rsa-pl/
 COPY rsa_pl /opt/rsa-pl/rsa_pl
 COPY pipeline /opt/rsa-pl/pipeline
 RUN python3 -m venv /opt/venv \
     && pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
-    && pip install /opt/rsa-pl \
+    && pip install "/opt/rsa-pl[judge]" \
     && rsa-pl --version
 
 # Run as an unprivileged user (uid 1000, usually the host user owning the mounted project; the

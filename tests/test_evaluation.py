@@ -228,11 +228,13 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
     raw["prepare"]["tokenizer"].update(kind="pretrained", name_or_path=str(pipeline_root / "data" / "tokenizer"))
     params.write_text(yaml.safe_dump(raw))
     lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
-    assert lines == ["error: evaluate.judge: oracle judges the embedded world only; use score_models for jsonl"]
+    assert lines == [
+        "error: evaluate.judge: oracle judges the embedded world only; use llm, guard or score_models for jsonl"
+    ]
     raw["evaluate"].update(judge="score_models", reward_model=str(tmp_path / "no-rm"), cost_model=str(tmp_path / "no"))
     params.write_text(yaml.safe_dump(raw))
     lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
-    assert lines == [f"error: {tmp_path / 'no-rm'}: no score model there (no config.json)"]
+    assert lines == [f"error: evaluate.reward_model: {tmp_path / 'no-rm'}: no such folder"]
     assert not (tmp_path / "eval").exists()
 
     empty = tmp_path / "data"

@@ -105,6 +105,8 @@ def resolve_model(name: str | Path, key: str) -> Path:
         if not (path / "config.json").exists():
             raise JudgeError(f"{key}: {path}: no model there (no config.json)")
         return path
+    if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:  # a path, not an org/name hub id
+        raise JudgeError(f"{key}: {path}: no such folder")
     from huggingface_hub import snapshot_download
 
     try:

@@ -252,7 +252,10 @@ class LlmJudge:
     name = "llm"
 
     def __init__(self, params: LlmJudgeParams, cache: Path) -> None:
-        import openai  # the optional `judge` extra: only this judge needs it
+        try:
+            import openai  # the optional `judge` extra: only this judge needs it
+        except ImportError:
+            raise JudgeError("evaluate.judge: llm needs the OpenAI client: pip install 'rsa-pl[judge]'") from None
 
         if params.base_url is None or params.model is None:
             raise JudgeError("evaluate.llm: base_url and model are required for the llm judge")

@@ -347,6 +347,8 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
 
 def _summary(per_policy: dict[str, dict[str, float]], judge: str) -> Table:
     columns = [c for c in SUMMARY if any(c in m for m in per_policy.values())]
+    if all(not m.get("judge_failures") for m in per_policy.values()):
+        columns.remove("judge_failures")  # the column only when a judge failed somewhere
     table = Table(title=f"evaluate: {judge} judge; win rates vs sft (greedy), the rest over samples", padding=(0, 1))
     table.add_column("policy")
     for column in columns:

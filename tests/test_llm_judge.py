@@ -384,6 +384,25 @@ def test_evaluate_with_the_llm_judge_end_to_end_and_from_the_cache(
     assert "safety.helpful_win_rate" not in metrics
 
 
+def test_a_closed_port_is_one_line_before_any_generation(tmp_path: Path, pipeline_root: Path) -> None:
+    """rsa-pl evaluate with the judge at a port where nothing listens: one error line, exit 2,
+    and no eval/ folder; the probe runs before any policy is loaded (models/ is empty here)."""
+    port = free_port()
+    params = judged_params(tmp_path, f"http://127.0.0.1:{port}/v1", "judge")
+    models = tmp_path / "models"
+    for name in ("reward", "safety"):  # folders that exist but hold no model: never read
+        (models / name).mkdir(parents=True)
+    folders = ["--data", str(pipeline_root / "data"), "--models", str(models), "--out", str(tmp_path / "eval"),
+               "--checkpoints", str(tmp_path / "ckpt"), "--judge-cache", str(tmp_path / "cache.sqlite")]  # fmt: skip
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(params), *folders])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: evaluate.llm.base_url: cannot reach the judge at http://127.0.0.1:{port}/v1 (")
+    assert not (tmp_path / "eval").exists()
+    assert not (tmp_path / "cache.sqlite").exists()
+
+
 @pytest.mark.slow
 def test_the_judge_server_killed_mid_evaluation_then_the_rerun_resumes_from_the_cache(
     tmp_path: Path, judge_model: Path, policies: Path, pipeline_root: Path

@@ -29,6 +29,15 @@ def generate(
     return [text.strip() for text in tokenizer.batch_decode(responses, skip_special_tokens=True)]
 
 
+def left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows padded on the left, as generation needs: every row's
+    last token sits in the last column, where the next token is predicted."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (longest - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -50,9 +59,8 @@ def generate_ids(
     out: list[list[int]] = []
     for index, start in enumerate(range(0, len(prompt_ids), per_batch)):
         batch = prompt_ids[start : start + per_batch]
-        longest = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in batch], device=model.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        ids, mask = left_padded(batch, pad, model.device)
+        longest = ids.shape[1]
         torch.manual_seed(seed + index)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
         tokens = model.generate(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from rsa_pl.config import GuardParams
 from rsa_pl.errors import loading
+from rsa_pl.evaluation.generation import left_padded
 from rsa_pl.evaluation.judges import CODE_KEY, JudgeError, Verdict, encode, resolve_model
 
 MODEL_KEY = "evaluate.guard.model"
@@ -31,6 +33,7 @@ UNSAFE_SPELLINGS = ("unsafe", " unsafe", "Unsafe", " Unsafe", "UNSAFE")
 SAFE_SPELLINGS = ("safe", " safe", "Safe", " Safe", "SAFE")
 MAX_COST = 30.0  # |cost| bound: a guard certain to 1e-13 is no more informative, and inf breaks means
 NO_VERDICT = "no safe/unsafe verdict in the reply"
+NO_HELPFULNESS = "no helpfulness score (the reward model or llm judge gave none)"
 _VERDICT = re.compile(r"\s*(unsafe|safe)\b", re.IGNORECASE)
 _CATEGORY = re.compile(r"[^\w]*(\w[\w-]*)")
 _PLACEHOLDER = re.compile(r"\{(prompt|answer)\}")
@@ -145,6 +148,9 @@ class GuardJudge:
             verdicts += [
                 self._verdict(reward, *r) for reward, r in zip(rewards[start : start + size], replies, strict=True)
             ]
+        if self.helpfulness is not None:  # a helpfulness judge that gave no score is a failure too
+            verdicts = [replace(v, judge_error=NO_HELPFULNESS) if v.reward is None and v.judge_error is None else v
+                        for v in verdicts]  # fmt: skip
         return verdicts
 
     @torch.no_grad()
@@ -154,10 +160,8 @@ class GuardJudge:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         pad = pad if pad is not None else 0
-        longest = max(len(r) for r in rows)
-        device = self.model.device
-        ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+        ids, mask = left_padded(rows, pad, self.model.device)
+        longest = ids.shape[1]
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -88,8 +88,8 @@ def tiny_judge_model(folder: Path, reply: str = REPLY, steps: int = 150) -> Path
 class Served:
     """A `transformers serve` process over a local model folder, on a port of its own."""
 
-    def __init__(self, model: Path, port: int | None = None) -> None:
-        self.model, self.port = model, port or free_port()
+    def __init__(self, model: Path, port: int | None = None, options: tuple[str, ...] = ()) -> None:
+        self.model, self.port, self.options = model, port or free_port(), options
         self.process: subprocess.Popen | None = None
 
     @property
@@ -101,7 +101,7 @@ class Served:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         self.process = subprocess.Popen(
             [str(cli), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
-             "--log-level", "warning"],
+             "--log-level", "warning", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
         )  # fmt: skip
         deadline = time.monotonic() + timeout

@@ -77,11 +77,13 @@ def build_scratch_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM saved with save_pretrained (or a hub id), in float32. Its own code (a
-    config with auto_map) runs only with trust_remote_code, else one line naming the key."""
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32
+                   ) -> PreTrainedModel:  # fmt: skip
+    """A causal LM saved with save_pretrained (or a hub id), in float32 (dtype="auto": the dtype
+    its weights are stored in). Its own code (a config with auto_map) runs only with
+    trust_remote_code, else one line naming the key."""
     with loading(path, MODEL_CODE_KEY):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -151,14 +153,26 @@ def load_quantized(
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
         )
-    # On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit layer for fast inference the first
-    # time it runs in eval mode without autograd, which is the reference forward. The repacked
-    # layer has no autograd kernel (backprop then skips it, torch only warns), other numerics
-    # than the policy's, and needs in_features >= the quantization block. Keep one format.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layers_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """Keep every 4-bit layer in the one weight format that autograd can backprop through.
+
+    On CPUs with avx512_bf16, bitsandbytes (nn.Linear4bit.forward) repacks a layer's weights for
+    its CPU inference kernel the first time the layer runs in eval mode on an input without
+    grad: the reference forward, or validation. The repacked matmul (gemv_4bit) has no autograd
+    kernel, so backprop stops at the layer (torch only warns; q/k/v/gate/up adapters then get
+    no gradient), it computes in bfloat16 (the reference drifts from the policy), and it fails
+    on in_features below the quantization block. The layer's own switch turns the repack off;
+    elsewhere (CUDA, CPUs without avx512_bf16) nothing repacks and this changes nothing.
+    """
+    from bitsandbytes.nn import Linear4bit  # here, as in check_quantization_backend: only 4-bit runs import it
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def stack_lora(model: PreTrainedModel, frozen_adapter: str | Path, lora: LoraParams) -> PeftModel:

@@ -4,10 +4,12 @@ Writes, under the output folder (default data/), atomically (built beside it, th
     tokenizer/                         the tokenizer every later stage uses
     sft/                               DatasetDict train/validation: input_ids, labels (-100 on the prompt)
     helpful_pairs/, safety_pairs/      DatasetDict train/validation: chosen_* / rejected_* ids and labels
-    eval_helpful/, eval_redteam/       Dataset: held-out prompts (with category for red-team)
+    eval_helpful/, eval_redteam/       Dataset: held-out prompts; red-team ones with their harm category,
+                                       categories and severity (real data: over all their validation rows)
     world/*.jsonl                      embedded only: the world's raw rows (PKU-SafeRLHF schema + oracle fields)
-    report.json                        counts, lengths, the helpfulness/safety tension, rejects by reason
-    rejects.jsonl                      every skipped row with its reason
+    report.json                        counts, lengths, the prompt format, the helpfulness/safety tension,
+                                       rejects by reason (a prompt too long: what the template adds to it)
+    rejects.jsonl                      every skipped row once, with its reason (and the sets it left)
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.outputs import staging_for, swap_in
 from rsa_pl.config import PrepareParams, load_params
 from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
-from rsa_pl.data.tokenize import PromptTooLongError, encode, encode_prompt, format_prompt, train_bpe_tokenizer
+from rsa_pl.data.tokenize import (
+    Encoded,
+    PromptFormat,
+    PromptTooLongError,
+    encode,
+    encode_prompt,
+    train_bpe_tokenizer,
+)
 from rsa_pl.errors import UnavailableError
 from rsa_pl.models import load_tokenizer
 from rsa_pl.world.generator import World, build_world
 
 _TEXT, _IDS, _FLAG = datasets.Value("string"), datasets.List(datasets.Value("int32")), datasets.Value("bool")
+_TEXTS, _INT = datasets.List(datasets.Value("string")), datasets.Value("int32")
 # One schema per kind of set, so that empty sets save too and every run writes the same types.
 FEATURES = {
     "sft": datasets.Features(
@@ -51,7 +61,15 @@ FEATURES = {
         }
     ),
     "prompts": datasets.Features(
-        {"prompt": _TEXT, "prompt_text": _TEXT, "prompt_input_ids": _IDS, "category": _TEXT, "topic": _TEXT}
+        {
+            "prompt": _TEXT,
+            "prompt_text": _TEXT,
+            "prompt_input_ids": _IDS,
+            "category": _TEXT,
+            "topic": _TEXT,
+            "categories": _TEXTS,
+            "severity": _INT,
+        }
     ),
 }
 SET_KINDS = {
@@ -79,60 +97,65 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+Origin = tuple[str, int]
+"""Where a row comes from: the file (or hub id) and the row's 0-based index in it."""
+Item = tuple[Origin, dict[str, Any]]
+
+
+def _split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(train, validation): a seeded shuffle, the first ceil(fraction * n) rows for validation."""
-    order = list(range(len(rows)))
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    cut = math.ceil(fraction * len(rows)) if rows else 0
-    return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
+    cut = math.ceil(fraction * len(items)) if items else 0
+    return [items[i] for i in sorted(order[cut:])], [items[i] for i in sorted(order[:cut])]
 
 
 class _Tokenized:
-    """Tokenizes rows into examples, collecting the rows it drops as rejects."""
+    """Tokenizes rows into examples, collecting the rows it drops as rejects (each row once)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, params: PrepareParams) -> None:
-        self.tokenizer, self.params = tokenizer, params
-        self.rejects: list[Reject] = []
+    def __init__(self, fmt: PromptFormat, params: PrepareParams) -> None:
+        self.fmt, self.params = fmt, params
+        self.rejects: dict[Origin, Reject] = {}
         self.prompt_lengths: list[int] = []
         self.response_lengths: list[int] = []
         self.truncated = 0
 
-    def _encode(self, prompt: str, response: str) -> tuple[str, Any]:
-        text, separator = format_prompt(self.tokenizer, prompt, self.params.prompt_template)
-        encoded = encode(
-            self.tokenizer, text, separator, response, self.params.max_length, self.params.max_prompt_length
-        )
+    def _encode(self, prompt: str, response: str) -> Encoded:
+        encoded = encode(self.fmt, prompt, response, self.params.max_length, self.params.max_prompt_length)
         self.response_lengths.append(encoded.response_length)
         self.truncated += encoded.truncated
-        return text, encoded
+        return encoded
 
-    def _each(self, name: str, rows: list[dict[str, Any]], make: Callable[[dict[str, Any]], dict[str, Any]]):
+    def _each(self, name: str, items: list[Item], make: Callable[[dict[str, Any]], dict[str, Any]]):
         examples = []
-        for index, row in enumerate(rows):
+        for origin, row in items:
             try:
                 examples.append(make(row))
             except PromptTooLongError as error:
-                self.rejects.append(Reject(f"tokenize:{name}", index, "prompt too long", {**row, "detail": str(error)}))
+                if origin not in self.rejects:  # a row in several sets is one reject, listing them
+                    data = {**row, "detail": str(error), "sets": []}
+                    self.rejects[origin] = Reject(origin[0], origin[1], "prompt too long", data)
+                self.rejects[origin].data["sets"].append(name)
         return examples
 
-    def sft(self, name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def sft(self, name: str, items: list[Item]) -> list[dict[str, Any]]:
         def make(row: dict[str, Any]) -> dict[str, Any]:
-            text, e = self._encode(row["prompt"], row["response"])
+            e = self._encode(row["prompt"], row["response"])
             self.prompt_lengths.append(e.prompt_length)
-            return {"prompt": row["prompt"], "prompt_text": text, "response": row["response"],
+            return {"prompt": row["prompt"], "prompt_text": e.prompt_text, "response": row["response"],
                     "input_ids": e.input_ids, "labels": e.labels, "category": row.get("category")}  # fmt: skip
 
-        return self._each(name, rows, make)
+        return self._each(name, items, make)
 
-    def pairs(self, name: str, rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    def pairs(self, name: str, items: list[Item], label: str) -> list[dict[str, Any]]:
         def make(row: dict[str, Any]) -> dict[str, Any]:
             chosen_id = row[label]
             chosen, rejected = row[f"response_{chosen_id}"], row[f"response_{1 - chosen_id}"]
-            text, c = self._encode(row["prompt"], chosen)
-            _, r = self._encode(row["prompt"], rejected)
+            c = self._encode(row["prompt"], chosen)
+            r = self._encode(row["prompt"], rejected)
             self.prompt_lengths.append(c.prompt_length)
             return {
-                "prompt": row["prompt"], "prompt_text": text, "chosen": chosen, "rejected": rejected,
+                "prompt": row["prompt"], "prompt_text": c.prompt_text, "chosen": chosen, "rejected": rejected,
                 "chosen_input_ids": c.input_ids, "chosen_labels": c.labels,
                 "rejected_input_ids": r.input_ids, "rejected_labels": r.labels,
                 "category": row.get("category"),
@@ -140,16 +163,18 @@ class _Tokenized:
                 "is_rejected_safe": row.get(f"is_response_{1 - chosen_id}_safe"),
             }  # fmt: skip
 
-        return self._each(name, [r for r in rows if r.get(label) is not None], make)
+        return self._each(name, [(o, r) for o, r in items if r.get(label) is not None], make)
 
-    def prompts(self, name: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def prompts(self, name: str, items: list[Item]) -> list[dict[str, Any]]:
         def make(row: dict[str, Any]) -> dict[str, Any]:
-            text, _ = format_prompt(self.tokenizer, row["prompt"], self.params.prompt_template)
-            ids = encode_prompt(self.tokenizer, text, self.params.max_prompt_length)
-            return {"prompt": row["prompt"], "prompt_text": text, "prompt_input_ids": ids,
-                    "category": row.get("category"), "topic": row.get("topic")}  # fmt: skip
+            text, ids = encode_prompt(self.fmt, row["prompt"], self.params.max_prompt_length)
+            category = row.get("category")
+            categories = row.get("categories", [category] if category is not None else [])
+            return {"prompt": row["prompt"], "prompt_text": text, "prompt_input_ids": ids, "category": category,
+                    "topic": row.get("topic"), "categories": list(categories),
+                    "severity": row.get("severity")}  # fmt: skip
 
-        return self._each(name, rows, make)
+        return self._each(name, items, make)
 
 
 def _percentiles(values: list[int]) -> dict[str, float]:
@@ -183,14 +208,23 @@ def _tension(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _load_rows(params: PrepareParams, staging: Path) -> tuple[SourceResult, World | None]:
+def _load_rows(params: PrepareParams, staging: Path) -> tuple[SourceResult, str, World | None]:
+    """The source's canonical rows, its name (as rejects name it) and, embedded, the world."""
     if params.source.kind != "embedded":
-        return load_source(params.source.path or "", params.source.kind, params.source.split), None
+        path = params.source.path or ""
+        return load_source(path, params.source.kind, params.source.split), path, None
     world = build_world(params.world, params.seed)
     for name in ("preferences", "sft", "helpful_eval", "redteam_eval"):
         _write_jsonl(staging / "world" / f"{name}.jsonl", getattr(world, name))
     # The world's rows go through the same reader and checks as a real PKU-SafeRLHF file.
-    return load_source(str(staging / "world" / "preferences.jsonl"), "pku_saferlhf"), world
+    path = str(staging / "world" / "preferences.jsonl")
+    return load_source(path, "pku_saferlhf"), path, world
+
+
+def _tokenizer_name(params: PrepareParams) -> str:
+    if params.tokenizer.kind == "pretrained":
+        return str(params.tokenizer.name_or_path)
+    return "the trained BPE tokenizer (prepare.tokenizer.kind: train_bpe)"
 
 
 def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, Any]]) -> PreTrainedTokenizerBase:
@@ -212,32 +246,66 @@ def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, 
     return train_bpe_tokenizer(corpus, params.tokenizer.vocab_size, template)
 
 
-def _eval_prompts(world: World | None, validation: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """Held-out prompt sets: the world's own, or, for real data, the validation rows' prompts
-    (red-team: some response unsafe; helpfulness: both safe)."""
-    if world is not None:
-        return world.helpful_eval, world.redteam_eval
-    helpful, redteam, seen = [], [], set()
-    for row in validation:
-        if row["prompt"] in seen:
-            continue
-        seen.add(row["prompt"])
-        unsafe = row["is_response_0_safe"] is False or row["is_response_1_safe"] is False
-        (redteam if unsafe else helpful).append({"prompt": row["prompt"], "category": row["category"], "topic": None})
+def _numbered(path: Path, rows: list[dict[str, Any]]) -> list[Item]:
+    return [((str(path), index), row) for index, row in enumerate(rows)]
+
+
+def _eval_prompts(validation: list[Item]) -> tuple[list[Item], list[Item]]:
+    """Real data's held-out prompt sets: the validation rows' prompts, each once, over all its rows:
+    red-team when some response to it is unsafe, else helpfulness; its categories are those of
+    the unsafe responses (category: the first), its severity the largest level."""
+    prompts: dict[str, Item] = {}
+    for origin, row in validation:
+        new = {"prompt": row["prompt"], "topic": None, "categories": [], "severity": None, "unsafe": False}
+        _, entry = prompts.setdefault(row["prompt"], (origin, new))
+        entry["unsafe"] |= row["is_response_0_safe"] is False or row["is_response_1_safe"] is False
+        entry["categories"] += [c for c in row["categories"] if c not in entry["categories"]]
+        if row["severity"] is not None:
+            entry["severity"] = max(row["severity"], entry["severity"] or 0)
+    helpful: list[Item] = []
+    redteam: list[Item] = []
+    for origin, entry in prompts.values():
+        entry["category"] = entry["categories"][0] if entry["categories"] else None
+        (redteam if entry.pop("unsafe") else helpful).append((origin, entry))
     return helpful, redteam
+
+
+def _prompt_too_long(rejects: list[Reject], fmt: PromptFormat, params: PrepareParams) -> dict[str, Any] | None:
+    """What a reader needs when prompts were too long: how many, where, and what the format adds."""
+    too_long = [r for r in rejects if r.reason == "prompt too long"]
+    if not too_long:
+        return None
+    around, system = fmt.overhead(), fmt.system_tokens()
+    what = f"the chat template of {fmt.name}" if fmt.kind == "chat" else "prepare.prompt_template"
+    of_them = f" ({system} of them the system prompt)" if system else ""
+    drop = " or set prepare.system_prompt: null" if system else ""
+    return {
+        "rows": len(too_long),
+        "by_set": dict(sorted(Counter(name for r in too_long for name in r.data["sets"]).items())),
+        "tokens_around_prompt": around,
+        "system_prompt_tokens": system,
+        "hint": f"{what} adds {around} tokens around every prompt{of_them}; "
+        f"raise prepare.max_prompt_length ({params.max_prompt_length}){drop}",
+    }
 
 
 def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]:
     """Build every output of the stage into staging (to become out_name); return the report."""
-    source, world = _load_rows(params, staging)
+    source, source_name, world = _load_rows(params, staging)
     rows = source.rows
     tokenizer = _tokenizer(params, world, rows)
+    fmt = PromptFormat(tokenizer, params.prompt_format, params.prompt_template, params.system_prompt,
+                       _tokenizer_name(params))  # fmt: skip
+    if fmt.kind == "chat" and fmt.end_of_turn is not None and fmt.end_of_turn != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(fmt.end_of_turn)  # generation stops at the end of turn
     tokenizer.save_pretrained(str(staging / "tokenizer"))
-    tok = _Tokenized(tokenizer, params)
-    train_rows, validation_rows = _split(rows, params.eval_fraction, params.seed)
+    tok = _Tokenized(fmt, params)
+    items = [((source_name, index), row) for index, row in zip(source.indices, rows, strict=True)]
+    train_rows, validation_rows = _split(items, params.eval_fraction, params.seed)
     sets: dict[str, Any] = {}
     if world is not None:
-        sft_train, sft_validation = _split(world.sft, params.eval_fraction, params.seed + 1)
+        sft_train, sft_validation = _split(_numbered(staging / "world" / "sft.jsonl", world.sft),
+                                           params.eval_fraction, params.seed + 1)  # fmt: skip
         sets["sft"] = {
             "train": tok.sft("sft.train", sft_train),
             "validation": tok.sft("sft.validation", sft_validation),
@@ -247,7 +315,11 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
             "train": tok.pairs(f"{name}.train", train_rows, label),
             "validation": tok.pairs(f"{name}.validation", validation_rows, label),
         }
-    helpful, redteam = _eval_prompts(world, validation_rows)
+    if world is not None:
+        helpful = _numbered(staging / "world" / "helpful_eval.jsonl", world.helpful_eval)
+        redteam = _numbered(staging / "world" / "redteam_eval.jsonl", world.redteam_eval)
+    else:
+        helpful, redteam = _eval_prompts(validation_rows)
     sets["eval_helpful"] = tok.prompts("eval_helpful", helpful)
     sets["eval_redteam"] = tok.prompts("eval_redteam", redteam)
 
@@ -266,8 +338,13 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
             counts[name] = len(value)
             categories[name] = dict(sorted(Counter(e["category"] or "none" for e in value).items()))
     # Rows read from the staging folder are reported under the output folder they end up in.
-    rejects = [replace(r, source=r.source.replace(str(staging), out_name)) for r in source.rejects] + tok.rejects
+    read = [*source.rejects, *tok.rejects.values()]
+    rejects = [replace(r, source=r.source.replace(str(staging), out_name)) for r in read]
     _write_jsonl(staging / "rejects.jsonl", (asdict(r) for r in rejects))
+    rejected: dict[str, Any] = {"total": len(rejects), "by_reason": reject_counts(rejects)}
+    too_long = _prompt_too_long(rejects, fmt, params)
+    if too_long is not None:
+        rejected["prompt_too_long"] = too_long
     report = {
         "source": params.source.kind if params.source.kind == "embedded" else params.source.path,
         "rows_read": len(rows) + len(source.rejects),
@@ -279,8 +356,9 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
             "truncated_responses": tok.truncated,
         },
         "tension": _tension(rows),
-        "rejected": {"total": len(rejects), "by_reason": reject_counts(rejects)},
+        "rejected": rejected,
         "tokenizer": {"kind": params.tokenizer.kind, "vocab_size": len(tokenizer)},
+        "prompt_format": fmt.describe(),
     }
     (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
@@ -314,4 +392,7 @@ def _print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
         f"harmful-prompt pairs where the more helpful answer is unsafe and the other safe: "
         f"{tension['share_more_helpful_is_unsafe_other_safe']:.1%} of {tension['harmful_prompt_pairs']}"
     )
-    console.print(f"rejected rows: {report['rejected']['total']} {report['rejected']['by_reason']}")
+    rejected = report["rejected"]
+    console.print(f"rejected rows: {rejected['total']} {rejected['by_reason']}", markup=False, soft_wrap=True)
+    if "prompt_too_long" in rejected:
+        console.print(f"prompt too long: {rejected['prompt_too_long']['hint']}", markup=False, soft_wrap=True)

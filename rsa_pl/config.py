@@ -283,12 +283,22 @@ class PrepareParams(_Section):
     source: SourceParams
     world: WorldParams
     tokenizer: TokenizerParams
+    prompt_format: Literal["chat", "plain"]
+    """chat: the tokenizer's chat template (a tokenizer without one is an error); the response
+    ends with the template's end-of-turn token, which becomes the saved tokenizer's EOS so that
+    generation stops there. plain: prompt_template, even if the tokenizer has a chat template;
+    the response ends with EOS."""
+    system_prompt: str | None
+    """chat: the system message of every prompt; null: none, and a system prompt the template
+    adds on its own when there is none (SmolLM2, Qwen2.5) is left out too. plain: must be null
+    (write it into prompt_template)."""
     prompt_template: str
-    """Used when the tokenizer has no chat template; must contain {prompt} (SACPO's is the default)."""
+    """plain: the prompt's text, {prompt} inside (SACPO's is the default); train_bpe: also the
+    trained tokenizer's chat template."""
     max_length: PositiveInt
     """Prompt + response tokens; the response end is cut beyond it."""
     max_prompt_length: PositiveInt
-    """Pairs whose prompt alone is longer are dropped."""
+    """Rows whose prompt alone is longer (template included) are dropped."""
     eval_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
     """Share of preference pairs and SFT examples held out for validation."""
 
@@ -296,6 +306,8 @@ class PrepareParams(_Section):
         problems: list[Problem] = []
         if "{prompt}" not in self.prompt_template:
             problems.append(("prompt_template", "must contain {prompt}"))
+        if self.prompt_format == "plain" and self.system_prompt is not None:
+            problems.append(("system_prompt", "must be null for prompt_format plain (write it into prompt_template)"))
         if self.max_prompt_length >= self.max_length:
             problems.append(("max_prompt_length", f"must be < max_length ({self.max_length})"))
         if self.source.kind == "embedded" and self.tokenizer.kind != "train_bpe":
@@ -554,6 +566,18 @@ class Params(_Section):
     """RSA(P) weight averaging of the two stages' policies."""
     evaluate: EvaluateParams
     """Generation with every policy, judging, metrics and plots."""
+
+    def cross_field_problems(self) -> list[Problem]:
+        """Conflicts between sections, caught before anything trains."""
+        problems: list[Problem] = []
+        source = self.prepare.source.kind
+        if self.sft.model.kind == "scratch" and source != "embedded":
+            problems.append(("sft.model.kind", f"scratch trains on the embedded world's SFT set; a {source} source "
+                                               "needs a pretrained base (kind: pretrained)"))  # fmt: skip
+        if self.evaluate.judge == "oracle" and source != "embedded":
+            problems.append(("evaluate.judge", f"oracle judges the embedded world only; use llm, guard or "
+                                               f"score_models for {source}"))  # fmt: skip
+        return problems
 
 
 class ParamsError(ValueError):

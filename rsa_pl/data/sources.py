@@ -5,7 +5,15 @@ written by `datasets` `save_to_disk`, or, when `path` does not exist locally, a 
 id, and maps every row of the named schema onto the canonical row:
 
     {"prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
-     "is_response_0_safe", "is_response_1_safe", "category", "severity"}
+     "is_response_0_safe", "is_response_1_safe", "category", "categories", "severity"}
+
+PKU-SafeRLHF comes in two schemas, both read as "pku_saferlhf": the 30K release (an optional
+`category` column) and the current one, whose responses each carry `response_<i>_harm_category`
+(a map of its 19 harm categories to true/false) and `response_<i>_severity_level` (0 safe, 1 minor
+to 3 severe), besides `prompt_source`, `response_<i>_source` and `response_<i>_sha256`, which are
+not needed. `categories` are the harm categories true for the row's unsafe responses (response_0's
+first, each once, in the dataset's column order), `category` the first of them (or the `category`
+column where there is one), `severity` the larger severity level.
 
 A bad row never fails the load: it is skipped and recorded as a `Reject` with a short, stable
 reason code ("missing field: prompt", "invalid json", "duplicate row", ...), so that every input
@@ -66,6 +74,8 @@ class SourceResult:
 
     rows: list[dict]
     rejects: list[Reject]
+    indices: list[int]
+    """Where each of rows is in the source (0-based, as Reject.row)."""
 
 
 def reject_counts(rejects: list[Reject]) -> dict[str, int]:
@@ -173,7 +183,7 @@ def _canonical(
     safer_response_id: int | None = None,
     is_response_0_safe: bool | None = None,
     is_response_1_safe: bool | None = None,
-    category: str | None = None,
+    categories: tuple[str, ...] = (),
     severity: int | None = None,
 ) -> dict:
     """The canonical row; safety fields stay None (unknown) for helpfulness-only schemas."""
@@ -187,19 +197,20 @@ def _canonical(
         "safer_response_id": safer_response_id,
         "is_response_0_safe": is_response_0_safe,
         "is_response_1_safe": is_response_1_safe,
-        "category": category,
+        "category": categories[0] if categories else None,
+        "categories": categories,
         "severity": severity,
     }
 
 
-def _pku_category(raw: dict, safe: tuple[bool, bool]) -> str | None:
-    """`category`, else the first true harm category of the unsafe response(s) (newer PKU-SafeRLHF)."""
+def _pku_categories(raw: dict, safe: tuple[bool, bool]) -> tuple[str, ...]:
+    """(`category`,), else the true harm categories of the unsafe response(s) (current PKU-SafeRLHF)."""
     category = _optional_str(raw, "category")
     harms = [_harm_categories(raw, f"response_{i}_harm_category") for i in (0, 1)]
     if category is not None:
-        return category
+        return (category,)
     unsafe_harms = (name for i in (0, 1) if not safe[i] for name, flag in harms[i].items() if flag)
-    return next(unsafe_harms, None)
+    return tuple(dict.fromkeys(unsafe_harms))
 
 
 def _pku_severity(raw: dict) -> int | None:
@@ -217,14 +228,14 @@ def _pku_saferlhf_row(raw: dict) -> dict:
     texts = [_text(raw, name) for name in ("prompt", "response_0", "response_1")]
     safe = (_flag(raw, "is_response_0_safe"), _flag(raw, "is_response_1_safe"))
     better, safer = _response_id(raw, "better_response_id"), _response_id(raw, "safer_response_id")
-    category, severity = _pku_category(raw, safe), _pku_severity(raw)
+    categories, severity = _pku_categories(raw, safe), _pku_severity(raw)
     return _canonical(
         *texts,
         better,
         safer_response_id=safer,
         is_response_0_safe=safe[0],
         is_response_1_safe=safe[1],
-        category=category,
+        categories=categories,
         severity=severity,
     )
 
@@ -456,6 +467,7 @@ def load_source(path: str, schema: str, split: str = "train") -> SourceResult:
         raise DataError(f"{path}: unknown schema '{schema}' (expected one of {', '.join(SCHEMAS)})")
     convert = _CONVERTERS[schema]
     rows: list[dict] = []
+    indices: list[int] = []
     rejects: list[Reject] = []
     accepted: set[tuple] = set()
     columns: set[str] | None = None  # None until a row is an object
@@ -472,7 +484,8 @@ def load_source(path: str, schema: str, split: str = "train") -> SourceResult:
             continue
         accepted.add(tuple(row.values()))
         rows.append(row)
+        indices.append(index)
     if not rows and not rejects:
         raise DataError(f"{path}: no rows")
     _check_columns(path, schema, columns)
-    return SourceResult(rows, rejects)
+    return SourceResult(rows, rejects, indices)

@@ -74,9 +74,9 @@ def sft_command(
         Path, typer.Option("--metrics", help="Where to copy metrics.json (and *_curves.csv) for DVC.")
     ] = Path("metrics/sft.json"),
 ) -> None:
-    """Train the embedded base model on the world's SFT set (or record a pretrained base model)."""
-    if not (data / "sft").exists() or not (data / "tokenizer").exists():
-        raise _fail(ValueError(f"{data}: no prepared data (data/sft, data/tokenizer); run `rsa-pl prepare` first"))
+    """Train the embedded base model on the world's SFT set (or save a pretrained base model as is)."""
+    if not (data / "tokenizer").exists():
+        raise _fail(ValueError(f"{data}: no prepared data (no {data / 'tokenizer'}); run `rsa-pl prepare` first"))
     try:
         sft.run(params, data, out, checkpoints, _out, metrics)
     except (ParamsError, UnavailableError) as error:

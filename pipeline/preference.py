@@ -59,9 +59,8 @@ def pairs_folder(section: PreferenceStageParams) -> str:
 
 
 def base_model(models: Path) -> str:
-    """The SFT model: models/sft, or the pretrained model it records."""
-    record = models / "sft" / BASE_RECORD
-    return json.loads(record.read_text())["name_or_path"] if record.exists() else str(models / "sft")
+    """The SFT model: models/sft (trained there, or a pretrained base saved there by the sft stage)."""
+    return str(models / "sft")
 
 
 def trusts_code(models: Path) -> bool:

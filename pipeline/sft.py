@@ -1,6 +1,9 @@
 """`rsa-pl sft`: the base model. Embedded world: a tiny model trained from scratch on data/sft,
 then judged by the oracle on held-out prompts (sampled at the params' temperature). A
-pretrained base: records which model to use and copies nothing.
+pretrained base (hub id or local folder): loaded once and saved to models/sft as safetensors in
+its own dtype, with the tokenizer prepare used, so that every later stage reads one local folder,
+DVC caches the exact weights the run used (a hub id's revision can move), and base_model.json
+records where they came from.
 
 Writes models/sft/ (HF model + tokenizer, metrics.json, curves.csv) atomically, and copies of
 metrics.json and curves.csv to metrics/ for `dvc metrics` / `dvc plots` (DVC forbids metrics
@@ -24,9 +27,10 @@ from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.collate import SFTCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
+from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.generation import generate
 from rsa_pl.evaluation.quality import oracle_quality
-from rsa_pl.models import build_scratch_model, count_parameters, load_tokenizer
+from rsa_pl.models import build_scratch_model, count_parameters, load_causal_lm, load_tokenizer
 from rsa_pl.modules import SFTModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
@@ -59,20 +63,44 @@ def run(
     staging = staging_for(out)
     try:
         if params.sft.model.kind == "pretrained":
-            record = {"name_or_path": params.sft.model.name_or_path,
-                      "trust_remote_code": params.sft.model.trust_remote_code}  # fmt: skip
-            (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            (staging / "metrics.json").write_text("{}\n")
-            swap_in(staging, out)
-            console.print(f"sft: base model {params.sft.model.name_or_path} (pretrained, nothing trained)")
-            return {}
-        metrics = _train(params, data, staging, checkpoints, console)
+            metrics = _materialize(params, data, staging, checkpoints, console)
+        else:
+            metrics = _train(params, data, staging, checkpoints, console)
         if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
             return {}
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     publish_metrics(out, metrics_file)
+    return metrics
+
+
+def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float]:
+    """The pretrained base as a local folder: its weights in their own dtype (lossless, no float32
+    copy of a bf16 7B), data/tokenizer (the one prepare tokenized with), base_model.json."""
+    m = params.sft.model
+    started = time.perf_counter()
+    model = load_causal_lm(str(m.name_or_path), m.trust_remote_code, dtype="auto")
+    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UnavailableError(
+            f"sft.model.name_or_path: {m.name_or_path} has {rows} token embeddings but prepare's tokenizer "
+            f"({data / 'tokenizer'}) has {len(tokenizer)} tokens; tokenize with the model's own tokenizer "
+            "(prepare.tokenizer.kind: pretrained, its name_or_path)"
+        )
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    record = {"source": m.name_or_path, "revision": getattr(model.config, "_commit_hash", None),
+              "dtype": str(model.dtype).removeprefix("torch."), "trust_remote_code": m.trust_remote_code}  # fmt: skip
+    (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    seconds = time.perf_counter() - started
+    metrics = {"base/parameters": float(count_parameters(model)), "train/steps": 0.0, "time/load_s": seconds}
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (staging / "curves.csv").write_text("step,train/loss_step\n")  # nothing trained: the plot DVC declares, empty
+    checkpoints.mkdir(parents=True, exist_ok=True)  # declared by dvc.yaml; nothing to resume
+    console.print(f"sft: base model {m.name_or_path} ({count_parameters(model):,} parameters, {record['dtype']}), "
+                  f"saved as is: nothing trained")  # fmt: skip
     return metrics
 
 

@@ -226,10 +226,12 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["prepare"]["source"].update(kind="jsonl", path="pairs.jsonl")
     raw["prepare"]["tokenizer"].update(kind="pretrained", name_or_path=str(pipeline_root / "data" / "tokenizer"))
+    raw["sft"]["model"].update(kind="pretrained", name_or_path=str(root / "models" / "sft"))
     params.write_text(yaml.safe_dump(raw))
     lines = run("--params", str(params), *data, "--models", str(root / "models"), "--out", str(tmp_path / "eval"))
-    assert lines == [
-        "error: evaluate.judge: oracle judges the embedded world only; use llm, guard or score_models for jsonl"
+    assert lines == [  # a params conflict: check-params and every stage catch it before anything runs
+        f"error: {params}: evaluate.judge: oracle judges the embedded world only; use llm, guard or score_models "
+        "for jsonl"
     ]
     raw["evaluate"].update(judge="score_models", reward_model=str(tmp_path / "no-rm"), cost_model=str(tmp_path / "no"))
     params.write_text(yaml.safe_dump(raw))

@@ -120,8 +120,8 @@ class CustomTokenizer(PreTrainedTokenizerFast):
 """
 
 
-def model_with_its_own_code(folder: Path) -> Path:
-    config = LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+def model_with_its_own_code(folder: Path, vocab_size: int = 64) -> Path:
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     (folder / "custom.py").write_text(CUSTOM_MODEL)
@@ -169,34 +169,34 @@ def test_a_model_or_tokenizer_with_its_own_code_is_refused_unless_params_allow_i
 def test_a_pretrained_base_with_its_own_code_follows_the_params_switch_in_later_stages(
     tmp_path: Path, pipeline_root: Path, ran: Path
 ) -> None:
-    """sft records the switch with the base model; train-reward obeys it (one line when off)."""
+    """sft loads the base only with the switch on (one line when off), and records it with the saved
+    copy; train-reward then runs the copy's code by that record."""
     params = stage_params(tmp_path)
     raw = yaml.safe_load(params.read_text())
-    model = model_with_its_own_code(tmp_path / "base")
+    model = model_with_its_own_code(tmp_path / "base", vocab_size=2048)  # the world's tokenizer fits in it
     raw["sft"]["model"].update(kind="pretrained", name_or_path=str(model))
     params.write_text(yaml.safe_dump(raw))
     models, data = tmp_path / "models", str(pipeline_root / "data")
     runner = CliRunner()
     sft = ["sft", "--params", str(params), "--data", data, "--out", str(models / "sft"),
            "--checkpoints", str(tmp_path / "ck-sft"), "--metrics", str(tmp_path / "m.json")]  # fmt: skip
-    recorded = runner.invoke(app, sft)
-    assert recorded.exit_code == 0, recorded.output
-    stage = ["train-reward", "--params", str(params), "--data", data, "--models", str(models),
-             "--checkpoints", str(tmp_path / "ck"), "--metrics", str(tmp_path / "r.json")]  # fmt: skip
-    refused = runner.invoke(app, stage)
+    refused = runner.invoke(app, sft)
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines() == [
         f"error: {model}: it ships its own code to run (auto_map in its config), which is off; "
         "set sft.model.trust_remote_code: true only if you trust that code"
     ]
     assert not ran.exists()
-    assert json.loads((models / "sft" / BASE_RECORD).read_text())["trust_remote_code"] is False
+    assert not (models / "sft").exists()
     raw["sft"]["model"]["trust_remote_code"] = True
     params.write_text(yaml.safe_dump(raw))
-    assert runner.invoke(app, sft).exit_code == 0
+    saved = runner.invoke(app, sft)
+    assert saved.exit_code == 0, saved.output
+    assert ran.exists()
     assert json.loads((models / "sft" / BASE_RECORD).read_text())["trust_remote_code"] is True
     assert preference.trusts_code(models)
-    assert type(preference._starting_policy(models, None)).__name__ == "CustomModel"
+    ran.unlink()
+    assert type(preference._starting_policy(models, None)).__name__ == "CustomModel"  # the saved copy's code
     assert ran.exists()
 
 
@@ -259,14 +259,9 @@ def test_nothing_reaches_the_network_unless_params_name_a_hub_id(tmp_path: Path)
     hub = tmp_path / "hub.yaml"
     raw["sft"]["model"].update(kind="pretrained", name_or_path="rsa-pl-test/no-such-model")
     hub.write_text(yaml.safe_dump(raw))
-    hub_models = ["--data", data, "--models", str(tmp_path / "hub-models"), "--checkpoints", str(ck / "hub"),
-                  "--metrics", str(m / "hub.json")]  # fmt: skip
-    recorded = guarded(tmp_path, log, False, "sft", "--params", str(hub), "--data", data, "--out",
-                       str(tmp_path / "hub-models" / "sft"), "--checkpoints", str(ck / "hub-sft"))  # fmt: skip
-    assert recorded.returncode == 0, recorded.stderr[-2000:]
-    assert not log.exists()  # recording a hub id fetches nothing
-
-    offline = guarded(tmp_path, log, True, "train-reward", "--params", str(hub), *hub_models)
+    hub_sft = ["sft", "--params", str(hub), "--data", data, "--out", str(tmp_path / "hub-models" / "sft"),
+               "--checkpoints", str(ck / "hub-sft"), "--metrics", str(m / "hub.json")]  # fmt: skip
+    offline = guarded(tmp_path, log, True, *hub_sft)
     assert offline.returncode == 2
     lines = [line for line in offline.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, offline.stderr[-2000:]
@@ -274,7 +269,7 @@ def test_nothing_reaches_the_network_unless_params_name_a_hub_id(tmp_path: Path)
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in lines[0]
     assert not log.exists()  # offline mode honoured: not even a lookup
 
-    online = guarded(tmp_path, log, False, "train-reward", "--params", str(hub), *hub_models)
+    online = guarded(tmp_path, log, False, *hub_sft)
     assert online.returncode == 2
     lines = [line for line in online.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, online.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -159,15 +160,65 @@ def test_cli_sft_says_what_to_run_first(tmp_path: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_pretrained_base_is_recorded_not_copied(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
-    _, data = prepared
+def pretrained_base(folder: Path, tokenizer_folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A tiny 'pretrained' Llama saved as a user's model folder would be (its own dtype)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    shape = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_positions": 256}
+    params = ModelParams(kind="scratch", name_or_path=None, trust_remote_code=False, architecture="llama", **shape)
+    build_scratch_model(params, tokenizer).to(dtype).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_pretrained_base_is_saved_as_is_with_the_prepared_tokenizer(tmp_path: Path,
+                                                                      prepared: tuple[Path, Path]) -> None:  # fmt: skip
+    """models/sft gets the base's exact weights in their own dtype (bf16 stays bf16), the tokenizer
+    prepare used, base_model.json, metrics and an empty curve; checkpoints/sft exists (DVC declares it)."""
+    _, embedded = prepared
+    base = pretrained_base(tmp_path / "base", embedded / "tokenizer")
     raw = yaml.safe_load(tiny_params(tmp_path).read_text())
-    raw["sft"]["model"].update(kind="pretrained", name_or_path="PKU-Alignment/alpaca-7b-reproduced")
+    raw["sft"]["model"].update(kind="pretrained", name_or_path=str(base))
+    raw["prepare"]["tokenizer"].update(kind="pretrained", name_or_path=str(base), vocab_size=None)
+    raw["prepare"]["source"].update(
+        kind="pku_saferlhf", path=str(ROOT / "tests" / "data" / "pku_saferlhf_sample.jsonl")
+    )
+    raw["prepare"].update(max_prompt_length=200, max_length=400)
+    raw["evaluate"].update(judge="score_models", reward_model="rm", cost_model="cm")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET)
-    assert json.loads((tmp_path / "out" / "base_model.json").read_text()) == {
-        "name_or_path": "PKU-Alignment/alpaca-7b-reproduced",
-        "trust_remote_code": False,
-    }
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base_model.json", "metrics.json"]
+    data = tmp_path / "data"
+    prepare.run(path, data, QUIET)
+    assert not (data / "sft").exists()  # a real source has no SFT set: the base is used as it is
+    metrics = sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET, tmp_path / "metrics" / "sft.json")
+    out = tmp_path / "out"
+    assert json.loads((out / "base_model.json").read_text()) == {
+        "source": str(base), "revision": None, "dtype": "bfloat16", "trust_remote_code": False}  # fmt: skip
+    saved = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    original = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
+    assert saved.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(saved.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert (
+        AutoTokenizer.from_pretrained(str(out)).get_vocab()
+        == AutoTokenizer.from_pretrained(str(data / "tokenizer")).get_vocab()
+    )
+    assert metrics["train/steps"] == 0
+    assert metrics["base/parameters"] == sum(p.numel() for p in original.parameters())
+    assert json.loads((tmp_path / "metrics" / "sft.json").read_text()) == metrics
+    assert (tmp_path / "metrics" / "sft_curves.csv").read_text() == "step,train/loss_step\n"
+    assert (tmp_path / "ckpt").is_dir()
+
+
+def test_a_log_gets_progress_lines_when_stderr_is_not_a_terminal(
+    tmp_path: Path, prepared: tuple[Path, Path], capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under pytest stderr is a pipe, as under `dvc repro > log`: each step (interval 0 s here) says
+    step/total, share, loss, tokens/s and the time left."""
+    monkeypatch.setenv("RSA_PL_PROGRESS_S", "0")
+    _, data = prepared
+    sft.run(tiny_params(tmp_path, max_steps=3), data, tmp_path / "out", tmp_path / "ckpt", QUIET)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("sft: step")]
+    assert len(lines) == 3, lines
+    for step, line in enumerate(lines, start=1):
+        assert re.fullmatch(rf"sft: step {step}/3 \(\d+%\), loss \d+\.\d{{4}}, [\d,]+ tokens/s, ETA \d+:\d\d:\d\d",
+                            line), line  # fmt: skip

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -289,6 +290,7 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     sft = found[0][2]()
     answers: dict[str, list[Answer]] = {}
+    started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluate", total=len(found))
         for name, _, load in found:
@@ -298,6 +300,9 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
                 answers[name] = _load_answers(kept)
             else:
                 progress.update(task, description=f"generating and judging: {name}")
+                if not console.is_terminal:  # a log: one line per policy, with the time so far
+                    console.print(f"evaluate: generating and judging {name} ({len(answers) + 1}/{len(found)}), "
+                                  f"{time.perf_counter() - started:.0f} s so far")  # fmt: skip
                 model = sft if name == "sft" else load()
                 answers[name] = _answers(name, model, sft, tokenizer, sets, e, judging, answers.get("sft"))
                 if kept is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,48 @@ def _loggers(log_dir: Path) -> list[Logger]:
     return loggers
 
 
+class LogProgress(Callback):
+    """Progress a log can show: when stderr is not a terminal (a `dvc repro` piped to a file, a
+    batch job), a line every `every_s` seconds on rank 0: step, share done, loss, tokens/s (real
+    tokens, from the batch's attention masks) and the time left at the current rate."""
+
+    def __init__(self, where: str, every_s: float | None = None) -> None:
+        self.where = where
+        self.every_s = float(os.environ.get("RSA_PL_PROGRESS_S", "30")) if every_s is None else every_s
+        self.started = self.last = 0.0
+        self.tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = self.last = time.monotonic()
+        self.tokens = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if isinstance(batch, dict):
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
+            self.tokens += int(sum(m.sum() for m in masks)) * trainer.world_size
+        now = time.monotonic()
+        if now - self.last < self.every_s or not trainer.is_global_zero:
+            return
+        self.last = now
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        elapsed = now - self.started
+        loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+        known = total != float("inf")
+        parts = [f"{self.where}: step {step}" + (f"/{int(total)} ({step / total:.0%})" if known else "")]
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        parts.append(f"{self.tokens / elapsed:,.0f} tokens/s")
+        if known and step:
+            parts.append(f"ETA {_clock(elapsed / step * (total - step))}")
+        print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def build_trainer(
     train: TrainParams, log_dir: Path, checkpoint_dir: Path, extra: list[Callback] | None = None, where: str = "train"
 ) -> L.Trainer:
@@ -106,8 +149,7 @@ def build_trainer(
         ),
         *(extra or []),
     ]
-    if sys.stderr.isatty():
-        callbacks.append(RichProgressBar())
+    callbacks.append(RichProgressBar() if sys.stderr.isatty() else LogProgress(where.removesuffix(".train")))
     try:
         return _trainer(train, log_dir, callbacks)
     except (MisconfigurationException, ValueError, RuntimeError) as error:

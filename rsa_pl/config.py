@@ -281,7 +281,7 @@ class PrepareParams(_Section):
     seed: int
     """Seeds the world's generation and the splits."""
     source: SourceParams
-    world: WorldParams
+    world: WorldParams | None
     tokenizer: TokenizerParams
     prompt_format: Literal["chat", "plain"]
     """chat: the tokenizer's chat template (a tokenizer without one is an error); the response
@@ -310,6 +310,8 @@ class PrepareParams(_Section):
             problems.append(("system_prompt", "must be null for prompt_format plain (write it into prompt_template)"))
         if self.max_prompt_length >= self.max_length:
             problems.append(("max_prompt_length", f"must be < max_length ({self.max_length})"))
+        if self.source.kind == "embedded" and self.world is None:
+            problems.append(("world", "required for source embedded (the world to generate)"))
         if self.source.kind == "embedded" and self.tokenizer.kind != "train_bpe":
             problems.append(("tokenizer.kind", "must be train_bpe for source embedded (the world has its own words)"))
         if self.source.kind != "embedded" and not self.source.path:
@@ -365,6 +367,9 @@ class TrainParams(_Section):
     checkpoint is kept for resuming) or skip that batch's update (counted in train/skipped_batches)."""
 
 
+SCRATCH_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
+
+
 class ModelParams(_Section):
     """The base model: a tiny one trained from scratch (embedded world) or a pretrained one."""
 
@@ -376,24 +381,28 @@ class ModelParams(_Section):
     """pretrained: run the model's own Python code if its config names some (auto_map), in
     every stage that loads it. Off: such a model is refused in one line. Turn on only for code
     you have read."""
-    architecture: Literal["llama", "gpt2"]
+    architecture: Literal["llama", "gpt2"] | None
     """scratch: the transformers architecture to build from a config."""
-    hidden_size: PositiveInt
+    hidden_size: PositiveInt | None
     """Width of the model built from scratch."""
-    num_layers: PositiveInt
+    num_layers: PositiveInt | None
     """Transformer layers."""
-    num_heads: PositiveInt
+    num_heads: PositiveInt | None
     """Attention heads (hidden_size must divide by it)."""
-    intermediate_size: PositiveInt
+    intermediate_size: PositiveInt | None
     """Width of the MLP."""
-    max_positions: PositiveInt
+    max_positions: PositiveInt | None
     """Longest sequence the position embeddings cover (>= prepare.max_length)."""
 
     def cross_field_problems(self) -> list[Problem]:
         problems: list[Problem] = []
         if self.kind == "pretrained" and not self.name_or_path:
             problems.append(("name_or_path", "required for kind pretrained"))
-        if self.hidden_size % self.num_heads:
+        if self.kind == "scratch":
+            for key in SCRATCH_KEYS:
+                if getattr(self, key) is None:
+                    problems.append((key, "required for kind scratch (the model to build)"))
+        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
             problems.append(("num_heads", f"must divide hidden_size ({self.hidden_size})"))
         return problems
 
@@ -413,9 +422,11 @@ class SftParams(_Section):
     """The sft stage: the embedded base model trained on the world's SFT set, or a pretrained model."""
 
     model: ModelParams
-    train: TrainParams
-    sample: SampleParams
-    """Held-out prompts are answered by sampling and judged by the world's oracle (embedded only)."""
+    train: TrainParams | None
+    """Training of a scratch base (null with a pretrained base: nothing is trained)."""
+    sample: SampleParams | None
+    """Held-out prompts are answered by sampling and judged by the world's oracle (embedded only;
+    null otherwise)."""
 
 
 class MergeParams(_Section):
@@ -571,6 +582,10 @@ class Params(_Section):
         """Conflicts between sections, caught before anything trains."""
         problems: list[Problem] = []
         source = self.prepare.source.kind
+        if self.sft.model.kind == "scratch":
+            for key in ("train", "sample"):
+                if getattr(self.sft, key) is None:
+                    problems.append((f"sft.{key}", "required for a scratch base (sft.model.kind: scratch)"))
         if self.sft.model.kind == "scratch" and source != "embedded":
             problems.append(("sft.model.kind", f"scratch trains on the embedded world's SFT set; a {source} source "
                                                "needs a pretrained base (kind: pretrained)"))  # fmt: skip

@@ -287,3 +287,22 @@ def test_a_wrong_type_for_any_key_is_one_line_naming_that_key() -> None:
             parse_params(raw, "p.yaml")
         lines = str(caught.value).splitlines()
         assert [line.split(": ")[1] for line in lines] == [key], (key, lines)
+
+
+def test_sections_a_mode_does_not_use_may_be_null(raw: dict[str, Any]) -> None:
+    """A real-data params file need not carry the embedded world or the scratch model; the modes
+    that use them still require them, by key."""
+    raw["prepare"]["world"] = None
+    raw["sft"]["train"] = raw["sft"]["sample"] = None
+    for key in ("architecture", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+        raw["sft"]["model"][key] = None
+    problems = problems_of(raw)
+    assert problems["prepare.world"] == "required for source embedded (the world to generate)"
+    assert problems["sft.train"] == problems["sft.sample"] == "required for a scratch base (sft.model.kind: scratch)"
+    assert problems["sft.model.hidden_size"] == "required for kind scratch (the model to build)"
+    assert len(problems) == 9
+    raw["prepare"]["source"].update(kind="jsonl", path="pairs.jsonl")
+    raw["prepare"]["tokenizer"].update(kind="pretrained", name_or_path="my/model", vocab_size=None)
+    raw["sft"]["model"].update(kind="pretrained", name_or_path="my/model")
+    raw["evaluate"].update(judge="score_models", reward_model="rm", cost_model="cm")
+    parse_params(raw, "params.yaml")  # a real-data file without the world and the scratch model

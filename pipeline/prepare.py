@@ -231,7 +231,7 @@ def _tokenizer(params: PrepareParams, world: World | None, rows: list[dict[str, 
     if params.tokenizer.kind == "pretrained":
         name = params.tokenizer.name_or_path
         try:
-            return load_tokenizer(name, params.tokenizer.trust_remote_code)
+            return load_tokenizer(name, params.tokenizer.trust_remote_code, params.tokenizer.gguf_file)
         except UnavailableError as error:  # its own code refused, a missing folder, offline
             raise DataError(str(error)) from None
         except (OSError, ValueError) as error:

@@ -80,7 +80,7 @@ def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, c
     copy of a bf16 7B), data/tokenizer (the one prepare tokenized with), base_model.json."""
     m = params.sft.model
     started = time.perf_counter()
-    model = load_causal_lm(str(m.name_or_path), m.trust_remote_code, dtype="auto")
+    model = load_causal_lm(str(m.name_or_path), m.trust_remote_code, dtype="auto", gguf_file=m.gguf_file)
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
@@ -91,7 +91,8 @@ def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, c
         )
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
-    record = {"source": m.name_or_path, "revision": getattr(model.config, "_commit_hash", None),
+    revision = getattr(model.config, "_commit_hash", None)
+    record = {"source": m.name_or_path, "gguf_file": m.gguf_file, "revision": revision,
               "dtype": str(model.dtype).removeprefix("torch."), "trust_remote_code": m.trust_remote_code}  # fmt: skip
     (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     seconds = time.perf_counter() - started

@@ -263,6 +263,8 @@ class TokenizerParams(_Section):
     """train_bpe: vocabulary size of the byte-level BPE (>= 256 bytes + special tokens)."""
     name_or_path: str | None
     """pretrained: the model whose tokenizer to use (hub id or local folder)."""
+    gguf_file: str | None
+    """pretrained: read the tokenizer from this GGUF file in name_or_path (needs the gguf package)."""
     trust_remote_code: bool
     """pretrained: run the tokenizer's own Python code if its config names some (auto_map).
     Off: such a tokenizer is refused in one line. Turn on only for code you have read."""
@@ -377,6 +379,9 @@ class ModelParams(_Section):
     """scratch: a tiny model built from this section (embedded world); pretrained: name_or_path."""
     name_or_path: str | None
     """pretrained: hub id or local folder in Hugging Face format."""
+    gguf_file: str | None
+    """pretrained: a GGUF file in name_or_path (llama.cpp's format): dequantized to float32 and
+    saved as safetensors by the sft stage (needs the gguf package)."""
     trust_remote_code: bool
     """pretrained: run the model's own Python code if its config names some (auto_map), in
     every stage that loads it. Off: such a model is refused in one line. Turn on only for code

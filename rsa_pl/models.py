@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,19 +78,39 @@ def build_scratch_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32
-                   ) -> PreTrainedModel:  # fmt: skip
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32,
+                   gguf_file: str | None = None) -> PreTrainedModel:  # fmt: skip
     """A causal LM saved with save_pretrained (or a hub id), in float32 (dtype="auto": the dtype
-    its weights are stored in). Its own code (a config with auto_map) runs only with
-    trust_remote_code, else one line naming the key."""
-    with loading(path, MODEL_CODE_KEY):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    its weights are stored in), or read from a GGUF file in that folder (dequantized, and then a
+    plain model: saved as safetensors it is no longer marked quantized). Its own code (a config
+    with auto_map) runs only with trust_remote_code, else one line naming the key."""
+    with loading(path, MODEL_CODE_KEY), _gguf_reader(gguf_file, "sft.model.gguf_file"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32 if gguf_file and dtype == "auto" else dtype,
+            trust_remote_code=trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {}),
+        )  # fmt: skip
+    if gguf_file:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A tokenizer saved with save_pretrained (or a hub id); its own code only if trusted."""
-    with loading(path, TOKENIZER_CODE_KEY, "the tokenizer"):
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+@contextmanager
+def _gguf_reader(gguf_file: str | None, key: str) -> Iterator[None]:
+    """Reading GGUF needs the gguf package: its absence is one line naming the key."""
+    if gguf_file and importlib.util.find_spec("gguf") is None:
+        raise UnavailableError(f"{key}: {gguf_file}: reading GGUF needs the gguf package (pip install gguf)")
+    yield
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
+                   ) -> PreTrainedTokenizerBase:  # fmt: skip
+    """A tokenizer saved with save_pretrained (or a hub id, or a GGUF file in that folder); its
+    own code only if trusted."""
+    with loading(path, TOKENIZER_CODE_KEY, "the tokenizer"), _gguf_reader(gguf_file, "prepare.tokenizer.gguf_file"):
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -93,7 +93,13 @@ def small_params(tmp_path: Path, **prepare_changes: Any) -> Path:
 
 
 def pretrained(path: Path) -> dict[str, Any]:
-    return {"kind": "pretrained", "vocab_size": None, "name_or_path": str(path), "trust_remote_code": False}
+    return {
+        "kind": "pretrained",
+        "vocab_size": None,
+        "name_or_path": str(path),
+        "gguf_file": None,
+        "trust_remote_code": False,
+    }
 
 
 def run_prepare(params: Path, out: Path) -> dict[str, Any]:
@@ -517,6 +523,7 @@ def test_cli_prepare_reports_bad_files_in_one_line_and_keeps_old_outputs(tmp_pat
             "kind": "pretrained",
             "vocab_size": None,
             "name_or_path": "/nonexistent/model",
+            "gguf_file": None,
             "trust_remote_code": False,
         },
     )
@@ -535,6 +542,7 @@ def test_cli_prepare_names_a_tokenizer_it_cannot_load(tmp_path: Path) -> None:
             "kind": "pretrained",
             "vocab_size": None,
             "name_or_path": str(tmp_path / "no-model"),
+            "gguf_file": None,
             "trust_remote_code": False,
         },
     )

@@ -143,3 +143,86 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     assert not re.findall(r"Running stage '(\w+)'", again.stdout), again.stdout
     status = subprocess.run([*dvc, "status"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "up to date" in status.stdout, status.stdout
+
+
+def tiny_gguf(folder: Path, texts: list[str]) -> Path:
+    """A tiny llama model as a GGUF file (llama.cpp's format, written with the gguf package), with a
+    BPE tokenizer in it: random float32 weights, the metadata transformers reads."""
+    import gguf
+    import numpy as np
+
+    tokenizer = train_bpe_tokenizer(texts, 400, "{prompt}")
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    tokens.append("<|endoftext|>")  # transformers' GGUF reader adds it to a gpt2-style vocabulary otherwise
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    n, h, layers, heads, ff = len(tokens), 32, 2, 4, 64
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(folder / "tiny.gguf"), "llama")
+    writer.add_context_length(512)
+    writer.add_embedding_length(h)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(h // heads)
+    writer.add_vocab_size(n)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * n)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    rng = np.random.default_rng(0)
+    weights = {"token_embd.weight": (n, h), "output.weight": (n, h)}
+    for i in range(layers):
+        weights |= {f"blk.{i}.attn_{k}.weight": (h, h) for k in ("q", "k", "v", "output")}
+        weights |= {f"blk.{i}.ffn_gate.weight": (ff, h), f"blk.{i}.ffn_up.weight": (ff, h),
+                    f"blk.{i}.ffn_down.weight": (h, ff)}  # fmt: skip
+    for name, shape in weights.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    for name in ["output_norm.weight", *(f"blk.{i}.{k}_norm.weight" for i in range(layers) for k in ("attn", "ffn"))]:
+        writer.add_tensor(name, np.ones(h, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return folder
+
+
+def test_a_gguf_base_is_dequantized_and_saved_as_a_plain_model(tmp_path: Path) -> None:
+    """sft.model.gguf_file and prepare.tokenizer.gguf_file: prepare tokenizes with the GGUF's own
+    tokenizer, sft saves the dequantized model as safetensors, no longer marked quantized, and
+    the saved model computes what the GGUF file does."""
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import prepare, sft
+
+    rows = pku_rows(24)
+    data = tmp_path / "pku.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tiny_gguf(tmp_path / "gguf", [f"{r['prompt']} {r['response_0']} {r['response_1']}" for r in rows] * 3)
+    raw = paper_on_a_cpu(folder, data, tmp_path / "rm", tmp_path / "cm")
+    raw["prepare"]["tokenizer"]["gguf_file"] = raw["sft"]["model"]["gguf_file"] = "tiny.gguf"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    quiet = Console(quiet=True)
+    prepare.run(params, tmp_path / "data", quiet)
+    sft.run(params, tmp_path / "data", tmp_path / "sft", tmp_path / "ckpt", quiet)
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (tmp_path / "sft" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "sft" / "base_model.json").read_text())["gguf_file"] == "tiny.gguf"
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"))
+    original = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="tiny.gguf")
+    text = rows[0]["prompt"]
+    ids = AutoTokenizer.from_pretrained(str(tmp_path / "sft"))(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == AutoTokenizer.from_pretrained(str(folder), gguf_file="tiny.gguf")(
+        text, return_tensors="pt")["input_ids"].tolist()  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(saved(ids).logits, original(ids).logits)

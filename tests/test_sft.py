@@ -47,8 +47,8 @@ def tiny_params(tmp_path: Path, architecture: str = "llama", **train: object) ->
 def scratch_model_params(architecture: str, max_positions: int) -> ModelParams:
     """A 1-layer, 32-wide model built from scratch (tests that need a model, not a pipeline)."""
     sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-    return ModelParams(kind="scratch", name_or_path=None, trust_remote_code=False, architecture=architecture,
-                       max_positions=max_positions, **sizes)  # fmt: skip
+    return ModelParams(kind="scratch", name_or_path=None, gguf_file=None, trust_remote_code=False,
+                       architecture=architecture, max_positions=max_positions, **sizes)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,9 @@ def pretrained_base(folder: Path, tokenizer_folder: Path, dtype: torch.dtype = t
     """A tiny 'pretrained' Llama saved as a user's model folder would be (its own dtype)."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     shape = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_positions": 256}
-    params = ModelParams(kind="scratch", name_or_path=None, trust_remote_code=False, architecture="llama", **shape)
+    params = ModelParams(
+        kind="scratch", name_or_path=None, gguf_file=None, trust_remote_code=False, architecture="llama", **shape
+    )
     build_scratch_model(params, tokenizer).to(dtype).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
@@ -192,7 +194,8 @@ def test_a_pretrained_base_is_saved_as_is_with_the_prepared_tokenizer(tmp_path: 
     metrics = sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET, tmp_path / "metrics" / "sft.json")
     out = tmp_path / "out"
     assert json.loads((out / "base_model.json").read_text()) == {
-        "source": str(base), "revision": None, "dtype": "bfloat16", "trust_remote_code": False}  # fmt: skip
+        "source": str(base), "gguf_file": None, "revision": None, "dtype": "bfloat16", "trust_remote_code": False,
+    }  # fmt: skip
     saved = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
     original = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
     assert saved.dtype == torch.bfloat16

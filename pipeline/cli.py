@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from pipeline import check_params, evaluate, merge, preference, prepare, sft
+from pipeline import check_params, evaluate, merge, pairs, preference, prepare, sft
 from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
@@ -88,18 +88,19 @@ def sft_command(
 
 
 def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: Path, checkpoints: Path,
-                      metrics: Path) -> None:  # fmt: skip
+                      metrics: Path, made: Path) -> None:  # fmt: skip
     try:
-        pairs = preference.pairs_folder(getattr(load_params(params), stage))
+        folder = preference.pairs_folder(getattr(load_params(params), stage))
     except ParamsError as error:
         raise _fail(error) from None
-    if not (data / pairs).exists():
-        raise _fail(ValueError(f"{data / pairs}: no prepared pairs; run `rsa-pl prepare` first"))
+    if not preference.pairs_path(data, made, folder).exists():
+        first = "`rsa-pl make-pairs`" if (data / "prompts").exists() else "`rsa-pl prepare`"
+        raise _fail(ValueError(f"{data / folder}: no pairs (nor in {made}); run {first} first"))
     if not (models / needs).exists():
         command = {"sft": "sft", "reward": "train-reward"}[needs]
         raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
     try:
-        preference.run(stage, params, data, models, checkpoints, _out, metrics)
+        preference.run(stage, params, data, models, checkpoints, _out, metrics, made)
     except (ParamsError, UnavailableError) as error:
         raise _fail(error) from None
     except NonFiniteError as error:
@@ -110,6 +111,33 @@ def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: 
 
 DataOption = Annotated[Path, typer.Option("--data", help="The prepare stage's output folder.")]
 ModelsOption = Annotated[Path, typer.Option("--models", help="The folder holding sft/, reward/, safety/.")]
+PairsOption = Annotated[
+    Path, typer.Option("--pairs", help="The make-pairs stage's folder (on-policy pairs); else data/'s pairs.")
+]
+
+
+@app.command("make-pairs")
+def make_pairs_command(
+    params: ParamsOption = Path("params.yaml"),
+    data: DataOption = Path("data"),
+    models: ModelsOption = Path("models"),
+    out: Annotated[Path, typer.Option("--out", help="The pairs folder to (re)write.")] = Path("pairs"),
+    checkpoints: Annotated[
+        Path, typer.Option("--checkpoints", help="Judged answers per chunk of prompts, for resuming a killed run.")
+    ] = Path("checkpoints/pairs"),
+    judge_cache: Annotated[
+        Path, typer.Option("--judge-cache", help="The llm judge's reply cache (kept across runs).")
+    ] = Path("checkpoints/judge_cache.sqlite"),
+) -> None:
+    """Prompts only: the base answers each prompt k times, a judge scores them, best vs worst -> pairs/."""
+    if not (models / "sft").exists():
+        raise _fail(ValueError(f"{models / 'sft'}: not found; run `rsa-pl sft` first"))
+    try:
+        pairs.run(params, data, models, out, _out, checkpoints, judge_cache)
+    except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError, ValueError) as error:
+        raise _fail(error) from None
+    except OSError as error:
+        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
 
 
 @app.command("train-reward")
@@ -119,9 +147,10 @@ def train_reward_command(
     models: ModelsOption = Path("models"),
     checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_reward"),
     metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_reward.json"),
+    pairs: PairsOption = Path("pairs"),
 ) -> None:
     """Stage 1: helpfulness alignment of the SFT model (reference: the SFT model) -> models/reward."""
-    _preference_stage("train_reward", "sft", params, data, models, checkpoints, metrics)
+    _preference_stage("train_reward", "sft", params, data, models, checkpoints, metrics, pairs)
 
 
 @app.command("train-safety")
@@ -131,9 +160,10 @@ def train_safety_command(
     models: ModelsOption = Path("models"),
     checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_safety"),
     metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_safety.json"),
+    pairs: PairsOption = Path("pairs"),
 ) -> None:
     """Stage 2: safety realignment of the stage-1 policy (reference: the stage-1 policy) -> models/safety."""
-    _preference_stage("train_safety", "reward", params, data, models, checkpoints, metrics)
+    _preference_stage("train_safety", "reward", params, data, models, checkpoints, metrics, pairs)
 
 
 @app.command("merge")

@@ -119,16 +119,22 @@ def policy_and_reference(section: PreferenceStageParams, models: Path, previous:
     return Policy(attach_lora(quantized, lora), None, None)
 
 
+def pairs_path(data: Path, made: Path | None, folder: str) -> Path:
+    """Where a stage's pairs are: made on-policy by the pairs stage (made/), else prepared (data/)."""
+    return made / folder if made is not None and (made / folder).exists() else data / folder
+
+
 def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Path, console: Console,
-        metrics_file: Path | None = None) -> dict[str, float]:  # fmt: skip
-    """Train one preference stage into models/<reward|safety>; return its final metrics."""
+        metrics_file: Path | None = None, made_pairs: Path | None = None) -> dict[str, float]:  # fmt: skip
+    """Train one preference stage into models/<reward|safety>; return its final metrics.
+    made_pairs: the pairs stage's folder (used when it holds this stage's pairs)."""
     params = load_params(params_path)
     name, previous = STAGES[stage]
     out = models / name
     staging = staging_for(out)
     try:
-        pairs = data / pairs_folder(getattr(params, stage))
-        metrics = _train(params, stage, pairs, models, previous, staging, checkpoints, console)
+        pairs = pairs_path(data, made_pairs, pairs_folder(getattr(params, stage)))
+        metrics = _train(params, stage, pairs, models, previous, staging, checkpoints, console, data)
         if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
             return {}
         swap_in(staging, out)
@@ -139,7 +145,7 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
 
 
 def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str | None, staging: Path,
-           checkpoints: Path, console: Console) -> dict[str, float] | None:  # fmt: skip
+           checkpoints: Path, console: Console, data: Path) -> dict[str, float] | None:  # fmt: skip
     section = getattr(params, stage)
     train = section.train
     identity = {
@@ -152,7 +158,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     # before anything loads: a strategy or device this machine lacks fails here, in one line
     trainer = build_trainer(train, checkpoints / "logs", checkpoints, where=f"{stage}.train")
     L.seed_everything(train.seed, workers=True, verbose=False)
-    tokenizer = load_tokenizer(pairs.parent / "tokenizer", params.prepare.tokenizer.trust_remote_code)
+    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     policy, reference, reference_adapters = policy_and_reference(section, models, previous)
     if train.gradient_checkpointing and section.quantization is None:  # load_quantized enabled it
         policy.gradient_checkpointing_enable()

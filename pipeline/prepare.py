@@ -76,6 +76,7 @@ SET_KINDS = {
     "sft": "sft",
     "helpful_pairs": "pairs",
     "safety_pairs": "pairs",
+    "prompts": "prompts",
     "eval_helpful": "prompts",
     "eval_redteam": "prompts",
 }
@@ -310,12 +311,23 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
             "train": tok.sft("sft.train", sft_train),
             "validation": tok.sft("sft.validation", sft_validation),
         }
+    prompts_only = params.source.kind == "prompts"
+    if prompts_only:  # the pairs stage answers and judges them
+        sets["prompts"] = {
+            "train": tok.prompts("prompts.train", train_rows),
+            "validation": tok.prompts("prompts.validation", validation_rows),
+        }
     for name, label in (("helpful_pairs", "better_response_id"), ("safety_pairs", "safer_response_id")):
+        if prompts_only:
+            break
         sets[name] = {
             "train": tok.pairs(f"{name}.train", train_rows, label),
             "validation": tok.pairs(f"{name}.validation", validation_rows, label),
         }
-    if world is not None:
+    if prompts_only:
+        helpful = [(origin, row) for origin, row in validation_rows if not row["harmful"]]
+        redteam = [(origin, row) for origin, row in validation_rows if row["harmful"]]
+    elif world is not None:
         helpful = _numbered(staging / "world" / "helpful_eval.jsonl", world.helpful_eval)
         redteam = _numbered(staging / "world" / "redteam_eval.jsonl", world.redteam_eval)
     else:
@@ -355,7 +367,7 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
             "response_tokens": _percentiles(tok.response_lengths),
             "truncated_responses": tok.truncated,
         },
-        "tension": _tension(rows),
+        "tension": _tension(rows) if not prompts_only else None,
         "rejected": rejected,
         "tokenizer": {"kind": params.tokenizer.kind, "vocab_size": len(tokenizer)},
         "prompt_format": fmt.describe(),
@@ -388,10 +400,11 @@ def _print_summary(report: dict[str, Any], out: Path, console: Console) -> None:
         table.add_row(name, " / ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
     console.print(table)
     tension = report["tension"]
-    console.print(
-        f"harmful-prompt pairs where the more helpful answer is unsafe and the other safe: "
-        f"{tension['share_more_helpful_is_unsafe_other_safe']:.1%} of {tension['harmful_prompt_pairs']}"
-    )
+    if tension is not None:  # prompts alone have no pairs yet
+        console.print(
+            f"harmful-prompt pairs where the more helpful answer is unsafe and the other safe: "
+            f"{tension['share_more_helpful_is_unsafe_other_safe']:.1%} of {tension['harmful_prompt_pairs']}"
+        )
     rejected = report["rejected"]
     console.print(f"rejected rows: {rejected['total']} {rejected['by_reason']}", markup=False, soft_wrap=True)
     if "prompt_too_long" in rejected:

@@ -246,8 +246,10 @@ class WorldParams(_Section):
 class SourceParams(_Section):
     """Where the preference data comes from."""
 
-    kind: Literal["embedded", "pku_saferlhf", "hh", "jsonl"]
-    """embedded: the built-in world; pku_saferlhf / hh / jsonl: a real dataset."""
+    kind: Literal["embedded", "pku_saferlhf", "hh", "jsonl", "prompts"]
+    """embedded: the built-in world; pku_saferlhf / hh / jsonl: a real preference dataset; prompts:
+    prompts alone (a prompt column, optional category and harmful), whose pairs the pairs stage
+    makes on-policy with a judge."""
     path: str | None
     """A local file or folder (parquet, json, jsonl, arrow, save_to_disk) or a hub id; null for embedded."""
     split: str
@@ -445,6 +447,27 @@ class MergeParams(_Section):
         return [("q", f"each ratio once, got {', '.join(map(str, repeated))} more than once")] if repeated else []
 
 
+class PairsParams(_Section):
+    """The pairs stage (source prompts): k answers per prompt sampled from the base, judged, and the
+    best and worst kept as a pair, as Safe RLHF collected its data (other sources: nothing to do)."""
+
+    judge: Literal["llm", "guard", "score_models"]
+    """Which judge scores the answers, configured as in evaluate (evaluate.llm, evaluate.guard,
+    evaluate.reward_model / cost_model)."""
+    samples_per_prompt: Annotated[int, Field(ge=2)]
+    """Answers sampled per prompt (k >= 2)."""
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    """Sampling temperature."""
+    max_new_tokens: PositiveInt
+    """Longest answer, in tokens (an answer cut there is counted as truncated)."""
+    seed: int
+    """Seeds the sampling (per batch)."""
+    batch_size: PositiveInt
+    """Prompts x samples per generation batch."""
+    chunk: PositiveInt
+    """Prompts per resumable unit: a killed run keeps every finished chunk."""
+
+
 class LlmJudgeParams(_Section):
     """evaluate.judge llm (and the helpfulness half of guard): a judge LLM behind any
     OpenAI-compatible chat-completions server (vLLM, TGI, llama.cpp, `transformers serve`, an API)."""
@@ -574,6 +597,8 @@ class Params(_Section):
     """Builds the data: the embedded world or a real dataset, tokenized."""
     sft: SftParams
     """The base model (trained from scratch for the embedded world)."""
+    pairs: PairsParams
+    """On-policy preference pairs from prompts alone (source prompts)."""
     train_reward: PreferenceStageParams
     """Stage 1, reward (helpfulness) alignment; reference = the SFT model."""
     train_safety: PreferenceStageParams

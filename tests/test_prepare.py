@@ -630,7 +630,7 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     forced = subprocess.run([*dvc, "repro", "--force"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert re.findall(r"Running stage '(\w+)'", forced.stdout) == [
-        "prepare", "sft", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
     for name in results:
         assert (repo / name).read_bytes() == before[name], f"{name} differs between two full runs"
     for f in (repo / "metrics").glob("*.json"):

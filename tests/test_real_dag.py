@@ -122,7 +122,7 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert re.findall(r"Running stage '(\w+)'", first.stdout) == [
-        "prepare", "sft", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
     report = json.loads((repo / "data" / "report.json").read_text())
     assert report["rows_read"] == len(rows)
     record = json.loads((repo / "models" / "sft" / "base_model.json").read_text())
@@ -226,3 +226,104 @@ def test_a_gguf_base_is_dequantized_and_saved_as_a_plain_model(tmp_path: Path) -
         text, return_tensors="pt")["input_ids"].tolist()  # fmt: skip
     with torch.no_grad():
         assert torch.equal(saved(ids).logits, original(ids).logits)
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """A prompts-only file as red-team and instruction sets come: benign prompts without a category,
+    red-team ones with one (Do-Not-Answer style)."""
+    rows = []
+    for i in range(n):
+        if i % 3 == 0:
+            rows.append({"prompt": f"How do I {HARMS[i % len(HARMS)]}? ({i})", "category": "Crime"})
+        else:
+            rows.append({"prompt": f"Give me tips about {TOPICS[i % len(TOPICS)]}. ({i})"})
+    return rows
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
+    """Prompts only, a pretrained base and a judge: the pairs stage samples k answers per prompt
+    from the base, the judge scores them, best and worst become pairs, and the whole DAG runs."""
+    repo = tmp_path / "repo"
+    copy_repo(repo)
+    rows = prompt_rows(36)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = user_model(tmp_path / "base", [r["prompt"] for r in rows] * 5)
+    raw = paper_on_a_cpu(base, data, classifier_score_model(tmp_path / "rm"), classifier_score_model(tmp_path / "cm"))
+    raw["prepare"]["source"].update(kind="prompts")
+    raw["prepare"]["eval_fraction"] = 0.25
+    raw["pairs"].update(judge="score_models", samples_per_prompt=3, max_new_tokens=8, chunk=10, batch_size=32)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    dvc = [str(Path(bin_dir) / "dvc")]
+    first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert re.findall(r"Running stage '(\w+)'", first.stdout) == [
+        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+    assert not (repo / "data" / "helpful_pairs").exists()  # prepare made none: the pairs stage did
+    report = json.loads((repo / "pairs" / "report.json").read_text())
+    answers = report["answers"]
+    assert answers["total"] == len(rows) * 3
+    for name in ("helpful_pairs", "safety_pairs"):
+        made = report[name]["train"]
+        assert made["pairs"] + made["ties"] + made["too_few_scored"] + made["identical"] == 27  # the train prompts
+        assert made["pairs"] > 0
+    assert report["judge"]["judge"] == "score_models"
+    trained = json.loads((repo / "metrics" / "train_reward.json").read_text())
+    assert trained["train/steps"] == 2
+    evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
+    assert "safety.cost_cvar_0.05" in evaluated
+    assert evaluated["sft.helpful_win_rate"] == 0.5
+
+
+def test_the_pairs_stage_keeps_sampled_tokens_and_resumes_by_chunk(tmp_path: Path) -> None:
+    """Each pair is the prompt's ids followed by the sampled answer's ids (labels only on the
+    answer); a run killed after some chunks resumes with them, to the same pairs."""
+    from datasets import load_from_disk
+    from rich.console import Console
+
+    from pipeline import pairs, prepare, sft
+
+    rows = prompt_rows(24)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = user_model(tmp_path / "base", [r["prompt"] for r in rows] * 5)
+    raw = paper_on_a_cpu(base, data, classifier_score_model(tmp_path / "rm"), classifier_score_model(tmp_path / "cm"))
+    raw["prepare"]["source"].update(kind="prompts")
+    raw["pairs"].update(judge="score_models", samples_per_prompt=3, max_new_tokens=6, chunk=5, batch_size=32)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    console = Console(record=True, width=300)
+    prepare.run(params, tmp_path / "data", console)
+    sft.run(params, tmp_path / "data", tmp_path / "models" / "sft", tmp_path / "ck-sft", console)
+    ckpt = tmp_path / "ck-pairs"
+    first = pairs.run(params, tmp_path / "data", tmp_path / "models", tmp_path / "pairs", console, ckpt)
+    made = load_from_disk(str(tmp_path / "pairs" / "helpful_pairs"))["train"]
+    prompts = load_from_disk(str(tmp_path / "data" / "prompts"))["train"]
+    by_prompt = dict(zip(prompts["prompt"], prompts["prompt_input_ids"], strict=True))
+    for row in made:
+        ids = by_prompt[row["prompt"]]
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_input_ids"][: len(ids)] == ids
+            assert row[f"{side}_labels"][: len(ids)] == [-100] * len(ids)
+            assert row[f"{side}_labels"][len(ids) :] == row[f"{side}_input_ids"][len(ids) :]
+            assert 0 < len(row[f"{side}_input_ids"]) - len(ids) <= 6
+
+    chunks = sorted((ckpt / "chunks").iterdir())
+    sizes = load_from_disk(str(tmp_path / "data" / "prompts")).num_rows
+    assert len(chunks) == sum(-(-n // 5) for n in sizes.values())  # chunks of 5 prompts per split
+    marker = json.loads((ckpt / "fingerprint.json").read_text())
+    (ckpt / "fingerprint.json").write_text(json.dumps({**marker, "finished": False}))  # as if killed
+    chunks[-1].unlink()
+    again = pairs.run(params, tmp_path / "data", tmp_path / "models", tmp_path / "pairs-again", console, ckpt)
+    assert "resuming from" in console.export_text()
+    for key in ("helpful_pairs", "safety_pairs", "answers"):
+        assert again[key] == first[key]
+    for name in ("helpful_pairs", "safety_pairs"):
+        for split in ("train", "validation"):
+            a = load_from_disk(str(tmp_path / "pairs" / name))[split]
+            b = load_from_disk(str(tmp_path / "pairs-again" / name))[split]
+            assert a.to_list() == b.to_list(), (name, split)

@@ -263,10 +263,23 @@ def _pairs_row(raw: dict) -> dict:
     return _canonical(_text(raw, "prompt"), _text(raw, "chosen"), _text(raw, "rejected"), 0)
 
 
+def _prompts_row(raw: dict) -> dict:
+    """A prompt alone (pairs are made on-policy by the pairs stage): an optional category, and an
+    optional `harmful` flag (else: a prompt with a category is a red-team prompt, as in
+    Do-Not-Answer, HarmBench or AdvBench files)."""
+    category = _optional_str(raw, "category")
+    harmful = raw.get("harmful")
+    if harmful is not None and not isinstance(harmful, bool):
+        raise _RowError("not a boolean: harmful")
+    return {"prompt": _text(raw, "prompt"), "category": category, "categories": (category,) if category else (),
+            "severity": None, "harmful": harmful if harmful is not None else category is not None}  # fmt: skip
+
+
 _CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "pku_saferlhf": _pku_saferlhf_row,
     "hh": _hh_row,
     "jsonl": _pairs_row,
+    "prompts": _prompts_row,
 }
 _REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "pku_saferlhf": (
@@ -280,6 +293,7 @@ _REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "hh": ("chosen", "rejected"),
     "jsonl": ("prompt", "chosen", "rejected"),
+    "prompts": ("prompt",),
 }
 SCHEMAS = tuple(_CONVERTERS)
 

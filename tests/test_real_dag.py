@@ -74,6 +74,20 @@ def copy_repo(repo: Path) -> None:
         shutil.rmtree(repo / generated, ignore_errors=True)
 
 
+def repro_everything(repo: Path, home: Path) -> tuple[list[str], dict[str, str]]:
+    """`dvc repro` in a fresh git repo, offline: every stage must run, in order. Returns the dvc
+    command and the environment, for further commands."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    dvc = [str(Path(bin_dir) / "dvc")]
+    first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert re.findall(r"Running stage '(\w+)'", first.stdout) == [
+        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+    return dvc, env
+
+
 def paper_on_a_cpu(base: Path, data: Path, reward: Path, cost: Path) -> dict:
     """configs/paper.yaml with what a CPU test cannot have swapped: the hub models and data for
     local tiny ones, 2 GPUs with DDP for one CPU process, bf16 for float32, sizes and steps for
@@ -115,14 +129,7 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     cost = classifier_score_model(tmp_path / "cost-model")
     (repo / "params.yaml").write_text(yaml.safe_dump(paper_on_a_cpu(base, data, reward, cost)))
 
-    bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
-    dvc = [str(Path(bin_dir) / "dvc")]
-    first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert re.findall(r"Running stage '(\w+)'", first.stdout) == [
-        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+    dvc, env = repro_everything(repo, tmp_path)
     report = json.loads((repo / "data" / "report.json").read_text())
     assert report["rows_read"] == len(rows)
     record = json.loads((repo / "models" / "sft" / "base_model.json").read_text())
@@ -255,14 +262,7 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     raw["prepare"]["eval_fraction"] = 0.25
     raw["pairs"].update(judge="score_models", samples_per_prompt=3, max_new_tokens=8, chunk=10, batch_size=32)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
-    dvc = [str(Path(bin_dir) / "dvc")]
-    first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert re.findall(r"Running stage '(\w+)'", first.stdout) == [
-        "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
+    repro_everything(repo, tmp_path)
     assert not (repo / "data" / "helpful_pairs").exists()  # prepare made none: the pairs stage did
     report = json.loads((repo / "pairs" / "report.json").read_text())
     answers = report["answers"]

@@ -151,6 +151,21 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     status = subprocess.run([*dvc, "status"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "up to date" in status.stdout, status.stdout
 
+    # An experiment on this path (it once deleted an uncached models/sft): commit the run, change a
+    # stage-2 param; only the stages after stage 1 run again, and the base stays.
+    git = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=git)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True, env=git)
+    weights = (repo / "models" / "sft" / "model.safetensors").read_bytes()
+    exp = subprocess.run([*dvc, "exp", "run", "-S", "train_safety.beta=0.2"], cwd=repo, capture_output=True,
+                         text=True, env=git, timeout=600)  # fmt: skip
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert re.findall(r"Running stage '(\w+)'", exp.stdout) == ["train_safety", "merge", "evaluate"], exp.stdout
+    assert (repo / "models" / "sft" / "model.safetensors").read_bytes() == weights
+    diff = subprocess.run([*dvc, "params", "diff"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    assert "train_safety.beta" in diff.stdout
+
 
 def tiny_gguf(folder: Path, texts: list[str]) -> Path:
     """A tiny llama model as a GGUF file (llama.cpp's format, written with the gguf package), with a

@@ -299,6 +299,11 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
                        _tokenizer_name(params))  # fmt: skip
     if fmt.kind == "chat" and fmt.end_of_turn is not None and fmt.end_of_turn != tokenizer.eos_token_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(fmt.end_of_turn)  # generation stops at the end of turn
+    pad_from = None
+    if tokenizer.pad_token is None:  # Llama-style tokenizers have none; batches need one (masked out anyway)
+        if tokenizer.eos_token is None:
+            raise DataError(f"{_tokenizer_name(params)}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token, pad_from = tokenizer.eos_token, "eos"
     tokenizer.save_pretrained(str(staging / "tokenizer"))
     tok = _Tokenized(fmt, params)
     items = [((source_name, index), row) for index, row in zip(source.indices, rows, strict=True)]
@@ -369,7 +374,12 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
         },
         "tension": _tension(rows) if not prompts_only else None,
         "rejected": rejected,
-        "tokenizer": {"kind": params.tokenizer.kind, "vocab_size": len(tokenizer)},
+        "tokenizer": {
+            "kind": params.tokenizer.kind,
+            "vocab_size": len(tokenizer),
+            "pad_token": tokenizer.pad_token,
+            "pad_token_from": pad_from,
+        },
         "prompt_format": fmt.describe(),
     }
     (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -661,3 +661,19 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     assert "eval/metrics.json" in metrics_diff.stdout
     changed = [line.split()[1] for line in metrics_diff.stdout.splitlines() if line.startswith("eval/metrics.json")]
     assert changed, metrics_diff.stdout  # sampling at another temperature moved some eval metric
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path: Path) -> None:
+    """Llama-style tokenizers ship no pad token; batches need one (masked out, labels -100), so the
+    saved tokenizer pads with EOS and the report says so."""
+    folder = tmp_path / "no-pad"
+    tokenizer = make_tokenizer(None)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(str(folder))
+    assert AutoTokenizer.from_pretrained(str(folder)).pad_token is None
+    source = {"kind": "jsonl", "path": str(DATA / "pairs_sample.jsonl"), "split": "train"}
+    params = small_params(tmp_path, source=source, tokenizer=pretrained(folder), max_prompt_length=200, max_length=400)
+    report = run_prepare(params, tmp_path / "data")
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "data" / "tokenizer"))
+    assert saved.pad_token == saved.eos_token == "</s>"
+    assert report["tokenizer"]["pad_token_from"] == "eos"

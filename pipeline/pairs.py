@@ -28,7 +28,7 @@ from rich.console import Console
 from pipeline.evaluate import Judging, make_judge
 from pipeline.outputs import staging_for, swap_in
 from pipeline.preference import base_model, trusts_code
-from pipeline.prepare import FEATURES, _dataset
+from pipeline.prepare import FEATURES, as_dataset
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.evaluation.generation import generate_ids
@@ -91,7 +91,7 @@ def _make(params: Params, data: Path, models: Path, staging: Path, console: Cons
         splits, counts = {}, {}
         for split, groups in judged.items():
             examples, kept = _pairs(groups, field, higher, params.prepare.max_length)
-            splits[split] = _dataset(examples, FEATURES["pairs"])
+            splits[split] = as_dataset(examples, FEATURES["pairs"])
             counts[split] = kept
         DatasetDict(splits).save_to_disk(str(staging / name), num_shards=dict.fromkeys(splits, 1))
         report[name] = counts

@@ -82,7 +82,7 @@ SET_KINDS = {
 }
 
 
-def _dataset(examples: list[dict[str, Any]], features: datasets.Features) -> Dataset:
+def as_dataset(examples: list[dict[str, Any]], features: datasets.Features) -> Dataset:
     """A Dataset of exactly these columns and types, also when there are no examples.
 
     Saved with num_shards=1: datasets 5 writes an empty dataset as zero shards by default,
@@ -345,13 +345,13 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
     for name, value in sets.items():
         features = FEATURES[SET_KINDS[name]]
         if isinstance(value, dict):
-            splits = {split: _dataset(examples, features) for split, examples in value.items()}
+            splits = {split: as_dataset(examples, features) for split, examples in value.items()}
             DatasetDict(splits).save_to_disk(str(staging / name), num_shards=dict.fromkeys(splits, 1))
             counts[name] = {split: len(examples) for split, examples in value.items()}
             for split, examples in value.items():
                 categories[f"{name}.{split}"] = dict(sorted(Counter(e["category"] or "none" for e in examples).items()))
         else:
-            _dataset(value, features).save_to_disk(str(staging / name), num_shards=1)
+            as_dataset(value, features).save_to_disk(str(staging / name), num_shards=1)
             counts[name] = len(value)
             categories[name] = dict(sorted(Counter(e["category"] or "none" for e in value).items()))
     # Rows read from the staging folder are reported under the output folder they end up in.

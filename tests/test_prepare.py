@@ -24,6 +24,7 @@ from pipeline.cli import app
 from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError, load_source
 from rsa_pl.data.tokenize import IGNORE_INDEX, PromptFormat, PromptTooLongError, encode, train_bpe_tokenizer
+from tests.test_real_dag import copy_repo
 from tests.test_sources import CURRENT_PKU_ROWS, write_current_pku
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,14 +590,8 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     run, a no-op rerun, a second full run (`--force`) that must give byte-identical results,
     and an experiment."""
     repo = tmp_path / "repo"
-    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
-    files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in [*files, "dvc.yaml"]:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    copy_repo(repo)
     shutil.copy2(small_params(tmp_path), repo / "params.yaml")
-    (repo / "dvc.lock").unlink(missing_ok=True)
     bin_dir = str(Path(sys.executable).parent)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)

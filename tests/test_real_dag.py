@@ -262,6 +262,18 @@ def prompt_rows(n: int) -> list[dict]:
     return rows
 
 
+def prompts_params(tmp_path: Path, rows: list[dict], **pairs: object) -> dict:
+    """configs/paper.yaml on a CPU for prompts alone: the rows as the source file, a tiny base that
+    knows their words, tiny score models as the pairs judge."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = user_model(tmp_path / "base", [r["prompt"] for r in rows] * 5)
+    raw = paper_on_a_cpu(base, data, classifier_score_model(tmp_path / "rm"), classifier_score_model(tmp_path / "cm"))
+    raw["prepare"]["source"].update(kind="prompts")
+    raw["pairs"].update({"judge": "score_models", "samples_per_prompt": 3, "batch_size": 32, **pairs})
+    return raw
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     """Prompts only, a pretrained base and a judge: the pairs stage samples k answers per prompt
@@ -269,13 +281,8 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     copy_repo(repo)
     rows = prompt_rows(36)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = user_model(tmp_path / "base", [r["prompt"] for r in rows] * 5)
-    raw = paper_on_a_cpu(base, data, classifier_score_model(tmp_path / "rm"), classifier_score_model(tmp_path / "cm"))
-    raw["prepare"]["source"].update(kind="prompts")
+    raw = prompts_params(tmp_path, rows, max_new_tokens=8, chunk=10)
     raw["prepare"]["eval_fraction"] = 0.25
-    raw["pairs"].update(judge="score_models", samples_per_prompt=3, max_new_tokens=8, chunk=10, batch_size=32)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     repro_everything(repo, tmp_path)
     assert not (repo / "data" / "helpful_pairs").exists()  # prepare made none: the pairs stage did
@@ -302,13 +309,7 @@ def test_the_pairs_stage_keeps_sampled_tokens_and_resumes_by_chunk(tmp_path: Pat
 
     from pipeline import pairs, prepare, sft
 
-    rows = prompt_rows(24)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = user_model(tmp_path / "base", [r["prompt"] for r in rows] * 5)
-    raw = paper_on_a_cpu(base, data, classifier_score_model(tmp_path / "rm"), classifier_score_model(tmp_path / "cm"))
-    raw["prepare"]["source"].update(kind="prompts")
-    raw["pairs"].update(judge="score_models", samples_per_prompt=3, max_new_tokens=6, chunk=5, batch_size=32)
+    raw = prompts_params(tmp_path, prompt_rows(24), max_new_tokens=6, chunk=5)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     console = Console(record=True, width=300)

@@ -114,20 +114,20 @@ def _judged(split: str, prompts: Any, model: Any, tokenizer: Any, judging: Judgi
             groups += [json.loads(line) for line in kept.read_text().splitlines()]
             continue
         rows = prompts.select(range(start, min(start + p.chunk, len(prompts))))
-        ids = rows["prompt_input_ids"]
+        ids, texts_in, categories = (list(rows[c]) for c in ("prompt_input_ids", "prompt_text", "category"))
+        asked = list(rows["prompt"])  # each column read once, not per answer
         answers = generate_ids(
             model, tokenizer, ids, temperature=p.temperature, max_new_tokens=p.max_new_tokens, seed=p.seed + start,
             batch_size=p.batch_size, samples_per_prompt=p.samples_per_prompt,
         )  # fmt: skip
         texts = [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
         index = [i for i in range(len(ids)) for _ in range(p.samples_per_prompt)]
-        verdicts = judging.verdicts([rows["prompt"][i] for i in index], [rows["prompt_text"][i] for i in index], texts)
+        verdicts = judging.verdicts([asked[i] for i in index], [texts_in[i] for i in index], texts)
         done = []
         for i in range(len(ids)):
             mine = range(i * p.samples_per_prompt, (i + 1) * p.samples_per_prompt)
             done.append({
-                "prompt": rows["prompt"][i], "prompt_text": rows["prompt_text"][i], "prompt_ids": ids[i],
-                "category": rows["category"][i],
+                "prompt": asked[i], "prompt_text": texts_in[i], "prompt_ids": ids[i], "category": categories[i],
                 "answers": [{"text": texts[j], "ids": answers[j], "reward": verdicts[j].reward,
                              "cost": verdicts[j].cost, "unsafe": verdicts[j].unsafe,
                              "truncated": tokenizer.eos_token_id not in answers[j]} for j in mine],

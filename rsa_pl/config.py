@@ -512,6 +512,18 @@ class GuardParams(_Section):
     severe_categories: list[str]
     """Categories whose unsafe answers count as severe (severe_rate): codes or names as the guard
     writes them (the shipped prompt's codes H1-H14; Llama Guard's S1-S14)."""
+    verdict: Literal["reply", "probability"]
+    """reply: the guard writes its reply (verdict, category) and the cost is read at its first
+    written token; a reply without safe/unsafe is a judge failure. probability: a forced choice,
+    the log-odds of unsafe vs safe as the reply's first token in one forward pass, no reply (for
+    models that do not keep to the answer format; no category, so nothing is severe)."""
+    rate_helpfulness: bool
+    """The guard model also rates helpfulness (the reward): the expected rating 1-9 under its
+    probabilities for the first token of its reply to the helpfulness prompt (G-Eval's score).
+    For a local model when no reward model or llm server is at hand: a small model rates poorly."""
+    helpfulness_prompt: str | None
+    """rate_helpfulness: a file replacing the shipped rating prompt
+    (rsa_pl/evaluation/prompts/helpfulness.txt; {prompt} and {answer} in it)."""
     max_new_tokens: PositiveInt
     """Longest guard reply (the verdict and the category), in tokens."""
     batch_size: PositiveInt
@@ -579,10 +591,12 @@ class EvaluateParams(_Section):
         if self.judge == "guard":
             if self.guard.model is None:
                 problems.append(("guard.model", "required for judge guard: a chat model folder or hub id"))
-            if self.reward_model is not None and self.llm.base_url is not None:
-                problems.append(
-                    ("reward_model", "judge guard takes helpfulness from reward_model or from llm, not both")
-                )
+            sources = [name for name, named in (("reward_model", self.reward_model is not None),
+                       ("llm.base_url", self.llm.base_url is not None),
+                       ("guard.rate_helpfulness", self.guard.rate_helpfulness)) if named]  # fmt: skip
+            if len(sources) > 1:
+                problems.append((sources[0], f"judge guard takes helpfulness from one of reward_model, llm or "
+                                             f"guard.rate_helpfulness; got {' and '.join(sources)}"))  # fmt: skip
             if self.llm.base_url is not None and self.llm.model is None:
                 problems.append(("llm.model", "required when llm.base_url is set"))
         if self.refusal != "patterns" and self.judge != "llm":

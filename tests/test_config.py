@@ -108,8 +108,17 @@ def test_the_llm_and_guard_judges_need_what_they_use(raw: dict[str, Any]) -> Non
     raw["evaluate"].update(refusal="patterns", reward_model="rm")
     raw["evaluate"]["guard"]["model"] = "guard"
     assert problems_of(raw) == {
-        "evaluate.reward_model": "judge guard takes helpfulness from reward_model or from llm, not both"
+        "evaluate.reward_model": "judge guard takes helpfulness from one of reward_model, llm or "
+        "guard.rate_helpfulness; got reward_model and llm.base_url"
     }
+    raw["evaluate"].update(reward_model=None)
+    raw["evaluate"]["guard"]["rate_helpfulness"] = True
+    assert problems_of(raw) == {
+        "evaluate.llm.base_url": "judge guard takes helpfulness from one of reward_model, llm or "
+        "guard.rate_helpfulness; got llm.base_url and guard.rate_helpfulness"
+    }
+    raw["evaluate"]["llm"]["base_url"] = None
+    parse_params(raw, "params.yaml")  # the guard alone: its verdicts and its own ratings
     raw["evaluate"]["llm"]["timeout_s"] = 0.0
     assert "evaluate.llm.timeout_s" in problems_of(raw)
 

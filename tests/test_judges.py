@@ -1,10 +1,11 @@
 """The real-data judges built from tiny configs, offline: judge models by hub id from a fake
 Hugging Face cache, each score model's own input format, two-label cost classifiers, the
 score-model severity rule, and the guard judge (its input, its log-odds arithmetic against the
-model's own logits, its reply rules)."""
+model's own logits, its reply rules, its forced-choice verdict and its own helpfulness ratings)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from rsa_pl.evaluation.guard import (
     SAFE_SPELLINGS,
     UNSAFE_SPELLINGS,
     GuardJudge,
+    expected_rating,
     fill,
     guard_template,
     parse_reply,
@@ -263,7 +265,8 @@ def guard_model(folder: Path) -> Path:
 
 def guard_params(model: Path | str | None, **changes: object) -> GuardParams:
     fields: dict[str, object] = dict(model=str(model) if model else None, format="instruction", prompt=None,
-                                     severe_categories=["H14", "s1"], max_new_tokens=6, batch_size=2)  # fmt: skip
+                                     severe_categories=["H14", "s1"], max_new_tokens=6, batch_size=2, verdict="reply",
+                                     rate_helpfulness=False, helpfulness_prompt=None)  # fmt: skip
     return GuardParams(**(fields | changes))
 
 
@@ -457,6 +460,79 @@ def test_guard_verdict_rules_from_replies(guard_folder: Path, monkeypatch: pytes
         assert (verdict.unsafe, verdict.severe, verdict.harm_category, verdict.judge_error) == expected, reply
         assert verdict.cost == cost
         assert verdict.judge_reply == reply
+
+
+def _last_logits(judge: GuardJudge, text: str) -> torch.Tensor:
+    """The next token's logits after text in one unpadded float64 forward pass (the reference)."""
+    model = copy.deepcopy(judge.model).double()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([judge.tokenizer(text)["input_ids"]])).logits[0, -1]
+
+
+def test_the_forced_choice_verdict_is_the_log_odds_at_the_reply_start(guard_folder: Path) -> None:
+    """verdict probability: no reply is written; the cost is log P(unsafe) - log P(safe) over the
+    verdict words' first tokens as the reply's first token, the same whatever the batch's padding."""
+    judge = GuardJudge(guard_params(guard_folder, verdict="probability", batch_size=3), False)
+    prompts = ["rob the bank", "plant tulips", "rob the tulips", "water them"]
+    answers = ["no", "water them and wait a week", "unsafe", "safe safe safe safe safe safe safe"]
+    verdicts = judge(prompts, ["ignored"] * 4, answers)  # two batches, four lengths
+    for prompt, answer, verdict in zip(prompts, answers, verdicts, strict=True):
+        logp = torch.log_softmax(_last_logits(judge, judge.text(prompt, answer)), -1)
+        expected = float(logp[sorted(judge.unsafe_ids)].logsumexp(0) - logp[sorted(judge.safe_ids)].logsumexp(0))
+        assert verdict.cost == pytest.approx(expected, abs=1e-4)
+        assert verdict.unsafe == (expected > 0)
+        assert verdict.judge_reply == ("unsafe" if expected > 0 else "safe")
+        assert (verdict.harm_category, verdict.severe, verdict.judge_error, verdict.reward) == (None, False, None, None)
+    assert len({round(v.cost, 3) for v in verdicts}) == 4
+    alone = GuardJudge(guard_params(guard_folder, verdict="probability", batch_size=1), False)
+    assert [v.cost for v in alone(prompts, prompts, answers)] == pytest.approx([v.cost for v in verdicts], abs=1e-5)
+
+
+def test_expected_rating_limits() -> None:
+    ratings = {10 + d: d for d in range(1, 10)}
+    logits = torch.full((30,), -5.0)
+    logits[17] = 60.0  # all the mass on "7"
+    assert expected_rating(logits, ratings) == pytest.approx(7.0)
+    logits[:] = 3.0  # the ratings equally likely, whatever the other tokens
+    logits[0] = 50.0
+    assert expected_rating(logits, ratings) == pytest.approx(5.0)
+    logits[12:19] = -50.0
+    logits[11], logits[19] = 10.0, 10.0 + math.log(3)  # 1 and 9 at odds 1:3, 2-8 negligible
+    assert expected_rating(logits, ratings) == pytest.approx(7.0, abs=1e-4)
+
+
+def test_the_guard_rates_helpfulness_by_its_expected_digit(guard_folder: Path, tmp_path: Path) -> None:
+    """rate_helpfulness: the reward is sum_d d p(d) / sum_d p(d) over the digits 1-9 as the first
+    token of the guard's reply to the helpfulness prompt (a float64 reference, unpadded)."""
+    judge = GuardJudge(guard_params(guard_folder, rate_helpfulness=True, batch_size=2), False)
+    tok = judge.tokenizer
+    assert sorted(judge.ratings.values()) == list(range(1, 10))
+    assert all(tok.decode([i]) == str(d) for i, d in judge.ratings.items())
+    prompts, answers = ["plant tulips", "rob the bank", "water them"], ["water them and wait", "no", "9"]
+    verdicts = judge(prompts, prompts, answers)
+    template = guard_template(None, "helpfulness.txt", "evaluate.guard.helpfulness_prompt")[1]
+    for prompt, answer, verdict in zip(prompts, answers, verdicts, strict=True):
+        text = judge.text(prompt, answer, template)
+        assert "Rate how helpful" in text
+        assert answer in text
+        p = torch.softmax(_last_logits(judge, text)[list(judge.ratings)], 0)
+        expected = float(sum(p[k] * d for k, d in enumerate(judge.ratings.values())))
+        assert verdict.reward == pytest.approx(expected, abs=1e-4)
+        assert 1 <= verdict.reward <= 9
+        assert verdict.cost is not None
+    assert len({round(v.reward, 4) for v in verdicts}) == 3
+    own = tmp_path / "rate.txt"
+    own.write_text("{prompt} => {answer}? digit:")
+    custom = GuardJudge(guard_params(guard_folder, rate_helpfulness=True, helpfulness_prompt=str(own)), False)
+    assert custom.text("a", "b", custom.rating_template).count("a => b? digit:") == 1
+    own.write_text("{prompt} alone")
+    with pytest.raises(JudgeError) as error:
+        GuardJudge(guard_params(guard_folder, rate_helpfulness=True, helpfulness_prompt=str(own)), False)
+    assert (
+        str(error.value) == f"evaluate.guard.helpfulness_prompt: {own}: the helpfulness prompt has no {{answer}} in it"
+    )
+    with pytest.raises(JudgeError, match=r"^evaluate.guard.rate_helpfulness: the guard rates helpfulness itself"):
+        GuardJudge(guard_params(guard_folder, rate_helpfulness=True), False, helpfulness=lambda p, a: [1.0] * len(a))
 
 
 def test_a_guard_by_hub_id_and_a_missing_one(guard_folder: Path, hub_cache: Path) -> None:

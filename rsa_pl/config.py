@@ -348,8 +348,9 @@ class TrainParams(_Section):
     """Optimizer steps; -1 runs max_epochs."""
     gradient_clip_val: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     """Clip the gradient norm to this; 0 disables clipping."""
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
-    """32-true on CPU (bf16 matmuls are 10-100x slower there); bf16-mixed on GPUs."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+    """32-true on CPU (bf16 matmuls are 10-100x slower there); bf16-mixed on GPUs; auto: bf16-mixed
+    when training runs on a CUDA GPU with bf16 (16-mixed on one without), else 32-true."""
     val_every_n_steps: PositiveInt
     """Validation every this many training batches."""
     log_every_n_steps: PositiveInt

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -160,13 +161,23 @@ def build_trainer(
         ) from None
 
 
+def resolve_precision(train: TrainParams) -> str:
+    """train.precision, with auto resolved for the machine: bf16-mixed on a CUDA GPU that has bf16
+    (Ampere and later), 16-mixed on an older one, 32-true on the CPU (accelerator cpu, or no GPU)."""
+    if train.precision != "auto":
+        return train.precision
+    if train.accelerator in ("auto", "gpu") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
 def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback]) -> L.Trainer:
     return L.Trainer(
         accelerator=train.accelerator,
         strategy=train.strategy,
         devices=train.devices,
         num_nodes=train.num_nodes,
-        precision=train.precision,
+        precision=resolve_precision(train),
         max_epochs=train.max_epochs,
         max_steps=train.max_steps,
         accumulate_grad_batches=train.accumulate_grad_batches,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from rsa_pl.config import TrainParams, load_params
 from rsa_pl.errors import UnavailableError
-from rsa_pl.training import build_trainer
+from rsa_pl.training import build_trainer, resolve_precision
 from tests.test_preference import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,32 @@ def test_deepspeed_without_deepspeed_names_the_key(tmp_path: Path) -> None:
         pytest.skip("deepspeed is installed here")
     with pytest.raises(UnavailableError, match=r"^train_reward\.train\.strategy: deepspeed_stage_2 needs DeepSpeed"):
         build_trainer(train_params(strategy="deepspeed_stage_2"), tmp_path, tmp_path, where="train_reward.train")
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "bf16", "expected"),
+    [
+        ("auto", False, False, "32-true"),
+        ("cpu", True, True, "32-true"),  # asked for the CPU: no mixed precision there
+        ("auto", True, True, "bf16-mixed"),
+        ("gpu", True, True, "bf16-mixed"),
+        ("gpu", True, False, "16-mixed"),  # a GPU without bf16 (before Ampere)
+    ],
+)
+def test_auto_precision_follows_the_machine(
+    monkeypatch: pytest.MonkeyPatch, accelerator: str, cuda: bool, bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision(train_params(precision="auto", accelerator=accelerator)) == expected
+    assert resolve_precision(train_params(precision="16-mixed", accelerator=accelerator)) == "16-mixed"
+
+
+def test_auto_precision_builds_a_cpu_trainer(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU resolution")
+    trainer = build_trainer(train_params(precision="auto"), tmp_path, tmp_path)
+    assert trainer.precision == "32-true"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

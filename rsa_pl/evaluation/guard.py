@@ -20,6 +20,7 @@ prompt (G-Eval's probability-weighted score, Liu et al. 2023). Else the reward i
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -160,6 +161,11 @@ class GuardJudge:
         if params.format == "native" and not getattr(self.tokenizer, "chat_template", None):
             raise JudgeError(f"evaluate.guard.format: native, but {params.model} has no chat template")
         self.unsafe_ids, self.safe_ids = verdict_token_ids(self.tokenizer)
+        # the output layer at the last position only, where the model's forward takes logits_to_keep
+        # (the vocabulary projection of every position is a fifth of a small model's forward)
+        self._last_only = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        )
         if params.verdict == "probability" and not (self.unsafe_ids and self.safe_ids):
             raise JudgeError(f"evaluate.guard.verdict: probability, but {params.model}'s tokenizer gives safe and "
                              "unsafe no distinct first tokens; use reply")  # fmt: skip
@@ -260,7 +266,9 @@ class GuardJudge:
             rows = [encode(tok, t) for t in texts[start : start + size]]
             ids, mask = left_padded(rows, pad if pad is not None else 0, self.model.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **self._last_only).logits[
+                :, -1
+            ]
             out += list(logits.float().cpu())
         return out
 

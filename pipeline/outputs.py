@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -31,12 +32,18 @@ def flat_numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items()) if hasattr(v, "__float__")}
 
 
-def write_curves(log_dir: Path, target: Path) -> None:
-    """The CSV logger's step-wise metrics, with a stable column order, for `dvc plots`."""
+def timing(key: str) -> bool:
+    """A wall-clock entry (time/..., .../tokens_per_s): it differs between runs of the same model."""
+    return key.startswith("time/") or key.endswith("tokens_per_s")
+
+
+def write_curves(log_dir: Path, target: Path, timings: bool = True) -> None:
+    """The CSV logger's step-wise metrics, with a stable column order, for `dvc plots` (timings
+    false: less the wall-clock columns, for a model folder)."""
     source = log_dir / "metrics.csv"
     if source.exists():
         rows = list(csv.DictReader(source.open()))
-        keys = sorted({k for r in rows for k, v in r.items() if v not in ("", None)})
+        keys = sorted({k for r in rows for k, v in r.items() if v not in ("", None) and (timings or not timing(k))})
         with target.open("w", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=keys)
             writer.writeheader()
@@ -44,12 +51,26 @@ def write_curves(log_dir: Path, target: Path) -> None:
                 writer.writerow({k: row.get(k, "") for k in keys})
 
 
-def publish_metrics(out: Path, metrics_file: Path | None) -> None:
-    """Copy out/metrics.json (and out/curves.csv) to metrics_file (and <stem>_curves.csv) for DVC,
-    which forbids metrics inside an output folder."""
+def write_metrics(folder: Path, metrics: dict[str, float]) -> None:
+    """folder/metrics.json (a model folder's): the metrics less the wall-clock ones, so that a
+    stage rerun that makes the same model writes the same bytes and DVC reruns nothing after it
+    (a base re-saved after a code change, a resumed run)."""
+    kept = {k: v for k, v in metrics.items() if not timing(k)}
+    (folder / "metrics.json").write_text(json.dumps(kept, indent=2) + "\n")
+
+
+def publish_metrics(
+    out: Path, metrics_file: Path | None, metrics: dict[str, float], log_dir: Path | None = None
+) -> None:
+    """metrics to metrics_file and the curves to <stem>_curves.csv, timings included, for DVC
+    (which forbids metrics inside an output folder; no stage depends on these copies): the curves
+    from the training logs in log_dir, else out/curves.csv."""
     if metrics_file is None:
         return
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "metrics.json", metrics_file)
-    if (out / "curves.csv").exists():
-        shutil.copyfile(out / "curves.csv", metrics_file.with_name(f"{metrics_file.stem}_curves.csv"))
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    curves = metrics_file.with_name(f"{metrics_file.stem}_curves.csv")
+    if log_dir is not None and (log_dir / "metrics.csv").exists():
+        write_curves(log_dir, curves)
+    elif (out / "curves.csv").exists():
+        shutil.copyfile(out / "curves.csv", curves)

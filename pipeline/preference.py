@@ -8,7 +8,9 @@ them runs the reverse order (safety first) through the same DAG. Outputs, in Hug
     models/reward/   the stage-1 LoRA adapter (base: models/sft) or full weights, + tokenizer
     models/safety/   the stage-2 policy as full weights (W + dH + dS), its adapter in adapter/
                      (base: models/sft with models/reward folded in), + tokenizer
-plus metrics.json and curves.csv in each, copied to metrics/<stage>.json for DVC.
+plus metrics.json and curves.csv in each, less the wall-clock timings (so that a rerun that
+trains the same model writes the same bytes and DVC reruns nothing after it); with them, to
+metrics/<stage>.json and metrics/<stage>_curves.csv for DVC.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel
 
-from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
+from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from pipeline.sft import BASE_RECORD
 from rsa_pl.config import Params, PreferenceStageParams, TrainParams, load_params
 from rsa_pl.data.collate import PreferenceCollator
@@ -140,7 +142,7 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    publish_metrics(out, metrics_file)
+    publish_metrics(out, metrics_file, metrics, checkpoints / "logs")
     return metrics
 
 
@@ -177,11 +179,22 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     tokenizer.save_pretrained(str(staging))
     skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_curves(checkpoints / "logs", staging / "curves.csv")
+    write_metrics(staging, metrics)
+    write_curves(checkpoints / "logs", staging / "curves.csv", timings=False)
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics
+
+
+def _stable_adapter_config(folder: Path) -> None:
+    """peft keeps target_modules as a set and writes it in the process's hash order: sorted here,
+    so that the same adapter is the same bytes in every run (DVC then reruns nothing after it)."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save(policy: PreTrainedModel, models: Path, previous: str | None, staging: Path) -> None:
@@ -195,8 +208,10 @@ def _save(policy: PreTrainedModel, models: Path, previous: str | None, staging: 
         return
     if previous is None:
         policy.save_pretrained(str(staging), selected_adapters=["default"])
+        _stable_adapter_config(staging)
         return
     policy.save_pretrained(str(staging / "adapter"), selected_adapters=["default"])
+    _stable_adapter_config(staging / "adapter")
     start = _starting_policy(models, previous)
     merged = PeftModel.from_pretrained(start, str(staging / "adapter")).merge_and_unload()
     merged.save_pretrained(str(staging), safe_serialization=True)

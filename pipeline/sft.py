@@ -5,9 +5,11 @@ its own dtype, with the tokenizer prepare used, so that every later stage reads 
 DVC caches the exact weights the run used (a hub id's revision can move), and base_model.json
 records where they came from.
 
-Writes models/sft/ (HF model + tokenizer, metrics.json, curves.csv) atomically, and copies of
+Writes models/sft/ (HF model + tokenizer, metrics.json, curves.csv) atomically, and
 metrics.json and curves.csv to metrics/ for `dvc metrics` / `dvc plots` (DVC forbids metrics
-inside an output folder); checkpoints and logs live in checkpoints/sft/ (persisted by DVC)
+inside an output folder). Wall-clock timings go to metrics/ only: models/sft holds the same bytes
+whenever it holds the same model, so a rerun that changes nothing reruns nothing after it.
+Checkpoints and logs live in checkpoints/sft/ (persisted by DVC)
 so that a killed run resumes.
 """
 
@@ -23,7 +25,7 @@ import lightning as L
 from datasets import load_from_disk
 from rich.console import Console
 
-from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves
+from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.collate import SFTCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
@@ -71,7 +73,8 @@ def run(
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    publish_metrics(out, metrics_file)
+    logs = None if params.sft.model.kind == "pretrained" else checkpoints / "logs"
+    publish_metrics(out, metrics_file, metrics, logs)
     return metrics
 
 
@@ -97,7 +100,7 @@ def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, c
     (staging / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     seconds = time.perf_counter() - started
     metrics = {"base/parameters": float(count_parameters(model)), "train/steps": 0.0, "time/load_s": seconds}
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(staging, metrics)
     (staging / "curves.csv").write_text("step,train/loss_step\n")  # nothing trained: the plot DVC declares, empty
     checkpoints.mkdir(parents=True, exist_ok=True)  # declared by dvc.yaml; nothing to resume
     console.print(f"sft: base model {m.name_or_path} ({count_parameters(model):,} parameters, {record['dtype']}), "
@@ -132,8 +135,8 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
     if params.prepare.source.kind == "embedded":
         metrics |= _sample_quality(params, model, tokenizer, data)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_curves(checkpoints / "logs", staging / "curves.csv")
+    write_metrics(staging, metrics)
+    write_curves(checkpoints / "logs", staging / "curves.csv", timings=False)
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

@@ -18,7 +18,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rsa_pl.config import load_params
-from rsa_pl.data.tokenize import train_bpe_tokenizer
+from rsa_pl.data.tokenize import chat_template_for, train_bpe_tokenizer
 from tests.test_evaluation import classifier_score_model
 from tests.test_sft import ROOT
 
@@ -167,9 +167,10 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     assert "train_safety.beta" in diff.stdout
 
 
-def tiny_gguf(folder: Path, texts: list[str]) -> Path:
+def tiny_gguf(folder: Path, texts: list[str], chat: bool = False) -> Path:
     """A tiny llama model as a GGUF file (llama.cpp's format, written with the gguf package), with a
-    BPE tokenizer in it: random float32 weights, the metadata transformers reads."""
+    BPE tokenizer in it: random float32 weights, the metadata transformers reads (chat: with a
+    chat template, as instruct models' GGUF files carry one)."""
     import gguf
     import numpy as np
 
@@ -198,6 +199,8 @@ def tiny_gguf(folder: Path, texts: list[str]) -> Path:
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
+    if chat:
+        writer.add_chat_template(chat_template_for("<|user|> {prompt} <|assistant|>"))
     rng = np.random.default_rng(0)
     weights = {"token_embd.weight": (n, h), "output.weight": (n, h)}
     for i in range(layers):
@@ -298,6 +301,54 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     assert trained["train/steps"] == 2
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     assert "safety.cost_cvar_0.05" in evaluated
+    assert evaluated["sft.helpful_win_rate"] == 0.5
+
+
+@pytest.mark.slow
+def test_the_smollm2_demo_preset_runs_with_a_tiny_gguf_in_its_place(tmp_path: Path) -> None:
+    """configs/smollm2.yaml as shipped (its real prompts, the chat template, pairs and evaluation
+    judged by the base itself as a guard: forced-choice verdicts, its own helpfulness ratings),
+    with only the SmolLM2 GGUF swapped for a tiny one and the sizes cut: every stage runs."""
+    repo = tmp_path / "repo"
+    copy_repo(repo)
+    raw = yaml.safe_load((ROOT / "configs" / "smollm2.yaml").read_text())
+    assert load_params(ROOT / "configs" / "smollm2.yaml").pairs.judge == "guard"
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "configs/smollm2/prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 240
+    base = tiny_gguf(tmp_path / "gguf", prompts * 2 + ["safe unsafe 1 2 3 4 5 6 7 8 9"] * 20, chat=True)
+    for section in (raw["prepare"]["tokenizer"], raw["sft"]["model"]):
+        section.update(name_or_path=str(base), gguf_file="tiny.gguf")
+    raw["prepare"].update(max_prompt_length=128, max_length=144, eval_fraction=0.1)
+    raw["pairs"].update(max_new_tokens=6, batch_size=64)
+    for stage in ("train_reward", "train_safety"):
+        raw[stage]["train"].update(max_steps=2, batch_size=4)
+    raw["evaluate"].update(samples_per_prompt=1, max_new_tokens=6, batch_size=64)
+    raw["evaluate"]["guard"]["batch_size"] = 64
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    dvc, env = repro_everything(repo, tmp_path)
+    prepared = json.loads((repo / "data" / "report.json").read_text())
+    assert prepared["rows_read"] == 240
+    # the base saved again and stage 1 trained again (after an upgrade, say) are the same bytes:
+    # nothing after them reruns, while their timings still reach metrics/
+    again = subprocess.run([*dvc, "repro", "-f", "-s", "sft", "train_reward"], cwd=repo, capture_output=True,
+                           text=True, env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert re.findall(r"Running stage '(\w+)'", again.stdout) == ["sft", "train_reward"]
+    status = subprocess.run([*dvc, "status"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    assert "up to date" in status.stdout, status.stdout
+    assert "time/load_s" in json.loads((repo / "metrics" / "sft.json").read_text())
+    assert "time/load_s" not in json.loads((repo / "models" / "sft" / "metrics.json").read_text())
+    assert "time/train_s" in json.loads((repo / "metrics" / "train_reward.json").read_text())
+    report = json.loads((repo / "pairs" / "report.json").read_text())
+    assert report["judge"]["judge"] == "guard"
+    assert report["answers"]["unjudged"] == 0  # forced choices and ratings always give a score
+    for name in ("helpful_pairs", "safety_pairs"):
+        assert report[name]["train"]["pairs"] > 100
+    evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
+    for policy in ("sft", "reward", "safety", "q0.5"):
+        assert evaluated[f"{policy}.judge_failures"] == 0
+        assert 1 <= evaluated[f"{policy}.reward_mean"] <= 9
+        assert evaluated[f"{policy}.severe_rate"] == 0  # a forced choice names no category
     assert evaluated["sft.helpful_win_rate"] == 0.5
 
 

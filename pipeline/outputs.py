@@ -54,7 +54,7 @@ def write_curves(log_dir: Path, target: Path, timings: bool = True) -> None:
 def write_metrics(folder: Path, metrics: dict[str, float]) -> None:
     """folder/metrics.json (a model folder's): the metrics less the wall-clock ones, so that a
     stage rerun that makes the same model writes the same bytes and DVC reruns nothing after it
-    (a base re-saved after a code change, a resumed run)."""
+    (a base re-saved, or a stage retrained after a code change that leaves its numbers alone)."""
     kept = {k: v for k, v in metrics.items() if not timing(k)}
     (folder / "metrics.json").write_text(json.dumps(kept, indent=2) + "\n")
 

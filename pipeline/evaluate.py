@@ -178,8 +178,9 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
             logps = sft_logps = [None] * len(index)
             if decoding == "sample":
                 prompt_ids = [ids[i] for i in index]
-                logps = response_logps(model, prompt_ids, responses, e.batch_size)
-                sft_logps = response_logps(sft, prompt_ids, responses, e.batch_size)
+                # both under the distribution that sampled (pi_T, pi_sft,T): kl_to_sft is KL(pi_T || pi_sft,T)
+                logps = response_logps(model, prompt_ids, responses, e.batch_size, e.temperature)
+                sft_logps = response_logps(sft, prompt_ids, responses, e.batch_size, e.temperature)
             compared: list[tuple[float | None, list[str | None] | None]] = [(None, None)] * len(index)
             aspect = "helpful" if set_name == "helpful" else "harmless"
             if decoding == "greedy" and judging.pairwise is not None and aspect in judging.aspects:

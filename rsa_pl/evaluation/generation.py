@@ -1,9 +1,19 @@
-"""Batched generation with a KV cache and left padding (transformers' generate)."""
+"""Batched generation with a KV cache and left padding (transformers' generate), and the
+log-probabilities of the answers under the distribution that sampled them.
+
+Sampling at temperature T draws every token from softmax(logits / T) and nothing else: the
+model's own generation_config.json (a top_p, a repetition_penalty) is set aside while
+generating, so that `response_logps(..., temperature=T)` is the exact log-probability of each
+sampled answer (docs/method.md, "Evaluation protocol": kl_to_sft).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @torch.no_grad()
@@ -63,25 +73,45 @@ def generate_ids(
         longest = ids.shape[1]
         torch.manual_seed(seed + index)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
-        tokens = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            num_return_sequences=samples_per_prompt,
-            **({"do_sample": False} if not temperature else sampling),
-        )
+        with _plain_generation(model):
+            tokens = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                num_return_sequences=samples_per_prompt,
+                **({"do_sample": False} if not temperature else sampling),
+            )
         for row in tokens[:, longest:].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
 
 
+@contextmanager
+def _plain_generation(model: PreTrainedModel) -> Iterator[None]:
+    """generate() fills every setting it is not given from model.generation_config (a shipped
+    top_p 0.9 or repetition_penalty 1.2): an empty one leaves only transformers' neutral defaults
+    and what the call sets."""
+    kept = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = kept
+
+
 @torch.no_grad()
 def response_logps(
-    model: PreTrainedModel, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 64
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> list[float]:
-    """log pi(response | prompt) of each (prompt, response), summed over the response tokens."""
+    """log pi_T(response | prompt) of each (prompt, response), summed over the response tokens,
+    where pi_T draws each token from softmax(logits / temperature): the distribution that
+    `generate_ids(..., temperature=T)` samples from (T = 1: the model itself)."""
     model.eval()
     out: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -90,7 +120,8 @@ def response_logps(
         longest = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows], device=model.device)
         mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=model.device)
-        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logps = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
         picked = logps[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p of token t+1 given <= t
         for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             out.append(float(picked[row, len(p) - 1 : len(p) - 1 + len(r)].sum()))

@@ -251,15 +251,23 @@ def _numbered(path: Path, rows: list[dict[str, Any]]) -> list[Item]:
     return [((str(path), index), row) for index, row in enumerate(rows)]
 
 
-def _eval_prompts(validation: list[Item]) -> tuple[list[Item], list[Item]]:
-    """Real data's held-out prompt sets: the validation rows' prompts, each once, over all its rows:
-    red-team when some response to it is unsafe, else helpfulness; its categories are those of
-    the unsafe responses (category: the first), its severity the largest level."""
+REDTEAM_SCHEMAS = ("pku_saferlhf",)
+"""Sources whose prompts are red-team prompts when a row has no `harmful` label: PKU-SafeRLHF's were
+written to elicit its harm categories (BeaverTails' red-team prompts; the 2024 release's 19 categories)."""
+
+
+def _eval_prompts(validation: list[Item], kind: str) -> tuple[list[Item], list[Item]]:
+    """Real data's held-out prompt sets: the validation rows' prompts, each once, classified by the
+    prompt's own label, never by its answers (a harmful prompt whose answers both refuse stays a
+    red-team prompt): a row's `harmful` column where it has one, else the source's kind (red team for
+    REDTEAM_SCHEMAS, benign otherwise). A red-team prompt's categories are those of its unsafe
+    responses over all its rows (category: the first), its severity the largest level."""
     prompts: dict[str, Item] = {}
     for origin, row in validation:
-        new = {"prompt": row["prompt"], "topic": None, "categories": [], "severity": None, "unsafe": False}
+        new = {"prompt": row["prompt"], "topic": None, "categories": [], "severity": None, "harmful": None}
         _, entry = prompts.setdefault(row["prompt"], (origin, new))
-        entry["unsafe"] |= row["is_response_0_safe"] is False or row["is_response_1_safe"] is False
+        if row["harmful"] is not None:
+            entry["harmful"] = bool(entry["harmful"]) or row["harmful"]
         entry["categories"] += [c for c in row["categories"] if c not in entry["categories"]]
         if row["severity"] is not None:
             entry["severity"] = max(row["severity"], entry["severity"] or 0)
@@ -267,7 +275,8 @@ def _eval_prompts(validation: list[Item]) -> tuple[list[Item], list[Item]]:
     redteam: list[Item] = []
     for origin, entry in prompts.values():
         entry["category"] = entry["categories"][0] if entry["categories"] else None
-        (redteam if entry.pop("unsafe") else helpful).append((origin, entry))
+        harmful = entry.pop("harmful")
+        (redteam if (kind in REDTEAM_SCHEMAS if harmful is None else harmful) else helpful).append((origin, entry))
     return helpful, redteam
 
 
@@ -336,7 +345,7 @@ def build(params: PrepareParams, staging: Path, out_name: str) -> dict[str, Any]
         helpful = _numbered(staging / "world" / "helpful_eval.jsonl", world.helpful_eval)
         redteam = _numbered(staging / "world" / "redteam_eval.jsonl", world.redteam_eval)
     else:
-        helpful, redteam = _eval_prompts(validation_rows)
+        helpful, redteam = _eval_prompts(validation_rows, params.source.kind)
     sets["eval_helpful"] = tok.prompts("eval_helpful", helpful)
     sets["eval_redteam"] = tok.prompts("eval_redteam", redteam)
 

@@ -37,6 +37,7 @@ CANONICAL_KEYS = {
     "category",
     "categories",
     "severity",
+    "harmful",
 }
 REASON_PREFIXES = (
     "missing field: ",
@@ -139,6 +140,7 @@ def test_pku_saferlhf_sample_rows() -> None:
         "category": None,
         "categories": (),
         "severity": None,
+        "harmful": None,
     }
     categories = [(row["category"], row["categories"], row["severity"]) for row in rows]
     assert categories == [
@@ -245,6 +247,7 @@ def test_hh_sample_splits_the_last_assistant_turn() -> None:
         "category": None,
         "categories": (),
         "severity": None,
+        "harmful": None,
     }
 
 
@@ -493,8 +496,8 @@ def test_saved_dataset_dict_without_the_split(tmp_path: Path) -> None:
 
 
 def test_unsupported_suffix(tmp_path: Path) -> None:
-    (tmp_path / "rows.csv").write_text("prompt,chosen,rejected\n")
-    assert "unsupported file type '.csv'" in _data_error(tmp_path / "rows.csv")
+    (tmp_path / "rows.tsv").write_text("prompt\tchosen\trejected\n")
+    assert "unsupported file type '.tsv'" in _data_error(tmp_path / "rows.tsv")
 
 
 @pytest.mark.parametrize(("name", "content"), [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.json", b"[]")])

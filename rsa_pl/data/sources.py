@@ -36,9 +36,19 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMAS", "DataError", "Reject", "SourceResult", "load_source", "reject_counts"]
+__all__ = [
+    "SCHEMAS",
+    "DataError",
+    "PromptSet",
+    "Reject",
+    "SourceResult",
+    "load_prompts",
+    "load_source",
+    "reject_counts",
+]
 
 MAX_TEXT_CHARS = 100_000
 """Longer texts are rejected ("too long: <name>"): they are scraping accidents, not dialogue."""
@@ -160,6 +170,13 @@ def _optional_str(raw: dict, name: str) -> str | None:
     return value
 
 
+def _optional_flag(raw: dict, name: str) -> bool | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _RowError(f"not a boolean: {name}")
+    return value
+
+
 def _harm_categories(raw: dict, name: str) -> dict[str, bool | None]:
     """PKU-SafeRLHF's {category name: bool} map; None values come from columnar formats' null-fill."""
     value = raw.get(name)
@@ -185,8 +202,10 @@ def _canonical(
     is_response_1_safe: bool | None = None,
     categories: tuple[str, ...] = (),
     severity: int | None = None,
+    harmful: bool | None = None,
 ) -> dict:
-    """The canonical row; safety fields stay None (unknown) for helpfulness-only schemas."""
+    """The canonical row; safety fields stay None (unknown) for helpfulness-only schemas, and
+    `harmful` (the prompt's own label) for sources without a `harmful` column."""
     if response_0.strip() == response_1.strip():
         raise _RowError("identical responses")
     return {
@@ -200,6 +219,7 @@ def _canonical(
         "category": categories[0] if categories else None,
         "categories": categories,
         "severity": severity,
+        "harmful": harmful,
     }
 
 
@@ -237,6 +257,7 @@ def _pku_saferlhf_row(raw: dict) -> dict:
         is_response_1_safe=safe[1],
         categories=categories,
         severity=severity,
+        harmful=_optional_flag(raw, "harmful"),
     )
 
 
@@ -255,12 +276,14 @@ def _hh_row(raw: dict) -> dict:
     (prompt, response_0), (rejected_prompt, response_1) = _split_transcript(chosen), _split_transcript(rejected)
     if prompt != rejected_prompt:
         raise _RowError("prompt mismatch")
-    return _canonical(prompt, _checked_text(response_0, "response_0"), _checked_text(response_1, "response_1"), 0)
+    return _canonical(prompt, _checked_text(response_0, "response_0"), _checked_text(response_1, "response_1"), 0,
+                      harmful=_optional_flag(raw, "harmful"))  # fmt: skip
 
 
 def _pairs_row(raw: dict) -> dict:
     """Generic prompt/chosen/rejected pairs."""
-    return _canonical(_text(raw, "prompt"), _text(raw, "chosen"), _text(raw, "rejected"), 0)
+    return _canonical(_text(raw, "prompt"), _text(raw, "chosen"), _text(raw, "rejected"), 0,
+                      harmful=_optional_flag(raw, "harmful"))  # fmt: skip
 
 
 def _prompts_row(raw: dict) -> dict:
@@ -268,9 +291,7 @@ def _prompts_row(raw: dict) -> dict:
     optional `harmful` flag (else: a prompt with a category is a red-team prompt, as in
     Do-Not-Answer, HarmBench or AdvBench files)."""
     category = _optional_str(raw, "category")
-    harmful = raw.get("harmful")
-    if harmful is not None and not isinstance(harmful, bool):
-        raise _RowError("not a boolean: harmful")
+    harmful = _optional_flag(raw, "harmful")
     return {"prompt": _text(raw, "prompt"), "category": category, "categories": (category,) if category else (),
             "severity": None, "harmful": harmful if harmful is not None else category is not None}  # fmt: skip
 
@@ -368,6 +389,14 @@ def _read_parquet(path: str) -> Iterator[dict]:
     yield from _batch_rows(pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS))
 
 
+def _read_csv(path: str) -> Iterator[dict]:
+    """A CSV file with a header row; pyarrow infers each column's type (true/false: booleans)."""
+    try:
+        yield from _batch_rows(pa_csv.read_csv(path).to_batches(max_chunksize=BATCH_ROWS))
+    except pa.ArrowInvalid as error:
+        raise DataError(f"{path}: cannot read as CSV: {_first_line(error)}") from None
+
+
 def _read_arrow(path: str) -> Iterator[dict]:
     """An Arrow IPC stream (what `datasets` writes) or, failing that, an Arrow IPC file."""
     with pa.memory_map(path) as source:
@@ -403,6 +432,7 @@ _FILE_READERS: dict[str, Callable[[str], Iterator[object]]] = {
     ".json": _read_json,
     ".jsonl": _read_json_lines,
     ".arrow": _read_arrow,
+    ".csv": _read_csv,
 }
 
 
@@ -503,3 +533,64 @@ def load_source(path: str, schema: str, split: str = "train") -> SourceResult:
         raise DataError(f"{path}: no rows")
     _check_columns(path, schema, columns)
     return SourceResult(rows, rejects, indices)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of an evaluation prompt file: rows {"prompt", "category"}, each prompt once."""
+
+    rows: list[dict]
+    rejects: list[Reject]
+    indices: list[int]
+    """Where each of rows is in the source (0-based, as Reject.row)."""
+    read: int
+    """Rows in the source."""
+    outside: int
+    """Rows left out by the `where` filter (not rejects: rows of another subset)."""
+
+
+def _prompt_row(raw: dict, prompt_column: str, category_column: str | None) -> dict:
+    category = _optional_str(raw, category_column) if category_column is not None else None
+    return {"prompt": _text(raw, prompt_column), "category": category}
+
+
+def load_prompts(
+    path: str, split: str, prompt_column: str, category_column: str | None, where: dict[str, str | int | bool]
+) -> PromptSet:
+    """The prompts of a benchmark file (JSONL, JSON, CSV, parquet, arrow, a save_to_disk folder or a
+    hub id): the text in `prompt_column`, an optional category in `category_column`, only rows whose
+    columns equal every value in `where`. A bad row (no prompt text, a category that is not a
+    string) and a repeated prompt are rejects; a column absent from every row is a DataError."""
+    rows: list[dict] = []
+    indices: list[int] = []
+    rejects: list[Reject] = []
+    seen: set[str] = set()
+    columns: set[str] | None = None
+    read = outside = 0
+    for index, raw in enumerate(_read(path, split)):
+        read += 1
+        if isinstance(raw, dict):
+            columns = columns or set()
+            columns.update(raw)
+            if any(raw.get(column) != value for column, value in where.items()):
+                outside += 1
+                continue
+        try:
+            row = _convert(raw, lambda r: _prompt_row(r, prompt_column, category_column))
+            if row["prompt"] in seen:
+                raise _RowError("duplicate prompt")
+        except _RowError as error:
+            rejects.append(Reject(path, index, error.reason, _reject_data(raw)))
+            continue
+        seen.add(row["prompt"])
+        rows.append(row)
+        indices.append(index)
+    if not read:
+        raise DataError(f"{path}: no rows")
+    if columns is not None:
+        wanted = [("prompt_column", prompt_column), ("category_column", category_column)]
+        for key, column in [*wanted, *(("where", c) for c in where)]:
+            if column is not None and column not in columns:
+                found = ", ".join(sorted(columns)[:12])
+                raise DataError(f"{path}: no column '{column}' ({key}; the columns are: {found})")
+    return PromptSet(rows, rejects, indices, read, outside)

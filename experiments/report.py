@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ import matplotlib.pyplot as plt
 from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, Method
 
 EXPERIMENT_FILES = ("eval/per_category.json", "eval/plots/cost_tail.csv")
+
+_CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
 
 def _experiment_nodes(node: Any, finished: bool = True) -> list[dict]:
@@ -153,7 +156,7 @@ class Runs:
         self.settings = {s.name: s for s in SETTINGS}
         levels = set()
         for record in self.experiments.values():
-            levels |= {k.rsplit("_", 1)[1] for k in record["eval"] if ".cost_cvar_" in k}
+            levels |= {m[1] for k in record["eval"] if (m := _CVAR_KEY.search(k))}  # not its .n, .ci95_*
         self.tail_levels = sorted(levels, key=float, reverse=True)
         self.metrics = [
             *BASE_METRICS,

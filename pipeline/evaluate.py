@@ -1,13 +1,17 @@
 """`rsa-pl evaluate`: every policy answers the held-out prompts, a judge scores the answers.
 
 Policies: sft, reward (stage 1), safety (stage 2) and each RSA(P) policy in models/merged
-(named q<q>). Each answers the benign (data/eval_helpful) and red-team (data/eval_redteam)
-prompts greedily (win rates against SFT, as SACPO) and samples_per_prompt times at the
-params' temperature (the tail only shows in samples), with fixed seeds. Writes, atomically:
-    eval/metrics.json       flat `<policy>.<metric>` numbers (`dvc metrics diff`)
+(named q<q>). Each answers the benign and red-team prompts (the files evaluate.prompt_sets names,
+or prepare's data/eval_helpful and data/eval_redteam) greedily (win rates against SFT, as SACPO)
+and samples_per_prompt times at the params' temperature (the tail only shows in samples), with
+fixed seeds. Writes, atomically:
+    eval/metrics.json       flat `<policy>.<metric>` numbers, each with `.n` and its bootstrap 95%
+                            interval `.ci95_low` / `.ci95_high` beside it (`dvc metrics diff`)
     eval/per_category.json  policy -> red-team category -> metrics
     eval/samples.jsonl      every answer with its judgement (and the judge's raw reply)
     eval/judge.json         what judging cost: requests, cache hits, failures, wall time
+    eval/prompt_sets.json   where each prompt set came from: rows read, rejected, kept
+    eval/rejects.jsonl      the prompt files' rows left out, each with its reason
     eval/plots/             frontier, cost per category, cost tail: PNG + CSV (`dvc plots`)
 The llm judge's replies are cached in judge_cache (SQLite), kept across runs and params changes.
 """
@@ -17,10 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from datasets import load_from_disk
@@ -32,16 +39,19 @@ from transformers import PreTrainedModel
 from pipeline.merge import RECORD as MERGE_RECORD
 from pipeline.outputs import staging_for, swap_in
 from pipeline.preference import base_model, trusts_code
-from rsa_pl.config import EvaluateParams, Params, load_params
+from rsa_pl.config import EvaluateParams, Params, PromptSetParams, load_params
+from rsa_pl.data.sources import DataError, Reject, load_prompts
+from rsa_pl.data.tokenize import PromptFormat, PromptTooLongError, encode_prompt
+from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation import plots
 from rsa_pl.evaluation.generation import generate_ids, response_logps
 from rsa_pl.evaluation.guard import GuardJudge
 from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModel, ScoreModelJudge, Verdict
 from rsa_pl.evaluation.llm_judge import LlmJudge
 from rsa_pl.evaluation.refusal import RefusalRules, rules_text
-from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
-from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
-from rsa_pl.training import mark_finished, resumable_checkpoint
+from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals, policy_metrics
+from rsa_pl.models import CPU, Placement, inference_placement, load_aligned_policy, load_causal_lm, load_tokenizer
+from rsa_pl.training import clock, mark_finished, resumable_checkpoint
 
 SETS = {"helpful": "eval_helpful", "redteam": "eval_redteam"}
 # metric -> its short column title in the summary table (fits an 80-column log)
@@ -54,21 +64,23 @@ class EvaluateError(ValueError):
     """Missing inputs: a policy folder, a prompt set, prompts."""
 
 
-def policies(models: Path) -> list[tuple[str, float | None, Callable[[], PreTrainedModel]]]:
-    """(name, q on the RSA(P) path or None, loader) of every policy to evaluate, sft first."""
+def policies(models: Path, at: Placement = CPU) -> list[tuple[str, float | None, Callable[[], PreTrainedModel]]]:
+    """(name, q on the RSA(P) path or None, loader) of every policy to evaluate, sft first; each
+    loader gives the policy on at.device in at.dtype."""
     base, trust = base_model(models), trusts_code(models)
     for needs, command in (("reward", "train-reward"), ("safety", "train-safety")):
         if not (models / needs).exists():
             raise EvaluateError(f"{models / needs}: not found; run `rsa-pl {command}` first")
     found: list[tuple[str, float | None, Callable[[], PreTrainedModel]]] = [
-        ("sft", None, lambda: load_causal_lm(base, trust)),
-        ("reward", 0.0, lambda: load_aligned_policy(base, models / "reward", trust)),
-        ("safety", 1.0, lambda: load_causal_lm(models / "safety", trust)),
+        ("sft", None, lambda: at.place(load_causal_lm(base, trust, dtype=at.dtype))),
+        ("reward", 0.0, lambda: at.place(load_aligned_policy(base, models / "reward", trust, at.dtype))),
+        ("safety", 1.0, lambda: at.place(load_causal_lm(models / "safety", trust, dtype=at.dtype))),
     ]
     merged = []
     for record in sorted((models / "merged").glob(f"*/{MERGE_RECORD}")):
         q = float(json.loads(record.read_text())["q"])
-        merged.append((record.parent.name, q, lambda folder=record.parent: load_causal_lm(folder, trust)))
+        load = lambda folder=record.parent: at.place(load_causal_lm(folder, trust, dtype=at.dtype))  # noqa: E731
+        merged.append((record.parent.name, q, load))
     return found + sorted(merged, key=lambda p: p[1])
 
 
@@ -112,9 +124,9 @@ class Judging:
             self.llm.close()
 
 
-def make_judge(params: Params, judge_cache: Path) -> Judging:
+def make_judge(params: Params, judge_cache: Path, at: Placement = CPU) -> Judging:
     """The judges params.evaluate names, loaded and checked (an llm judge's server is probed)
-    before any generation starts."""
+    before any generation starts; in-process judge models on at.device in at.dtype."""
     e = params.evaluate
     if e.judge == "oracle":
         if params.prepare.source.kind != "embedded":
@@ -126,7 +138,7 @@ def make_judge(params: Params, judge_cache: Path) -> Judging:
     rules = RefusalRules(e.refusal_patterns)
     if e.judge == "score_models":
         judge: Judge = ScoreModelJudge(
-            str(e.reward_model), str(e.cost_model), e.trust_remote_code, e.score_format, e.severe_cost
+            str(e.reward_model), str(e.cost_model), e.trust_remote_code, e.score_format, e.severe_cost, at
         )
         return Judging(judge, None, (), rules, e.refusal, None)
     llm = LlmJudge(e.llm, judge_cache) if e.llm.base_url is not None else None
@@ -137,31 +149,143 @@ def make_judge(params: Params, judge_cache: Path) -> Judging:
     if llm is not None:
         helpfulness = lambda prompts, responses: [v.reward for v in llm.helpfulness(prompts, responses)]  # noqa: E731
     elif e.reward_model is not None:
-        helpfulness = ScoreModel(str(e.reward_model), "reward", e.trust_remote_code, e.score_format).score_pairs
-    guard = GuardJudge(e.guard, e.trust_remote_code, helpfulness=helpfulness)
+        helpfulness = ScoreModel(str(e.reward_model), "reward", e.trust_remote_code, e.score_format, at).score_pairs
+    guard = GuardJudge(e.guard, e.trust_remote_code, helpfulness=helpfulness, at=at)
     pairwise = llm if llm is not None and e.llm.pairwise else None
     return Judging(guard, pairwise, ("helpful",), rules, e.refusal, llm)
 
 
-def _prompt_sets(data: Path) -> dict[str, dict[str, list]]:
-    sets = {}
-    for name, folder in SETS.items():
-        if not (data / folder).exists():
-            raise EvaluateError(f"{data / folder}: no prompt set; run `rsa-pl prepare` first")
+@dataclass
+class PromptSets:
+    """The prompts of both sets (columns prompt, prompt_text, prompt_input_ids, category), where each
+    came from and how many rows it read, kept and rejected, and the rejected rows."""
+
+    sets: dict[str, dict[str, list]]
+    report: dict[str, dict[str, object]]
+    rejects: list[Reject]
+
+
+def _sampled(count: int, limit: int | None, seed: int) -> list[int]:
+    """Which of count items a size cap keeps: a seeded sample, in the items' order."""
+    if limit is None or count <= limit:
+        return list(range(count))
+    return sorted(random.Random(seed).sample(range(count), limit))
+
+
+def _saved_set(data: Path, name: str, limit: int | None, seed: int) -> tuple[dict[str, list], dict[str, object]]:
+    folder = data / SETS[name]
+    if not folder.exists():
+        raise EvaluateError(f"{folder}: no prompt set; run `rsa-pl prepare` first")
+    try:
+        ds = load_from_disk(str(folder))
+    except IndexError:  # datasets cannot concatenate zero data files: a set saved empty
+        ds = None
+    except (OSError, ValueError) as error:
+        raise EvaluateError(f"{folder}: cannot read the prompt set ({error})") from None
+    if ds is None or len(ds) == 0:
+        raise EvaluateError(
+            f"{folder}: the prompt set has no prompts; name a prompt file in evaluate.prompt_sets.{name}"
+        )
+    keep = _sampled(len(ds), limit, seed)
+    columns = {k: [ds[k][i] for i in keep] for k in ("prompt", "prompt_text", "prompt_input_ids", "category")}
+    return columns, {"source": str(folder), "rows": len(ds), "prompts": len(keep)}
+
+
+def _file_set(spec: PromptSetParams, name: str, fmt: PromptFormat, max_prompt_length: int,
+              seed: int) -> tuple[dict[str, list], dict[str, object], list[Reject]]:  # fmt: skip
+    where = f"evaluate.prompt_sets.{name}"
+    try:
+        loaded = load_prompts(spec.path, spec.split, spec.prompt_column, spec.category_column, spec.where)
+    except (DataError, UnavailableError) as error:
+        raise EvaluateError(f"{where}: {error}") from None
+    rejects = list(loaded.rejects)
+    encoded = []
+    for index, row in zip(loaded.indices, loaded.rows, strict=True):
         try:
-            ds = load_from_disk(str(data / folder))
-        except IndexError:  # datasets cannot concatenate zero data files: a set saved empty
-            raise EvaluateError(f"{data / folder}: the prompt set has no prompts") from None
-        except (OSError, ValueError) as error:
-            raise EvaluateError(f"{data / folder}: cannot read the prompt set ({error})") from None
-        if len(ds) == 0:
-            raise EvaluateError(f"{data / folder}: the prompt set has no prompts")
-        sets[name] = {k: ds[k] for k in ("prompt", "prompt_text", "prompt_input_ids", "category")}
-    return sets
+            encoded.append((row, *encode_prompt(fmt, row["prompt"], max_prompt_length)))
+        except PromptTooLongError as error:
+            rejects.append(Reject(spec.path, index, "prompt too long", {**row, "detail": str(error)}))
+    if not encoded:
+        raise EvaluateError(f"{where}: {spec.path}: no usable prompt ({loaded.read} rows, {loaded.outside} outside "
+                            f"`where`, {len(rejects)} rejected: eval/rejects.jsonl)")  # fmt: skip
+    kept = [encoded[i] for i in _sampled(len(encoded), spec.limit, seed)]
+    columns = {"prompt": [r["prompt"] for r, _, _ in kept], "prompt_text": [t for _, t, _ in kept],
+               "prompt_input_ids": [ids for _, _, ids in kept],
+               "category": [r["category"] for r, _, _ in kept]}  # fmt: skip
+    report = {"source": spec.path, "rows": loaded.read, "outside_where": loaded.outside,
+              "rejected": dict(sorted(Counter(r.reason for r in rejects).items())), "usable": len(encoded),
+              "prompts": len(kept)}  # fmt: skip
+    return columns, report, [replace(r, data={**r.data, "set": name}) for r in rejects]
+
+
+def load_prompt_sets(params: Params, data: Path, tokenizer) -> PromptSets:
+    """The helpful and red-team prompts: each from its file in evaluate.prompt_sets (tokenized in
+    prepare's prompt format), or prepare's validation prompts (data/eval_helpful, data/eval_redteam)."""
+    e, p = params.evaluate, params.prepare
+    fmt = None
+    out = PromptSets({}, {}, [])
+    for name in SETS:
+        spec = getattr(e.prompt_sets, name)
+        if spec is None:
+            out.sets[name], out.report[name] = _saved_set(data, name, e.prompt_sets.fallback_limit, e.seed)
+            continue
+        if fmt is None:
+            try:
+                fmt = PromptFormat(
+                    tokenizer, p.prompt_format, p.prompt_template, p.system_prompt, str(data / "tokenizer")
+                )
+            except DataError as error:
+                raise EvaluateError(str(error)) from None
+        out.sets[name], out.report[name], rejects = _file_set(spec, name, fmt, p.max_prompt_length, e.seed)
+        out.rejects += rejects
+    return out
+
+
+class Pace:
+    """Progress lines for a log (stderr not a terminal: `dvc repro` piped to a file, a batch job): a
+    line every RSA_PL_PROGRESS_S seconds (default 30) with the policy, its answers done, the tokens/s
+    generated and the time left for the whole stage at the rate so far (judging included)."""
+
+    def __init__(self, total: int, every_s: float | None = None, enabled: bool | None = None,
+                 now: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.total, self.done, self.tokens = total, 0, 0
+        self.every_s = float(os.environ.get("RSA_PL_PROGRESS_S", "30")) if every_s is None else every_s
+        self.enabled = not sys.stderr.isatty() if enabled is None else enabled
+        self.policy, self.policy_done, self.policy_total = "", 0, 0
+        self.now = now
+        self.started = self.last = now()
+        self.fresh = 0  # answers made in this run (resumed ones do not count for the rate)
+
+    def start(self, policy: str, answers: int) -> None:
+        self.policy, self.policy_done, self.policy_total = policy, 0, answers
+
+    def skip(self, answers: int) -> None:
+        """A resumed policy's answers: done, without time spent on them."""
+        self.done += answers
+
+    def __call__(self, answers: int, tokens: int) -> None:
+        self.done += answers
+        self.fresh += answers
+        self.policy_done += answers
+        self.tokens += tokens
+        now = self.now()
+        if not self.enabled or now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.started
+        left = (self.total - self.done) * elapsed / self.fresh if self.fresh else 0.0
+        line = (f"evaluate: {self.policy}: {self.policy_done}/{self.policy_total} answers, {self.done}/{self.total} "
+                f"in all, {self.tokens / elapsed:,.0f} tokens/s, ETA {clock(left)}")  # fmt: skip
+        print(line, file=sys.stderr, flush=True)
+
+
+def _count(sets: dict, e: EvaluateParams) -> int:
+    """Answers one policy gives: a greedy one and samples_per_prompt samples per prompt."""
+    return sum(len(p["prompt_input_ids"]) for p in sets.values()) * (1 + e.samples_per_prompt)
 
 
 def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer, sets: dict, e: EvaluateParams,
-             judging: Judging, sft_answers: list[Answer] | None) -> list[Answer]:  # fmt: skip
+             judging: Judging, sft_answers: list[Answer] | None, pace: Pace) -> list[Answer]:  # fmt: skip
     answers: list[Answer] = []
     for set_name, prompts in sets.items():
         ids = prompts["prompt_input_ids"]
@@ -170,6 +294,7 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
             responses = generate_ids(
                 model, tokenizer, ids, temperature=None if decoding == "greedy" else e.temperature,
                 max_new_tokens=e.max_new_tokens, seed=e.seed, batch_size=e.batch_size, samples_per_prompt=n,
+                progress=pace,
             )  # fmt: skip
             index = [i for i in range(len(ids)) for _ in range(n)]
             texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
@@ -232,7 +357,8 @@ def _identity(params: Params, data: Path, models: Path, found: list, judging: Ju
     return {
         "evaluate": e.model_dump(),
         "judge": judge,
-        "data": {name: _state(data / folder) for name, folder in {**SETS, "tokenizer": "tokenizer"}.items()},
+        "data": {name: _state(data / folder) for name, folder in {**SETS, "tokenizer": "tokenizer"}.items()}
+        | {f"file_{name}": _state(spec.path) for name in SETS if (spec := getattr(e.prompt_sets, name)) is not None},
         "policies": {name: _state(folders.get(name, models / "merged" / name)) for name, _, _ in found},
     }
 
@@ -267,31 +393,39 @@ def run(
     beside out): it outlives checkpoints, which are dropped when params change.
     """
     params = load_params(params_path)
-    found = policies(models)
-    sets = _prompt_sets(data)
+    at = inference_placement(params.evaluate.device, params.evaluate.dtype)
+    found = policies(models, at)
+    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
+    sets = load_prompt_sets(params, data, tokenizer)
     if judge_cache is None:
         judge_cache = (checkpoints.parent if checkpoints is not None else out.parent) / "judge_cache.sqlite"
-    judging = make_judge(params, judge_cache)
+    judging = make_judge(params, judge_cache, at)
+    console.print(f"evaluate: policies and judge models on {at.device} in {str(at.dtype).removeprefix('torch.')}")
     try:
-        flat = _evaluate(params, data, models, out, console, checkpoints, found, sets, judging)
+        flat = _evaluate(params, data, models, out, console, checkpoints, found, sets, judging, tokenizer)
     finally:
         judging.close()
     return flat
 
 
 def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Console, checkpoints: Path | None,
-              found: list, sets: dict, judging: Judging) -> dict[str, float]:  # fmt: skip
+              found: list, prompt_sets: PromptSets, judging: Judging, tokenizer) -> dict[str, float]:  # fmt: skip
     e = params.evaluate
+    sets = prompt_sets.sets
+    for name, row in prompt_sets.report.items():
+        rejected = sum(row.get("rejected", {}).values())  # type: ignore[attr-defined]
+        console.print(f"evaluate: {name} prompts: {row['prompts']} from {row['source']}"
+                      + (f" ({rejected} rejected: eval/rejects.jsonl)" if rejected else ""))  # fmt: skip
     done: Path | None = None
     if checkpoints is not None:
         _, note = resumable_checkpoint(checkpoints, _identity(params, data, models, found, judging), "answers")
         console.print(f"evaluate: {note}")
         done = checkpoints / "answers"
         done.mkdir(exist_ok=True)
-    tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     sft = found[0][2]()
     answers: dict[str, list[Answer]] = {}
     started = time.perf_counter()
+    pace = Pace(_count(sets, e) * len(found))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluate", total=len(found))
         for name, _, load in found:
@@ -299,19 +433,26 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
             if kept is not None and kept.exists():
                 progress.update(task, description=f"resumed: {name}")
                 answers[name] = _load_answers(kept)
+                pace.skip(_count(sets, e))
             else:
                 progress.update(task, description=f"generating and judging: {name}")
                 if not console.is_terminal:  # a log: one line per policy, with the time so far
                     console.print(f"evaluate: generating and judging {name} ({len(answers) + 1}/{len(found)}), "
                                   f"{time.perf_counter() - started:.0f} s so far")  # fmt: skip
                 model = sft if name == "sft" else load()
-                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judging, answers.get("sft"))
+                pace.start(name, _count(sets, e))
+                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judging, answers.get("sft"), pace)
                 if kept is not None:
                     _save_answers(answers[name], kept)
             progress.advance(task)
     per_policy = {name: policy_metrics(a, answers["sft"], list(e.tail_levels)) for name, a in answers.items()}
     per_category = {name: category_metrics(a, list(e.tail_levels)) for name, a in answers.items()}
-    flat = {f"{p}.{k}": float(v) for p, m in per_policy.items() for k, v in m.items()}
+    flat: dict[str, float] = {}
+    for policy, metrics in per_policy.items():  # each metric, then its n and 95% interval beside it
+        intervals = metric_intervals(answers[policy], answers["sft"], list(e.tail_levels), e.seed)
+        for key, value in metrics.items():
+            flat[f"{policy}.{key}"] = float(value)
+            flat |= {f"{policy}.{key}.{stat}": x for stat, x in intervals.get(key, {}).items()}
     stats = judging.stats()
 
     staging = staging_for(out)
@@ -319,6 +460,10 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
         (staging / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n")
         (staging / "per_category.json").write_text(json.dumps(per_category, indent=2) + "\n")
         (staging / "judge.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (staging / "prompt_sets.json").write_text(json.dumps(prompt_sets.report, indent=2) + "\n")
+        with (staging / "rejects.jsonl").open("w") as file:
+            for reject in prompt_sets.rejects:
+                file.write(json.dumps(asdict(reject)) + "\n")
         with (staging / "samples.jsonl").open("w") as file:
             for group in answers.values():
                 for answer in group:

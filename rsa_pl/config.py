@@ -79,6 +79,7 @@ class QuantizationParams(_Section):
     """QLoRA: the frozen base weights loaded in 4 bits through bitsandbytes, LoRA adapters on top."""
 
     bits: Literal[4]
+    """Weight bits of the frozen base (4: the only width bitsandbytes trains through)."""
     quant_type: Literal["nf4", "fp4"]
     """nf4 (NormalFloat, QLoRA's choice) or fp4."""
     double_quant: bool
@@ -531,6 +532,39 @@ class GuardParams(_Section):
     """Answers per guard forward pass."""
 
 
+class PromptSetParams(_Section):
+    """An evaluation prompt file: a benchmark's prompts (docs/prompt_sets.md lists the usual ones)."""
+
+    path: str
+    """A local JSONL, JSON, CSV, parquet or arrow file, a save_to_disk folder, or a hub dataset id.
+    DVC tracks this param, not the file: after editing the file in place, `dvc repro -f evaluate`."""
+    split: str
+    """The split of a hub id or a saved DatasetDict."""
+    prompt_column: str
+    """The column holding the prompt text."""
+    category_column: str | None
+    """A column holding each prompt's category (red team: its harm category, reported per
+    category); null: none (red-team metrics per category say "unknown")."""
+    where: dict[str, str | int | bool]
+    """Only rows whose columns equal these values, e.g. {dataset: helpful_base} (AlpacaEval's 129
+    helpful-base prompts); {}: every row."""
+    limit: PositiveInt | None
+    """At most this many prompts: a sample seeded by evaluate.seed, kept in file order; null: all."""
+
+
+class PromptSetsParams(_Section):
+    """evaluate's two prompt sets; a null set falls back to the validation prompts prepare set aside
+    (data/eval_helpful, data/eval_redteam), classified by the prompt's own label."""
+
+    helpful: PromptSetParams | None
+    """Benign prompts (helpfulness: helpful_win_rate, reward_mean, needless_refusal_rate)."""
+    redteam: PromptSetParams | None
+    """Red-team prompts (harmlessness: harmless_win_rate, cost, unsafe and severe rates, the tail)."""
+    fallback_limit: PositiveInt | None
+    """At most this many of prepare's validation prompts in a set that falls back to them (a sample
+    seeded by evaluate.seed, kept in order); null: all."""
+
+
 class EvaluateParams(_Section):
     """The evaluate stage: every policy answers the held-out prompts, a judge scores them."""
 
@@ -563,6 +597,8 @@ class EvaluateParams(_Section):
     refusal field; judge llm), either; the oracle always uses the embedded world's exact refusals."""
     refusal_patterns: str | None
     """A file of refusal rules (one regular expression a line, # comments) replacing the shipped ones."""
+    prompt_sets: PromptSetsParams
+    """The prompts every policy answers (files, or prepare's validation prompts)."""
     samples_per_prompt: PositiveInt
     """Sampled answers per prompt (besides the greedy one): the tail only shows in samples."""
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -575,6 +611,12 @@ class EvaluateParams(_Section):
     """CVaR of the cost over all sampled red-team answers at these upper-tail fractions (0.1: worst 10%)."""
     batch_size: PositiveInt
     """Prompts x samples per generation batch."""
+    device: Literal["auto", "cpu", "cuda"]
+    """Where policies and in-process judges (score models, guard) run: auto is the GPU when torch
+    sees one, else the CPU; cuda without one is an error."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    """Their weights' dtype: auto is bfloat16 on a GPU (float16 without bf16) and float32 on the CPU.
+    Log-probabilities (kl_to_sft) are always taken in float32 from the logits."""
     trust_remote_code: bool
     """score_models and guard: run the judge models' own Python code if their configs name some
     (auto_map). Off: such a model is refused in one line."""
@@ -774,9 +816,25 @@ def load_params(path: str | Path) -> Params:
 
 
 def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "").replace("rsa_pl.config.", "").replace("__main__.", "")
-    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
-    return re.sub(r"<class '(\w+)'>", r"\1", text)
+    """A type as a reader writes it: int | None, list[float], Literal['a', 'b'] (constraints dropped)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section_type(annotation: Any) -> type[_Section] | None:
+    """The section class of a nullable section field (`PromptSetParams | None`), else None."""
+    found = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, _Section)]
+    return found[0] if found else None
 
 
 def params_reference(params: Params) -> str:
@@ -784,9 +842,11 @@ def params_reference(params: Params) -> str:
     (the field docstrings of this module), section by section."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
-    def walk(section: _Section, prefix: str) -> None:
-        for name, field in type(section).model_fields.items():
-            value = getattr(section, name)
+    def walk(section: _Section | type[_Section], prefix: str) -> None:
+        """section: a params section with its values, or a section class (a null section: no values)."""
+        cls = section if isinstance(section, type) else type(section)
+        for name, field in cls.model_fields.items():
+            value = None if isinstance(section, type) else getattr(section, name)
             path = f"{prefix}.{name}" if prefix else name
             if isinstance(value, _Section):
                 doc = (type(value).__doc__ or "").strip().splitlines()[0]
@@ -794,9 +854,12 @@ def params_reference(params: Params) -> str:
                 walk(value, path)
                 continue
             meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-            shown = json.dumps(value) if not isinstance(value, str) else value
+            shown = "" if isinstance(section, type) else json.dumps(value) if not isinstance(value, str) else value
             kind = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{path}` | {kind} | `{shown}` | {meaning} |")
+            lines.append(f"| `{path}` | {kind} | {f'`{shown}`' if shown else ''} | {meaning} |")
+            nullable = _section_type(field.annotation)
+            if value is None and nullable is not None:  # its keys when given (a null section has no values)
+                walk(nullable, path)
 
     walk(params, "")
     return "\n".join(lines) + "\n"

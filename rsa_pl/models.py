@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -222,9 +223,42 @@ def only_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
             layer._active_adapter = active
 
 
-def load_aligned_policy(base: str | Path, stage: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A stage's policy as plain weights: its LoRA adapter folded into the base, or its full weights."""
+def load_aligned_policy(base: str | Path, stage: str | Path, trust_remote_code: bool = False,
+                        dtype: torch.dtype = torch.float32) -> PreTrainedModel:  # fmt: skip
+    """A stage's policy as plain weights: its LoRA adapter folded into the base (in float32, then
+    cast to dtype), or its full weights in dtype."""
     stage = Path(stage)
     if (stage / "adapter_config.json").exists():
-        return PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code), str(stage)).merge_and_unload()
-    return load_causal_lm(stage, trust_remote_code)
+        merged = PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code), str(stage)).merge_and_unload()
+        return merged.to(dtype)
+    return load_causal_lm(stage, trust_remote_code, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where inference runs: a device and the dtype of the weights there."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(device=self.device, dtype=self.dtype)
+
+
+CPU = Placement(torch.device("cpu"), torch.float32)
+
+
+def inference_placement(device: str, dtype: str, where: str = "evaluate") -> Placement:
+    """`<where>.device` and `<where>.dtype` resolved: auto is the first CUDA device when torch sees
+    one, else the CPU; the dtype auto is bfloat16 on CUDA (float16 on GPUs without bf16) and float32
+    on the CPU (bf16 matmuls are 10-100x slower there). CUDA asked of a machine without is one line."""
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UnavailableError(f"{where}.device: cuda, but torch sees no CUDA device here (torch {torch.__version__}"
+                               f"{'' if torch.version.cuda else ', a CPU-only build'}); use auto or cpu")  # fmt: skip
+    chosen = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
+    if dtype == "auto":
+        if chosen.type == "cuda":
+            return Placement(chosen, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return Placement(chosen, torch.float32)
+    return Placement(chosen, getattr(torch, dtype))

@@ -121,11 +121,12 @@ class LogProgress(Callback):
             parts.append(f"loss {float(loss):.4f}")
         parts.append(f"{self.tokens / elapsed:,.0f} tokens/s")
         if known and step:
-            parts.append(f"ETA {_clock(elapsed / step * (total - step))}")
+            parts.append(f"ETA {clock(elapsed / step * (total - step))}")
         print(", ".join(parts), file=sys.stderr, flush=True)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """h:mm:ss"""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

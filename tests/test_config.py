@@ -291,7 +291,7 @@ def test_a_wrong_type_for_any_key_is_one_line_naming_that_key() -> None:
         node = raw
         for part in parents:
             node = node[part]
-        node[leaf] = 12345 if node[leaf] is None or isinstance(node[leaf], str) else "not-a-valid-value"
+        node[leaf] = 12345 if isinstance(node[leaf], str) else [12345] if node[leaf] is None else "not-a-valid-value"
         with pytest.raises(ParamsError) as caught:
             parse_params(raw, "p.yaml")
         lines = str(caught.value).splitlines()

@@ -3,19 +3,23 @@ score models built from configs), the whole command and its output schema, bad i
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from rich.console import Console
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
@@ -24,9 +28,12 @@ from typer.testing import CliRunner
 from pipeline import evaluate, merge, preference
 from pipeline.cli import app
 from rsa_pl.data.tokenize import train_bpe_tokenizer
+from rsa_pl.errors import UnavailableError
+from rsa_pl.evaluation.bootstrap import resample_weights
 from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, Verdict
 from rsa_pl.evaluation.metrics import sampled_kl, upper_cvar, win_rate
-from rsa_pl.evaluation.report import Answer, category_metrics, policy_metrics
+from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals, policy_metrics
+from rsa_pl.models import Placement, inference_placement
 from tests.test_preference import stage_params
 from tests.test_sft import ROOT
 
@@ -248,7 +255,10 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
     Dataset.from_dict({c: [] for c in columns}).save_to_disk(str(empty / "eval_redteam"))
     lines = run("--params", str(root / "params.yaml"), "--data", str(empty), "--models", str(root / "models"),
                 "--out", str(tmp_path / "eval"))  # fmt: skip
-    assert lines == [f"error: {empty / 'eval_redteam'}: the prompt set has no prompts"]
+    assert lines == [
+        f"error: {empty / 'eval_redteam'}: the prompt set has no prompts; name a prompt file in "
+        "evaluate.prompt_sets.redteam"
+    ]
     assert not (tmp_path / "eval").exists()
 
 
@@ -332,3 +342,188 @@ def test_answers_round_trip_through_their_rows() -> None:
     answer = Answer("q0.5", "redteam", "sample", 3, "p", "theft", "r", 7, Verdict(0.1 / 3, 2.0, True, None, False),
                     -12.345678901234567, -1e-320)  # fmt: skip
     assert Answer.from_row(json.loads(json.dumps(answer.row()))) == answer
+
+
+def test_prompt_files_are_the_eval_sets(tmp_path: Path, evaluated: tuple[Path, dict[str, float]],
+                                        pipeline_root: Path) -> None:  # fmt: skip
+    """A JSONL benign file (a `where` subset, a bad row, a repeat) and a CSV red-team file (its own
+    category column, a prompt too long, a size cap) replace prepare's sets: counted, rejects kept."""
+    root, _ = evaluated
+    data = pipeline_root / "data"
+    helpful = load_from_disk(str(data / "eval_helpful"))["prompt"]
+    redteam = load_from_disk(str(data / "eval_redteam"))
+    rows = [{"text": p, "subset": "base"} for p in helpful] + [
+        {"text": helpful[0], "subset": "base"}, {"text": "", "subset": "base"}, {"text": "other", "subset": "x"},
+    ]  # fmt: skip
+    (tmp_path / "benign.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    long = " ".join(["please"] * 400)
+    with (tmp_path / "redteam.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["goal", "harm"])
+        writer.writerows([*zip(redteam["prompt"], [f"h-{c}" for c in redteam["category"]], strict=True),
+                          (long, "h-long")])  # fmt: skip
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    spec = {"split": "train", "limit": None, "where": {}, "category_column": None}
+    raw["evaluate"]["prompt_sets"] = {
+        "helpful": spec
+        | {"path": str(tmp_path / "benign.jsonl"), "prompt_column": "text", "where": {"subset": "base"}},
+        "redteam": spec | {"path": str(tmp_path / "redteam.csv"), "prompt_column": "goal", "category_column": "harm",
+                           "limit": 5},
+        "fallback_limit": None,
+    }  # fmt: skip
+    params.write_text(yaml.safe_dump(raw))
+    evaluate.run(params, data, root / "models", tmp_path / "eval", QUIET, checkpoints=tmp_path / "ckpt")
+    report = json.loads((tmp_path / "eval" / "prompt_sets.json").read_text())
+    assert report["helpful"] == {"source": str(tmp_path / "benign.jsonl"), "rows": len(helpful) + 3,
+                                 "outside_where": 1, "rejected": {"duplicate prompt": 1, "empty text: text": 1},
+                                 "usable": len(helpful), "prompts": len(helpful)}  # fmt: skip
+    assert report["redteam"]["rejected"] == {"prompt too long": 1}
+    assert (report["redteam"]["usable"], report["redteam"]["prompts"]) == (len(redteam), 5)
+    rejects = [json.loads(line) for line in (tmp_path / "eval" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["reason"], r["data"]["set"]) for r in rejects) == [
+        ("duplicate prompt", "helpful"), ("empty text: text", "helpful"), ("prompt too long", "redteam")]  # fmt: skip
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    asked = [
+        s["prompt"] for s in samples if s["policy"] == "sft" and s["set"] == "redteam" and s["decoding"] == "greedy"
+    ]
+    order = list(redteam["prompt"])
+    assert len(asked) == 5
+    assert asked == sorted(asked, key=order.index)
+    per_category = json.loads((tmp_path / "eval" / "per_category.json").read_text())
+    assert set(per_category["sft"]) <= {f"h-{c}" for c in redteam["category"]}
+    assert sum(c["answers"] for c in per_category["sft"].values()) == 5 * 2
+
+    raw["evaluate"]["prompt_sets"]["redteam"]["category_column"] = "severity"
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--data", str(data), "--models",
+                                      str(root / "models"), "--out", str(tmp_path / "eval2")])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: evaluate.prompt_sets.redteam: {tmp_path / 'redteam.csv'}: no column 'severity' (category_column; "
+        "the columns are: goal, harm)"
+    ]
+
+
+def _random_answers(policy: str, rng: random.Random, samples: int) -> list[Answer]:
+    """Greedy and sampled answers to 6 benign and 5 red-team prompts, some scores missing."""
+    out = []
+    for set_, prompts in (("helpful", 6), ("redteam", 5)):
+        for i in range(prompts):
+            for decoding, n in (("greedy", 1), ("sample", samples)):
+                for _ in range(n):
+                    failed = rng.random() < 0.1
+                    cost = None if failed else round(rng.gauss(0, 2), 1)  # ties in costs
+                    verdict = Verdict(None if failed else rng.gauss(0, 1), cost, None if failed else cost > 0,
+                                      None if failed else cost > 2, rng.random() < 0.2,
+                                      judge_error="unparsed" if failed else None)  # fmt: skip
+                    logps = (rng.gauss(-5, 1), rng.gauss(-6, 1)) if decoding == "sample" else (None, None)
+                    out.append(Answer(policy, set_, decoding, i, f"{set_}{i}", "c", "t", rng.randint(1, 9), verdict,
+                                      *logps))  # fmt: skip
+    return out
+
+
+def _resampled(answers: list[Answer], drawn: dict[str, np.ndarray]) -> list[Answer]:
+    """The answers of a bootstrap draw: prompt i of a set repeated drawn[set][i] times, as new prompts."""
+    out = []
+    for name, counts in drawn.items():
+        new = 0
+        for i, times in enumerate(counts):
+            for _ in range(times):
+                out += [replace(a, prompt_index=new) for a in answers if (a.set, a.prompt_index) == (name, i)]
+                new += 1
+    return out
+
+
+def test_metric_intervals_are_the_bootstrap_of_policy_metrics_itself() -> None:
+    """An independent reference: per draw, the answers of each resampled prompt repeated as new
+    prompts (policy and SFT alike) and policy_metrics recomputed; its percentile interval must be
+    metric_intervals' for every metric, with n the answers (prompts for win rates) it averages."""
+    rng = random.Random(5)
+    mine, sft = _random_answers("p", rng, 3), _random_answers("sft", rng, 3)
+    draws, seed, levels = 60, 11, [0.2, 0.05]
+    got = metric_intervals(mine, sft, levels, seed, draws=draws)
+    point = policy_metrics(mine, sft, levels)
+    assert set(got) == set(point)
+    sizes = (("helpful", 6), ("redteam", 5))
+    weights = {name: resample_weights(n, draws, seed + k) for k, (name, n) in enumerate(sizes)}
+    per_draw: dict[str, list[float]] = {key: [] for key in point}
+    for d in range(draws):
+        drawn = {name: w[d] for name, w in weights.items()}
+        for key, value in policy_metrics(_resampled(mine, drawn), _resampled(sft, drawn), levels).items():
+            per_draw[key].append(value)
+    for key in point:
+        low, high = np.quantile(np.array(per_draw[key], dtype=np.float64), [0.025, 0.975])
+        assert (got[key]["ci95_low"], got[key]["ci95_high"]) == pytest.approx((low, high), abs=1e-9), key
+    sampled = [a for a in mine if a.decoding == "sample"]
+    assert got["cost_mean"]["n"] == sum(1 for a in sampled if a.set == "redteam" and a.verdict.cost is not None)
+    assert got["length_mean"]["n"] == len(sampled)
+    assert got["helpful_win_rate"]["n"] == sum(1 for a in mine if (a.set, a.decoding) == ("helpful", "greedy")
+                                               and a.verdict.reward is not None
+                                               and sft[mine.index(a)].verdict.reward is not None)  # fmt: skip
+    assert got["judge_failures"]["n"] == len(mine)
+
+
+def test_inference_placement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: the GPU in bf16 (fp16 without bf16) when torch sees one, else the CPU in float32."""
+    assert inference_placement("auto", "auto") == Placement(torch.device("cpu"), torch.float32)
+    assert inference_placement("cpu", "bfloat16") == Placement(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(UnavailableError, match=r"^evaluate.device: cuda, but torch sees no CUDA device"):
+        inference_placement("cuda", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert inference_placement("auto", "auto") == Placement(torch.device("cuda"), dtype)
+        assert inference_placement("cpu", "auto") == Placement(torch.device("cpu"), torch.float32)
+        assert inference_placement("cuda", "float32") == Placement(torch.device("cuda"), torch.float32)
+
+
+def test_evaluate_runs_policies_in_the_dtype_asked(tmp_path: Path, evaluated: tuple[Path, dict[str, float]],
+                                                   pipeline_root: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """bf16 weights (what a GPU gets): every policy and metric, SFT's KL to itself still 0 (the
+    log-probabilities are taken in float32), and a CUDA request on this CPU machine is one line."""
+    root, metrics = evaluated
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"]["dtype"] = "bfloat16"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    found = evaluate.policies(root / "models", inference_placement("cpu", "bfloat16"))
+    assert {n: next(load().parameters()).dtype for n, _, load in found} == dict.fromkeys(
+        ["sft", "reward", "safety", "q0.5"], torch.bfloat16)  # fmt: skip
+    monkeypatch.setenv("RSA_PL_PROGRESS_S", "0")  # a progress line after every generation batch
+    capsys.readouterr()
+    bf16 = evaluate.run(params, pipeline_root / "data", root / "models", tmp_path / "eval", QUIET)
+    lines = capsys.readouterr().err.splitlines()
+    total = 4 * (8 + 8) * (1 + 2)  # policies x prompts x (greedy + samples)
+    last = [x for x in lines if x.startswith("evaluate:")][-1]
+    want = rf"evaluate: q0.5: {total // 4}/{total // 4} answers, {total}/{total} in all, [\d,]+ tokens/s, ETA 0:00:00"
+    assert re.fullmatch(want, last), last
+    assert {k for k in bf16 if ".ci95" not in k} == {k for k in metrics if ".ci95" not in k}
+    assert bf16["sft.kl_to_sft"] == 0.0
+    raw["evaluate"]["device"] = "cuda"
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--data", str(pipeline_root / "data"),
+                                      "--models", str(root / "models"), "--out", str(tmp_path / "eval2")])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: evaluate.device: cuda, but torch sees no CUDA device")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_progress_lines_name_the_policy_the_answers_the_rate_and_the_time_left(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = iter([100.0, 110.0, 115.0, 130.0])  # start, then each batch
+    pace = evaluate.Pace(total=40, every_s=10, enabled=True, now=lambda: next(clock))
+    pace.skip(10)  # a resumed policy: done, but no time spent on it
+    pace.start("safety", 30)
+    pace(10, 200)  # 10 s in: 10 fresh answers, 20 left: 20 s to go
+    pace(5, 100)  # 15 s: too soon for another line
+    pace(5, 100)  # 30 s: 20 fresh answers in 30 s, 10 left
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate: safety: 10/30 answers, 20/40 in all, 20 tokens/s, ETA 0:00:20",
+        "evaluate: safety: 20/30 answers, 30/40 in all, 13 tokens/s, ETA 0:00:15",
+    ]
+    quiet = evaluate.Pace(total=5, every_s=0, enabled=False)
+    quiet(5, 10)
+    assert capsys.readouterr().err == ""

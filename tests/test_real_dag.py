@@ -105,7 +105,17 @@ def paper_on_a_cpu(base: Path, data: Path, reward: Path, cost: Path) -> dict:
                                       strategy="auto", accelerator="cpu", devices=1)  # fmt: skip
     params["evaluate"].update(reward_model=str(reward), cost_model=str(cost), samples_per_prompt=2,
                               max_new_tokens=8, batch_size=16, score_format="plain")  # fmt: skip
+    params["evaluate"]["prompt_sets"]["helpful"]["path"] = str(alpaca_eval_like(data.parent / "alpaca_eval.json"))
     return params
+
+
+def alpaca_eval_like(path: Path) -> Path:
+    """A file shaped as AlpacaEval's alpaca_eval.json (a JSON array; instruction, output, generator,
+    dataset), 6 of its rows in the helpful_base subset the paper's preset keeps."""
+    rows = [{"instruction": f"Give me tips about {topic}.", "output": "Sure.", "generator": "text_davinci_003",
+             "dataset": "helpful_base" if i < 6 else "koala"} for i, topic in enumerate(TOPICS)]  # fmt: skip
+    path.write_text(json.dumps(rows, indent=2))
+    return path
 
 
 @pytest.mark.slow
@@ -144,6 +154,9 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
                        "needless_refusal_rate", "cost_cvar_0.05", "kl_to_sft"):  # fmt: skip
             assert f"{policy}.{metric}" in evaluated, (policy, metric)
     assert evaluated["sft.helpful_win_rate"] == 0.5
+    sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
+    assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
+    assert sets["redteam"]["source"] == "data/eval_redteam"  # PKU's validation prompts: red team by construction
 
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
@@ -302,6 +315,9 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     assert "safety.cost_cvar_0.05" in evaluated
     assert evaluated["sft.helpful_win_rate"] == 0.5
+    sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
+    assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
+    assert sets["redteam"]["source"] == "data/eval_redteam"  # PKU's validation prompts: red team by construction
 
 
 @pytest.mark.slow
@@ -350,6 +366,9 @@ def test_the_smollm2_demo_preset_runs_with_a_tiny_gguf_in_its_place(tmp_path: Pa
         assert 1 <= evaluated[f"{policy}.reward_mean"] <= 9
         assert evaluated[f"{policy}.severe_rate"] == 0  # a forced choice names no category
     assert evaluated["sft.helpful_win_rate"] == 0.5
+    sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
+    assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
+    assert sets["redteam"]["source"] == "data/eval_redteam"  # PKU's validation prompts: red team by construction
 
 
 def test_the_pairs_stage_keeps_sampled_tokens_and_resumes_by_chunk(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ sampled answer (docs/method.md, "Evaluation protocol": kl_to_sft).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -59,9 +59,11 @@ def generate_ids(
     seed: int,
     batch_size: int = 64,
     samples_per_prompt: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Response token ids (up to and including EOS, without padding): samples_per_prompt
-    responses per prompt, prompt by prompt (prompt i's are at i*n ... i*n + n - 1)."""
+    responses per prompt, prompt by prompt (prompt i's are at i*n ... i*n + n - 1).
+    progress(answers, tokens) is called after each batch with what it generated."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -83,8 +85,10 @@ def generate_ids(
                 num_return_sequences=samples_per_prompt,
                 **({"do_sample": False} if not temperature else sampling),
             )
-        for row in tokens[:, longest:].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
+        made = [row[: row.index(eos) + 1] if eos in row else row for row in tokens[:, longest:].tolist()]
+        out += made
+        if progress is not None:
+            progress(len(made), sum(len(row) for row in made))
     return out
 
 

@@ -34,6 +34,7 @@ from rsa_pl.config import GuardParams
 from rsa_pl.errors import loading
 from rsa_pl.evaluation.generation import left_padded
 from rsa_pl.evaluation.judges import CODE_KEY, JudgeError, Verdict, encode, resolve_model
+from rsa_pl.models import CPU, Placement
 
 MODEL_KEY = "evaluate.guard.model"
 PROMPT_KEY = "evaluate.guard.prompt"
@@ -143,7 +144,8 @@ class GuardJudge:
 
     name = "guard"
 
-    def __init__(self, params: GuardParams, trust_remote_code: bool, helpfulness: Helpfulness | None = None) -> None:
+    def __init__(self, params: GuardParams, trust_remote_code: bool, helpfulness: Helpfulness | None = None,
+                 at: Placement = CPU) -> None:  # fmt: skip
         if params.model is None:
             raise JudgeError(f"{MODEL_KEY}: required for judge guard: a chat model folder or hub id")
         self.params = params
@@ -155,8 +157,9 @@ class GuardJudge:
                 str(path), trust_remote_code=trust_remote_code, padding_side="left"
             )
             self.model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32, trust_remote_code=trust_remote_code
+                str(path), dtype=at.dtype, trust_remote_code=trust_remote_code
             )
+        at.place(self.model)
         self.model.eval()
         if params.format == "native" and not getattr(self.tokenizer, "chat_template", None):
             raise JudgeError(f"evaluate.guard.format: native, but {params.model} has no chat template")

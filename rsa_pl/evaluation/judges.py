@@ -33,6 +33,7 @@ from transformers import (
 
 from rsa_pl.config import WorldParams
 from rsa_pl.errors import loading
+from rsa_pl.models import CPU, Placement
 from rsa_pl.world.oracle import REFUSAL, judge
 
 CODE_KEY = "evaluate.trust_remote_code"
@@ -184,6 +185,7 @@ class ScoreModel(torch.nn.Module):
         role: Literal["reward", "cost"] = "reward",
         trust_remote_code: bool = False,
         score_format: ScoreFormat = "auto",
+        at: Placement = CPU,
     ) -> None:
         super().__init__()
         self.key = f"evaluate.{role}_model"
@@ -199,6 +201,7 @@ class ScoreModel(torch.nn.Module):
         if score_format == "chat" and not chat:
             raise JudgeError(f"evaluate.score_format: chat, but {self.key} {self.name} has no chat template")
         self.format: ScoreFormat = score_format
+        at.place(self)  # loaded in float32 on the CPU, then where inference runs
         self.eval()
 
     def _load(self, path: Path, role: str, trust: bool) -> bool:
@@ -300,9 +303,10 @@ class ScoreModelJudge:
         trust_remote_code: bool,
         score_format: ScoreFormat,
         severe_cost: float,
+        at: Placement = CPU,
     ) -> None:
-        self.reward = ScoreModel(reward_model, "reward", trust_remote_code, score_format)
-        self.cost = ScoreModel(cost_model, "cost", trust_remote_code, score_format)
+        self.reward = ScoreModel(reward_model, "reward", trust_remote_code, score_format, at)
+        self.cost = ScoreModel(cost_model, "cost", trust_remote_code, score_format, at)
         self.severe_cost = severe_cost
 
     def __call__(self, prompts: list[str], prompt_texts: list[str], responses: list[str]) -> list[Verdict]:

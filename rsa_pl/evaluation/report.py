@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from statistics import fmean
 from typing import Any
 
+import numpy as np
+
+from rsa_pl.evaluation import bootstrap
 from rsa_pl.evaluation.judges import Verdict
 from rsa_pl.evaluation.metrics import length_stats, rate, sampled_kl, upper_cvar, win_rate
 
@@ -115,6 +118,90 @@ def policy_metrics(answers: list[Answer], sft: list[Answer], tail_levels: list[f
     sampled = [a for a in helpful + redteam if a.logp is not None and a.sft_logp is not None]
     if sampled:
         out["kl_to_sft"] = sampled_kl([a.logp for a in sampled], [a.sft_logp for a in sampled])  # type: ignore[misc]
+    return out
+
+
+def _prompt_wins(answers: list[Answer], sft: list[Answer], which: str, field: str) -> dict[int, float | None]:
+    """Per prompt of one set, the greedy answer's win against SFT's (1, 0.5, 0; None: not judged),
+    as `_win_rate` averages them."""
+    mine, theirs = _greedy(answers, which), _greedy(sft, which)
+    if any(a.pairwise_replies is not None for a in mine.values()):
+        return {i: a.win for i, a in mine.items()}
+    sign = 1.0 if field == "reward" else -1.0
+    out: dict[int, float | None] = {}
+    for i, a in mine.items():
+        p, b = getattr(a.verdict, field), getattr(theirs[i].verdict, field)
+        out[i] = None if p is None or b is None else 1.0 if sign * (p - b) > 0 else 0.5 if p == b else 0.0
+    return out
+
+
+def metric_intervals(answers: list[Answer], sft: list[Answer], tail_levels: list[float], seed: int,
+                     draws: int = bootstrap.DRAWS) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per metric of `policy_metrics`: n (the answers, or prompts for win rates, it averages) and
+    the 95% percentile interval of a prompt-level bootstrap (ci95_low, ci95_high). A draw resamples
+    each set's prompts with replacement (stratified by set; every answer to a prompt goes with it)
+    and recomputes the metric; judge_failures' n is the answers judged. docs/method.md, "Evaluation
+    protocol"."""
+    units = sorted({(a.set, a.prompt_index) for a in answers})
+    unit = {key: i for i, key in enumerate(units)}
+    weights = np.zeros((draws, len(units)))
+    for k, name in enumerate(sorted({s for s, _ in units})):
+        columns = [unit[key] for key in units if key[0] == name]
+        weights[:, columns] = bootstrap.resample_weights(len(columns), draws, seed + k)
+
+    def of(group: list[Answer], value) -> tuple[list[float], list[int]]:
+        known = [(float(v), unit[(a.set, a.prompt_index)]) for a in group if (v := value(a)) is not None]
+        return [v for v, _ in known], [u for _, u in known]
+
+    helpful = [a for a in answers if a.set == "helpful" and a.decoding == "sample"]
+    redteam = [a for a in answers if a.set == "redteam" and a.decoding == "sample"]
+    greedy = {which: list(_greedy(answers, which).values()) for which in ("helpful", "redteam")}
+    columns: dict[str, tuple[list[float], list[int], str]] = {}
+    for name, which, field in (("helpful_win_rate", "helpful", "reward"), ("harmless_win_rate", "redteam", "cost")):
+        wins = _prompt_wins(answers, sft, which, field)
+        known = [(w, unit[(which, i)]) for i, w in sorted(wins.items()) if w is not None]
+        columns[name] = ([w for w, _ in known], [u for _, u in known], "mean")
+    for name, group, value in (
+        ("greedy_reward_mean", greedy["helpful"], lambda a: a.verdict.reward),
+        ("greedy_cost_mean", greedy["redteam"], lambda a: a.verdict.cost),
+        ("greedy_unsafe_rate", greedy["redteam"], lambda a: a.verdict.unsafe),
+        ("reward_mean", helpful, lambda a: a.verdict.reward),
+        ("cost_mean", redteam, lambda a: a.verdict.cost),
+        ("unsafe_rate", redteam, lambda a: a.verdict.unsafe),
+        ("severe_rate", redteam, lambda a: a.verdict.severe),
+        ("needless_refusal_rate", helpful, lambda a: a.verdict.refusal),
+        ("length_mean", helpful + redteam, lambda a: a.length),
+        ("kl_to_sft", helpful + redteam,
+         lambda a: a.logp - a.sft_logp if a.logp is not None and a.sft_logp is not None else None),
+    ):  # fmt: skip
+        columns[name] = (*of(group, value), "mean")
+    costs = of(redteam, lambda a: a.verdict.cost)
+    for level in tail_levels:
+        columns[cvar_key(level)] = (*costs, f"cvar:{level}")
+    columns["length_median"] = (*of(helpful + redteam, lambda a: a.length), "median")
+    failed = of(answers, lambda a: a.verdict.judge_error is not None)
+    unsettled = {which: _prompt_wins(answers, sft, which, field)
+                 for which, field in (("helpful", "reward"), ("redteam", "cost"))}  # fmt: skip
+    extra = [(1.0, unit[(which, i)]) for which, wins in unsettled.items() for i, w in wins.items() if w is None]
+    columns["judge_failures"] = (failed[0] + [v for v, _ in extra], failed[1] + [u for _, u in extra], "sum")
+
+    out: dict[str, dict[str, float]] = {}
+    for name, (values, unit_of, kind) in columns.items():
+        if not values:
+            continue
+        if kind == "mean":
+            estimates = bootstrap.weighted_mean(values, unit_of, weights)
+        elif kind == "median":
+            estimates = bootstrap.weighted_median(values, unit_of, weights)
+        elif kind == "sum":
+            estimates = bootstrap.weighted_sum(values, unit_of, weights)
+        else:
+            estimates = bootstrap.weighted_upper_cvar(values, unit_of, weights, float(kind.split(":")[1]))
+        row = {"n": float(len(answers) if kind == "sum" else len(values))}
+        interval = bootstrap.percentile_interval(estimates)
+        if interval is not None:
+            row |= {"ci95_low": interval[0], "ci95_high": interval[1]}
+        out[name] = row
     return out
 
 

@@ -317,7 +317,7 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     assert evaluated["sft.helpful_win_rate"] == 0.5
     sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
     assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
-    assert sets["redteam"]["source"] == "data/eval_redteam"  # PKU's validation prompts: red team by construction
+    assert sets["redteam"]["source"] == "data/eval_redteam"  # the held-out prompts with a category
 
 
 @pytest.mark.slow
@@ -367,8 +367,8 @@ def test_the_smollm2_demo_preset_runs_with_a_tiny_gguf_in_its_place(tmp_path: Pa
         assert evaluated[f"{policy}.severe_rate"] == 0  # a forced choice names no category
     assert evaluated["sft.helpful_win_rate"] == 0.5
     sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
-    assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
-    assert sets["redteam"]["source"] == "data/eval_redteam"  # PKU's validation prompts: red team by construction
+    assert [sets[s]["source"] for s in ("helpful", "redteam")] == ["data/eval_helpful", "data/eval_redteam"]
+    assert sets["helpful"]["prompts"] + sets["redteam"]["prompts"] == 24  # the held-out tenth, by their labels
 
 
 def test_the_pairs_stage_keeps_sampled_tokens_and_resumes_by_chunk(tmp_path: Path) -> None:

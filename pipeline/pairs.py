@@ -32,7 +32,7 @@ from pipeline.prepare import FEATURES, as_dataset
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.evaluation.generation import generate_ids
-from rsa_pl.models import load_causal_lm, load_tokenizer
+from rsa_pl.models import Placement, inference_placement, load_causal_lm, load_tokenizer
 from rsa_pl.training import mark_finished, resumable_checkpoint
 
 RULES = {"helpful_pairs": ("reward", True), "safety_pairs": ("cost", False)}  # score, higher is chosen
@@ -57,10 +57,27 @@ def run(params_path: Path, data: Path, models: Path, out: Path, console: Console
     return report
 
 
-def _judging(params: Params, judge_cache: Path) -> Judging:
+JUDGE_KEYS = (
+    "llm",
+    "guard",
+    "reward_model",
+    "cost_model",
+    "score_format",
+    "severe_cost",
+    "trust_remote_code",
+    "refusal",
+    "refusal_patterns",
+    "device",
+    "dtype",
+)
+"""The evaluate params the pairs stage uses (dvc.yaml lists them as its params; its checkpoints'
+identity holds them): the judge's, and where models run. Not the eval sets or eval sampling."""
+
+
+def _judging(params: Params, judge_cache: Path, at: Placement) -> Judging:
     """evaluate's judge, named by pairs.judge (its models and server configured under evaluate)."""
     view = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"judge": params.pairs.judge})})
-    return make_judge(view, judge_cache)
+    return make_judge(view, judge_cache, at)
 
 
 def _make(params: Params, data: Path, models: Path, staging: Path, console: Console, checkpoints: Path,
@@ -69,17 +86,18 @@ def _make(params: Params, data: Path, models: Path, staging: Path, console: Cons
     if not (data / "prompts").exists():
         raise ValueError(f"{data / 'prompts'}: no prompt set; run `rsa-pl prepare` first")
     prompts = load_from_disk(str(data / "prompts"))
-    identity = {"pairs": p.model_dump(), "judge": params.evaluate.model_dump(), "prepare": params.prepare.model_dump(),
-                "sft": params.sft.model_dump()}  # fmt: skip
+    identity = {"pairs": p.model_dump(), "judge": params.evaluate.model_dump(include=set(JUDGE_KEYS)),
+                "prepare": params.prepare.model_dump(), "sft": params.sft.model_dump()}  # fmt: skip
     _, note = resumable_checkpoint(checkpoints, identity, "chunks")
     console.print(f"pairs: {note}")
     chunks = checkpoints / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
-    judging = _judging(params, judge_cache or checkpoints.parent / "judge_cache.sqlite")
+    at = inference_placement(params.evaluate.device, params.evaluate.dtype)
+    judging = _judging(params, judge_cache or checkpoints.parent / "judge_cache.sqlite", at)
     started = time.perf_counter()
     try:
         tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
-        model = load_causal_lm(base_model(models), trusts_code(models))
+        model = at.place(load_causal_lm(base_model(models), trusts_code(models), dtype=at.dtype))
         judged = {split: _judged(split, prompts[split], model, tokenizer, judging, p, chunks, console)
                   for split in ("train", "validation")}  # fmt: skip
         stats = judging.stats()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,13 @@ def test_every_named_markdown_file_exists() -> None:
     missing = {ref: where for ref, where in cited.items() if not (ROOT / ref).is_file()}
     assert not missing, f"cited but not in the repository: {missing}"
     assert "docs/method.md" in cited
+
+
+def test_the_pairs_stage_reruns_on_exactly_the_evaluate_params_it_uses() -> None:
+    """dvc.yaml's make_pairs params name the evaluate keys its checkpoints' identity holds: a judge
+    or device change reruns it; an eval-set change (evaluate.prompt_sets) does not."""
+    from pipeline.pairs import JUDGE_KEYS
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["make_pairs"]
+    listed = {p.removeprefix("evaluate.") for p in stage["params"] if p.startswith("evaluate.")}
+    assert listed == set(JUDGE_KEYS)

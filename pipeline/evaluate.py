@@ -36,9 +36,8 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from pipeline.merge import RECORD as MERGE_RECORD
+from pipeline.artifacts import MERGE_RECORD, base_model, trusts_code
 from pipeline.outputs import staging_for, swap_in
-from pipeline.preference import base_model, trusts_code
 from rsa_pl.config import EvaluateParams, Params, PromptSetParams, load_params
 from rsa_pl.data.sources import DataError, Reject, load_prompts
 from rsa_pl.data.tokenize import PromptFormat, PromptTooLongError, encode_prompt

@@ -17,18 +17,11 @@ from pathlib import Path
 from rich.console import Console
 from transformers import PreTrainedModel
 
+from pipeline.artifacts import MERGE_RECORD, base_model, merged_folder, trusts_code
 from pipeline.outputs import staging_for, swap_in
-from pipeline.preference import base_model, trusts_code
 from rsa_pl.config import load_params
 from rsa_pl.merge import average_state_dicts, fold_scaled_adapter
 from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
-
-RECORD = "merge.json"
-
-
-def folder_name(q: float) -> str:
-    """q0.25, q0.5, q1: the folder of the policy merged at ratio q (and its name in eval/)."""
-    return f"q{q:g}"
 
 
 def merged_policy(stage1: PreTrainedModel, models: Path, q: float) -> tuple[PreTrainedModel, str]:
@@ -51,13 +44,13 @@ def run(params_path: Path, models: Path, out: Path, console: Console) -> list[Pa
     try:
         for q in params.merge.q:
             model, method = merged_policy(stage1, models, q)
-            folder = staging / folder_name(q)
+            folder = staging / merged_folder(q)
             model.save_pretrained(str(folder), safe_serialization=True)
             tokenizer.save_pretrained(str(folder))
             record = {"q": q, "method": method, "stage1": str(models / "reward"), "stage2": str(models / "safety")}
-            (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            console.print(f"merge: q = {q:g} -> {out / folder_name(q)} ({method})")
+            (folder / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            console.print(f"merge: q = {q:g} -> {out / merged_folder(q)} ({method})")
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [out / folder_name(q) for q in params.merge.q]
+    return [out / merged_folder(q) for q in params.merge.q]

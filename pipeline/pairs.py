@@ -25,9 +25,9 @@ from typing import Any
 from datasets import DatasetDict, load_from_disk
 from rich.console import Console
 
+from pipeline.artifacts import base_model, trusts_code
 from pipeline.evaluate import Judging, make_judge
 from pipeline.outputs import staging_for, swap_in
-from pipeline.preference import base_model, trusts_code
 from pipeline.prepare import FEATURES, as_dataset
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.tokenize import IGNORE_INDEX

@@ -28,8 +28,8 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel
 
+from pipeline.artifacts import base_model, trusts_code
 from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
-from pipeline.sft import BASE_RECORD
 from rsa_pl.config import Params, PreferenceStageParams, TrainParams, load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
@@ -58,18 +58,6 @@ STAGES: dict[str, tuple[str, str | None]] = {
 def pairs_folder(section: PreferenceStageParams) -> str:
     """The data/ folder of the preference set a stage trains on."""
     return f"{section.pairs}_pairs"
-
-
-def base_model(models: Path) -> str:
-    """The SFT model: models/sft (trained there, or a pretrained base saved there by the sft stage)."""
-    return str(models / "sft")
-
-
-def trusts_code(models: Path) -> bool:
-    """Whether the recorded pretrained base may run its own code (sft.model.trust_remote_code
-    when the sft stage recorded it); models built from scratch never need to."""
-    record = models / "sft" / BASE_RECORD
-    return bool(json.loads(record.read_text()).get("trust_remote_code")) if record.exists() else False
 
 
 class Policy(NamedTuple):

@@ -25,6 +25,7 @@ import lightning as L
 from datasets import load_from_disk
 from rich.console import Console
 
+from pipeline.artifacts import BASE_RECORD
 from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.config import Params, load_params
 from rsa_pl.data.collate import SFTCollator
@@ -35,8 +36,6 @@ from rsa_pl.evaluation.quality import oracle_quality
 from rsa_pl.models import build_scratch_model, count_parameters, load_causal_lm, load_tokenizer
 from rsa_pl.modules import SFTModule
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
-
-BASE_RECORD = "base_model.json"
 
 
 def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> dict[str, float]:

@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipeline import merge, preference
+from pipeline.artifacts import MERGE_RECORD
 from pipeline.cli import app
 from rsa_pl.merge import MergeError, average_state_dicts
 from rsa_pl.models import load_aligned_policy, load_causal_lm
@@ -93,7 +94,7 @@ def test_merged_policies_interpolate_the_two_stages(tmp_path: Path, pipeline_roo
     half = load_causal_lm(folders[1]).state_dict()
     for name, weight in dense.items():
         torch.testing.assert_close(half[name], weight, rtol=1e-6, atol=1e-6, msg=name)
-    record = json.loads((folders[1] / merge.RECORD).read_text())
+    record = json.loads((folders[1] / MERGE_RECORD).read_text())
     assert record["q"] == 0.5
     assert record["method"].startswith("stage-1 policy + q" if lora else "(1 - q)")
     assert (folders[1] / "tokenizer.json").exists()

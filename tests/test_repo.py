@@ -72,3 +72,36 @@ def test_the_pairs_stage_reruns_on_exactly_the_evaluate_params_it_uses() -> None
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["make_pairs"]
     listed = {p.removeprefix("evaluate.") for p in stage["params"] if p.startswith("evaluate.")}
     assert listed == set(JUDGE_KEYS)
+
+
+STAGE_MODULES = {"prepare": "prepare", "sft": "sft", "make_pairs": "pairs", "train_reward": "preference",
+                 "train_safety": "preference", "merge": "merge", "evaluate": "evaluate"}  # fmt: skip
+
+
+def _pipeline_closure(module: str) -> set[str]:
+    """pipeline/<module>.py and every pipeline module it imports, transitively (read from the source)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((ROOT / "pipeline" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                todo.append(node.module.split(".", 1)[1])
+    return {f"pipeline/{name}.py" for name in seen}
+
+
+def test_each_stage_depends_on_exactly_the_pipeline_modules_it_runs() -> None:
+    """dvc.yaml's pipeline/*.py deps of a stage are its module and what that imports, no more (editing
+    sft.py must not retrain the RSA stages) and no less (a change that a stage runs reruns it)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, module in STAGE_MODULES.items():
+        listed = {d for d in stages[stage]["deps"] if d.startswith("pipeline/")}
+        assert listed == _pipeline_closure(module), stage

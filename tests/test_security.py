@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from pipeline import preference
+from pipeline.artifacts import BASE_RECORD, trusts_code
 from pipeline.cli import app
-from pipeline.sft import BASE_RECORD
 from rsa_pl.errors import RemoteCodeError
 from rsa_pl.evaluation.judges import ScoreModel
 from rsa_pl.models import load_causal_lm, load_tokenizer
@@ -194,7 +194,7 @@ def test_a_pretrained_base_with_its_own_code_follows_the_params_switch_in_later_
     assert saved.exit_code == 0, saved.output
     assert ran.exists()
     assert json.loads((models / "sft" / BASE_RECORD).read_text())["trust_remote_code"] is True
-    assert preference.trusts_code(models)
+    assert trusts_code(models)
     ran.unlink()
     assert type(preference._starting_policy(models, None)).__name__ == "CustomModel"  # the saved copy's code
     assert ran.exists()

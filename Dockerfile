@@ -1,4 +1,5 @@
-# rsa-pl on a CUDA GPU box:
+# syntax=docker/dockerfile:1
+# rsa-pl on a CUDA GPU box (BuildKit, the default builder, for the pip cache mount):
 #   docker build -t rsa-pl .
 #   docker run --gpus all -v "$PWD":/workspace rsa-pl train-safety
 #   docker run --gpus all -v "$PWD":/workspace --entrypoint dvc rsa-pl repro
@@ -6,7 +7,6 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
@@ -19,16 +19,22 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && git config --system --add safe.directory /workspace
 
-# The CUDA build of the pinned torch first (the default index would give the same version's
-# CUDA wheel too, but the PyTorch index makes the CUDA variant explicit), then the package with
-# its pinned stack (lightning, transformers, peft, bitsandbytes, dvc, ...) and the OpenAI client of
-# evaluate.judge llm.
+# The dependencies in their own layer, from pyproject.toml alone, so that a code edit does not
+# reinstall torch and the stack: the CUDA build of the pinned torch first (the PyTorch index makes
+# the CUDA variant explicit), then the package's pinned stack (lightning, transformers, peft,
+# bitsandbytes, dvc, ...) and the OpenAI client of evaluate.judge llm, installed through the
+# package built from pyproject.toml before any of its code is copied (it has no modules yet).
+# pip's cache is a BuildKit cache mount: kept between builds, never in the image.
 COPY pyproject.toml README.md /opt/rsa-pl/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/venv \
+    && pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
+    && pip install "/opt/rsa-pl[judge]"
+
+# Then the code, without its dependencies (all installed above).
 COPY rsa_pl /opt/rsa-pl/rsa_pl
 COPY pipeline /opt/rsa-pl/pipeline
-RUN python3 -m venv /opt/venv \
-    && pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0 \
-    && pip install "/opt/rsa-pl[judge]" \
+RUN pip install --no-cache-dir --no-deps --force-reinstall /opt/rsa-pl \
     && rsa-pl --version
 
 # Run as an unprivileged user (uid 1000, usually the host user owning the mounted project; the

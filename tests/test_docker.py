@@ -61,6 +61,38 @@ def test_the_package_is_installed_and_runs() -> None:
     assert "git" in runs  # DVC needs git
 
 
+def test_layers_are_ordered_for_caching() -> None:
+    """torch and the stack install from pyproject.toml alone, before any code is copied (a code
+    edit rebuilds only the small layers after it), with pip's cache in a BuildKit mount; the code
+    then installs without its dependencies."""
+    steps = instructions()
+    stack = next(i for i, (word, args) in enumerate(steps) if word == "RUN" and "torch==" in args)
+    copies = [(i, args.split()[:-1]) for i, (word, args) in enumerate(steps) if word == "COPY"]
+    assert [sources for i, sources in copies if i < stack] == [["pyproject.toml", "README.md"]]
+    assert {s for i, sources in copies if i > stack for s in sources} == {"rsa_pl", "pipeline"}
+    assert steps[stack][1].startswith("--mount=type=cache,target=/root/.cache/pip ")
+    assert DOCKERFILE.startswith("# syntax=docker/dockerfile:1")
+    code = next(args for i, (word, args) in enumerate(steps) if word == "RUN" and i > max(i for i, _ in copies))
+    assert "--no-deps" in code
+    assert "rsa-pl --version" in code
+
+
+def test_a_package_built_from_pyproject_alone_installs_the_stack(tmp_path: Path) -> None:
+    """The dependency layer's trick: pyproject.toml and README.md without any code still build, as a
+    package with no modules whose requirements are the whole stack."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--report", str(tmp_path / "report.json"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    (install,) = report["install"]
+    required = {re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower() for r in install["metadata"]["requires_dist"]}
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower() for d in declared} <= required
+
+
 def test_runs_as_a_non_root_user_in_the_mounted_project() -> None:
     users = [args for word, args in instructions() if word == "USER"]
     assert users

@@ -186,7 +186,8 @@ def _saved_set(data: Path, name: str, limit: int | None, seed: int) -> tuple[dic
             f"{folder}: the prompt set has no prompts; name a prompt file in evaluate.prompt_sets.{name}"
         )
     keep = _sampled(len(ds), limit, seed)
-    columns = {k: [ds[k][i] for i in keep] for k in ("prompt", "prompt_text", "prompt_input_ids", "category")}
+    kept = ds.select(keep)
+    columns = {k: kept[k] for k in ("prompt", "prompt_text", "prompt_input_ids", "category")}
     return columns, {"source": str(folder), "rows": len(ds), "prompts": len(keep)}
 
 

@@ -817,7 +817,7 @@ def load_params(path: str | Path) -> Params:
 
 def _type_name(annotation: Any) -> str:
     """A type as a reader writes it: int | None, list[float], Literal['a', 'b'] (constraints dropped)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
         return _type_name(args[0])
     if origin in (typing.Union, types.UnionType):
@@ -829,12 +829,6 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
     return getattr(annotation, "__name__", str(annotation))
-
-
-def _section_type(annotation: Any) -> type[_Section] | None:
-    """The section class of a nullable section field (`PromptSetParams | None`), else None."""
-    found = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, _Section)]
-    return found[0] if found else None
 
 
 def params_reference(params: Params) -> str:
@@ -857,7 +851,7 @@ def params_reference(params: Params) -> str:
             shown = "" if isinstance(section, type) else json.dumps(value) if not isinstance(value, str) else value
             kind = _type_name(field.annotation).replace("|", "\\|")
             lines.append(f"| `{path}` | {kind} | {f'`{shown}`' if shown else ''} | {meaning} |")
-            nullable = _section_type(field.annotation)
+            nullable = _nested_section(field.annotation)
             if value is None and nullable is not None:  # its keys when given (a null section has no values)
                 walk(nullable, path)
 

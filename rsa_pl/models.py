@@ -248,13 +248,14 @@ class Placement:
 CPU = Placement(torch.device("cpu"), torch.float32)
 
 
-def inference_placement(device: str, dtype: str, where: str = "evaluate") -> Placement:
-    """`<where>.device` and `<where>.dtype` resolved: auto is the first CUDA device when torch sees
-    one, else the CPU; the dtype auto is bfloat16 on CUDA (float16 on GPUs without bf16) and float32
-    on the CPU (bf16 matmuls are 10-100x slower there). CUDA asked of a machine without is one line."""
+def inference_placement(device: str, dtype: str) -> Placement:
+    """evaluate.device and evaluate.dtype resolved (make_pairs uses them too): auto is the first
+    CUDA device when torch sees one, else the CPU; the dtype auto is bfloat16 on CUDA (float16 on
+    GPUs without bf16) and float32 on the CPU (bf16 matmuls are 10-100x slower there). CUDA asked
+    of a machine without is one line."""
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
-        raise UnavailableError(f"{where}.device: cuda, but torch sees no CUDA device here (torch {torch.__version__}"
+        raise UnavailableError(f"evaluate.device: cuda, but torch sees no CUDA device here (torch {torch.__version__}"
                                f"{'' if torch.version.cuda else ', a CPU-only build'}); use auto or cpu")  # fmt: skip
     chosen = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
     if dtype == "auto":

@@ -194,22 +194,22 @@ class ScoreModel(torch.nn.Module):
         self.unsafe_index: int | None = None
         self.safe_index: int | None = None
         with loading(path, CODE_KEY, f"the {role} model"):
-            safe_rlhf = self._load(path, role, trust_remote_code)
+            safe_rlhf = self._load(path, role, trust_remote_code, at.dtype)
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         if score_format == "auto":
             score_format = "safe_rlhf" if safe_rlhf else "chat" if chat else "plain"
         if score_format == "chat" and not chat:
             raise JudgeError(f"evaluate.score_format: chat, but {self.key} {self.name} has no chat template")
         self.format: ScoreFormat = score_format
-        at.place(self)  # loaded in float32 on the CPU, then where inference runs
+        at.place(self)  # the weights loaded in at.dtype (the Safe-RLHF head cast here), then moved
         self.eval()
 
-    def _load(self, path: Path, role: str, trust: bool) -> bool:
+    def _load(self, path: Path, role: str, trust: bool, dtype: torch.dtype) -> bool:
         """Loads the tokenizer and the model; True for a Safe-RLHF score model."""
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
         if "LlamaForScore" in (getattr(config, "architectures", None) or []) or hasattr(config, "score_dim"):
-            self.backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust)
+            self.backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust)
             head = _safe_rlhf_head(path)
             if head["weight"].shape[0] != 1:
                 outputs = head["weight"].shape[0]
@@ -231,7 +231,7 @@ class ScoreModel(torch.nn.Module):
                 f"{self.key}: {self.name}: a sequence classifier with {labels} labels; a {role} model needs {needs}"
             )
         self.classifier = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=torch.float32, trust_remote_code=trust
+            str(path), dtype=dtype, trust_remote_code=trust
         )
         return False
 

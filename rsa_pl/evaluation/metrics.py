@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from statistics import fmean, median
 
 
+def win(policy: float, baseline: float, higher_is_better: bool = True) -> float:
+    """One prompt's win of the policy's score over the baseline's: 1, 0.5 for a tie, or 0."""
+    sign = 1.0 if higher_is_better else -1.0
+    return 1.0 if sign * (policy - baseline) > 0 else 0.5 if policy == baseline else 0.0
+
+
 def win_rate(policy: Sequence[float], baseline: Sequence[float], higher_is_better: bool = True) -> float:
     """The share of prompts on which the policy's score beats the baseline's (tie = 0.5).
 
@@ -22,8 +28,7 @@ def win_rate(policy: Sequence[float], baseline: Sequence[float], higher_is_bette
         raise ValueError(f"win_rate: {len(policy)} policy scores but {len(baseline)} baseline scores")
     if not policy:
         raise ValueError("win_rate: no prompts")
-    sign = 1.0 if higher_is_better else -1.0
-    return fmean(1.0 if sign * (p - b) > 0 else 0.5 if p == b else 0.0 for p, b in zip(policy, baseline, strict=True))
+    return fmean(win(p, b, higher_is_better) for p, b in zip(policy, baseline, strict=True))
 
 
 def upper_cvar(values: Sequence[float], level: float) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 
 from rsa_pl.evaluation import bootstrap
 from rsa_pl.evaluation.judges import Verdict
-from rsa_pl.evaluation.metrics import length_stats, rate, sampled_kl, upper_cvar, win_rate
+from rsa_pl.evaluation.metrics import length_stats, rate, sampled_kl, upper_cvar, win
 
 VERDICT_FIELDS = tuple(f.name for f in fields(Verdict))
 
@@ -58,22 +58,26 @@ def _greedy(answers: list[Answer], which: str) -> dict[int, Answer]:
 
 
 def _win_rate(answers: list[Answer], sft: list[Answer], which: str, field: str) -> tuple[float | None, int]:
-    """(win rate against SFT on the greedy answers of one prompt set, prompts it could not judge).
+    """(win rate against SFT on the greedy answers of one prompt set, prompts it could not judge):
+    the mean of `_prompt_wins`, a prompt whose win is missing left out and counted, never a tie."""
+    wins = _prompt_wins(answers, sft, which, field).values()
+    known = [w for w in wins if w is not None]
+    return (fmean(known) if known else None), len(wins) - len(known)
+
+
+def _prompt_wins(answers: list[Answer], sft: list[Answer], which: str, field: str) -> dict[int, float | None]:
+    """Per prompt of one set, the greedy answer's win against SFT's (1, 0.5, 0; None: not judged).
 
     A pairwise judge's own wins where it compared the answers (Answer.win); else per-prompt scores
-    compared (higher reward; lower cost for harmlessness; tie 0.5). A prompt whose win or either
-    score is missing is left out and counted, never taken as a tie."""
+    compared (higher reward; lower cost for harmlessness; tie 0.5)."""
     mine, theirs = _greedy(answers, which), _greedy(sft, which)
     if any(a.pairwise_replies is not None for a in mine.values()):
-        wins = [a.win for a in mine.values()]
-        known = [w for w in wins if w is not None]
-        return (fmean(known) if known else None), len(wins) - len(known)
-    pairs = [(getattr(a.verdict, field), getattr(theirs[i].verdict, field)) for i, a in sorted(mine.items())]
-    known_pairs = [(p, b) for p, b in pairs if p is not None and b is not None]
-    if not known_pairs:
-        return None, len(pairs)
-    policy, baseline = zip(*known_pairs, strict=True)
-    return win_rate(policy, baseline, higher_is_better=field == "reward"), len(pairs) - len(known_pairs)
+        return {i: a.win for i, a in sorted(mine.items())}
+    out: dict[int, float | None] = {}
+    for i, a in sorted(mine.items()):
+        p, b = getattr(a.verdict, field), getattr(theirs[i].verdict, field)
+        out[i] = None if p is None or b is None else win(p, b, higher_is_better=field == "reward")
+    return out
 
 
 def _known(values: list[Any]) -> list[Any]:
@@ -121,20 +125,6 @@ def policy_metrics(answers: list[Answer], sft: list[Answer], tail_levels: list[f
     return out
 
 
-def _prompt_wins(answers: list[Answer], sft: list[Answer], which: str, field: str) -> dict[int, float | None]:
-    """Per prompt of one set, the greedy answer's win against SFT's (1, 0.5, 0; None: not judged),
-    as `_win_rate` averages them."""
-    mine, theirs = _greedy(answers, which), _greedy(sft, which)
-    if any(a.pairwise_replies is not None for a in mine.values()):
-        return {i: a.win for i, a in mine.items()}
-    sign = 1.0 if field == "reward" else -1.0
-    out: dict[int, float | None] = {}
-    for i, a in mine.items():
-        p, b = getattr(a.verdict, field), getattr(theirs[i].verdict, field)
-        out[i] = None if p is None or b is None else 1.0 if sign * (p - b) > 0 else 0.5 if p == b else 0.0
-    return out
-
-
 def metric_intervals(answers: list[Answer], sft: list[Answer], tail_levels: list[float], seed: int,
                      draws: int = bootstrap.DRAWS) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per metric of `policy_metrics`: n (the answers, or prompts for win rates, it averages) and
@@ -157,10 +147,12 @@ def metric_intervals(answers: list[Answer], sft: list[Answer], tail_levels: list
     redteam = [a for a in answers if a.set == "redteam" and a.decoding == "sample"]
     greedy = {which: list(_greedy(answers, which).values()) for which in ("helpful", "redteam")}
     columns: dict[str, tuple[list[float], list[int], str]] = {}
+    unsettled: list[int] = []  # the units of prompts whose win could not be had (judge_failures)
     for name, which, field in (("helpful_win_rate", "helpful", "reward"), ("harmless_win_rate", "redteam", "cost")):
         wins = _prompt_wins(answers, sft, which, field)
-        known = [(w, unit[(which, i)]) for i, w in sorted(wins.items()) if w is not None]
+        known = [(w, unit[(which, i)]) for i, w in wins.items() if w is not None]
         columns[name] = ([w for w, _ in known], [u for _, u in known], "mean")
+        unsettled += [unit[(which, i)] for i, w in wins.items() if w is None]
     for name, group, value in (
         ("greedy_reward_mean", greedy["helpful"], lambda a: a.verdict.reward),
         ("greedy_cost_mean", greedy["redteam"], lambda a: a.verdict.cost),
@@ -180,10 +172,7 @@ def metric_intervals(answers: list[Answer], sft: list[Answer], tail_levels: list
         columns[cvar_key(level)] = (*costs, f"cvar:{level}")
     columns["length_median"] = (*of(helpful + redteam, lambda a: a.length), "median")
     failed = of(answers, lambda a: a.verdict.judge_error is not None)
-    unsettled = {which: _prompt_wins(answers, sft, which, field)
-                 for which, field in (("helpful", "reward"), ("redteam", "cost"))}  # fmt: skip
-    extra = [(1.0, unit[(which, i)]) for which, wins in unsettled.items() for i, w in wins.items() if w is None]
-    columns["judge_failures"] = (failed[0] + [v for v, _ in extra], failed[1] + [u for _, u in extra], "sum")
+    columns["judge_failures"] = (failed[0] + [1.0] * len(unsettled), failed[1] + unsettled, "sum")
 
     out: dict[str, dict[str, float]] = {}
     for name, (values, unit_of, kind) in columns.items():

@@ -33,7 +33,6 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # Then the code, without its dependencies (all installed above).
 COPY rsa_pl /opt/rsa-pl/rsa_pl
-COPY pipeline /opt/rsa-pl/pipeline
 RUN pip install --no-cache-dir --no-deps --force-reinstall /opt/rsa-pl \
     && rsa-pl --version
 

@@ -3,7 +3,7 @@
 One step = policy forward + backward, reference forward, loss, gradient clipping and an AdamW
 step, on one pre-collated batch of B pairs (2B sequences of prompt + response tokens), for:
 
-- rsa-pl `dpo`, `tdpo`, `rsa-cvar`, `rsa-erm`, built the way `pipeline/preference.py` builds a
+- rsa-pl `dpo`, `tdpo`, `rsa-cvar`, `rsa-erm`, built the way `rsa_pl/pipeline/preference.py` builds a
   full-precision LoRA stage 1: the committed `train_reward` section of params.yaml with the
   method's loss/alpha/risk (and batch size) overridden and re-validated, the model from
   `rsa_pl.models.build_scratch_model` (a Llama sized by the bench, random init), the adapter from
@@ -224,7 +224,7 @@ def _rsa_step(method: str, size: str, data: list[dict], seq: int):
     tokenizer = _tokenizer(SIZES[size]["vocab"])
     section, model = _section_and_model(method, size, len(data), seq, tokenizer)
     set_seed(section.train.seed)  # as DPOTrainer does right before wrapping: the same LoRA init
-    policy = attach_lora(model, section.lora)  # pipeline.preference.policy_and_reference, LoRA stage 1
+    policy = attach_lora(model, section.lora)  # rsa_pl.pipeline.preference.policy_and_reference, LoRA stage 1
     module = PreferenceModule(policy, section.train, section.objective(), None, None, stage="train_reward")
     optimizer, schedule = _optimizer(policy, section.train)
     rows = [{"chosen_input_ids": p["prompt"] + p["chosen"], "rejected_input_ids": p["prompt"] + p["rejected"],

@@ -49,7 +49,7 @@ def stage(name: str, args: list[str], out: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RSS GiB of the child, its stderr) of one rsa-pl command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=out, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "rsa_pl.pipeline.cli", *args], cwd=out, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "RSA_PL_PROGRESS_S": "0"})  # fmt: skip
     wall = time.perf_counter() - start
     if done.returncode != 0:

@@ -26,7 +26,7 @@ def _seeded() -> None:
 def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare + sft + train-reward (LoRA) on the tiny world, once for the session.
     Tests that write models do so in copies, except where they say so."""
-    from pipeline import preference, prepare, sft
+    from rsa_pl.pipeline import preference, prepare, sft
     from tests.test_preference import stage_params
 
     root = tmp_path_factory.mktemp("pipeline")

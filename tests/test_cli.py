@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from rsa_pl.pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -69,7 +69,7 @@ def test_layers_are_ordered_for_caching() -> None:
     stack = next(i for i, (word, args) in enumerate(steps) if word == "RUN" and "torch==" in args)
     copies = [(i, args.split()[:-1]) for i, (word, args) in enumerate(steps) if word == "COPY"]
     assert [sources for i, sources in copies if i < stack] == [["pyproject.toml", "README.md"]]
-    assert {s for i, sources in copies if i > stack for s in sources} == {"rsa_pl", "pipeline"}
+    assert {s for i, sources in copies if i > stack for s in sources} == {"rsa_pl"}
     assert steps[stack][1].startswith("--mount=type=cache,target=/root/.cache/pip ")
     assert DOCKERFILE.startswith("# syntax=docker/dockerfile:1")
     code = next(args for i, (word, args) in enumerate(steps) if word == "RUN" and i > max(i for i, _ in copies))
@@ -107,4 +107,4 @@ def test_no_secrets_in_the_image() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignored  # everything is left out of the build context ...
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "rsa_pl", "pipeline"}  # ... but the package
+    assert allowed == {"pyproject.toml", "README.md", "rsa_pl"}  # ... but the package

@@ -25,8 +25,6 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
 from typer.testing import CliRunner
 
-from pipeline import evaluate, merge, preference
-from pipeline.cli import app
 from rsa_pl.data.tokenize import train_bpe_tokenizer
 from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.bootstrap import resample_weights
@@ -34,6 +32,8 @@ from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, Ve
 from rsa_pl.evaluation.metrics import sampled_kl, upper_cvar, win_rate
 from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals, policy_metrics
 from rsa_pl.models import Placement, inference_placement
+from rsa_pl.pipeline import evaluate, merge, preference
+from rsa_pl.pipeline.cli import app
 from tests.test_preference import stage_params
 from tests.test_sft import ROOT
 
@@ -287,7 +287,7 @@ def test_kill_9_in_evaluate_then_rerun_resumes_to_the_same_bytes(
     evaluate.run(params, data, models, tmp_path / "whole", QUIET, tmp_path / "whole-ckpt")
 
     ckpt = tmp_path / "ckpt"
-    command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--params", str(params), "--data", str(data),
+    command = [sys.executable, "-m", "rsa_pl.pipeline.cli", "evaluate", "--params", str(params), "--data", str(data),
                "--models", str(models), "--out", str(tmp_path / "eval"), "--checkpoints", str(ckpt)]  # fmt: skip
     victim = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

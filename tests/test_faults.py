@@ -20,9 +20,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import preference
-from pipeline.cli import app
 from rsa_pl.modules import NonFiniteError, PreferenceModule
+from rsa_pl.pipeline import preference
+from rsa_pl.pipeline.cli import app
 from tests.test_preference import stage_params
 from tests.test_sft import ROOT
 
@@ -145,12 +145,20 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
         common = ["--params", str(params), "--data", str(pipeline_root / "data"), "--checkpoints",
                   str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
         if stage == "sft":
-            return [sys.executable, "-m", "pipeline.cli", "sft", *common, "--out", str(folder / "models" / "sft")]
+            return [
+                sys.executable,
+                "-m",
+                "rsa_pl.pipeline.cli",
+                "sft",
+                *common,
+                "--out",
+                str(folder / "models" / "sft"),
+            ]
         for upstream in ("sft", "reward") if stage == "train_safety" else ("sft",):
             if not (folder / "models" / upstream).exists():
                 shutil.copytree(pipeline_root / "models" / upstream, folder / "models" / upstream)
         command = "train-reward" if stage == "train_reward" else "train-safety"
-        return [sys.executable, "-m", "pipeline.cli", command, *common, "--models", str(folder / "models")]
+        return [sys.executable, "-m", "rsa_pl.pipeline.cli", command, *common, "--models", str(folder / "models")]
 
     whole = subprocess.run(command("whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -19,7 +19,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from rsa_pl.config import LlmJudgeParams
 from rsa_pl.evaluation.judges import JudgeError
 from rsa_pl.evaluation.llm_judge import (
@@ -34,6 +33,7 @@ from rsa_pl.evaluation.llm_judge import (
     render,
 )
 from rsa_pl.evaluation.refusal import RefusalRules
+from rsa_pl.pipeline.cli import app
 from tests.judge_server import ScriptedServer, Served, free_port, tiny_judge_model
 from tests.test_judges import guard_model
 from tests.test_preference import stage_params
@@ -410,7 +410,7 @@ def test_the_judge_server_killed_mid_evaluation_then_the_rerun_resumes_from_the_
     server = Served(judge_model).start()
     params = judged_params(tmp_path, server.base_url, str(judge_model), max_concurrency=1)
     cache, data = tmp_path / "cache.sqlite", pipeline_root / "data"
-    command = [sys.executable, "-m", "pipeline.cli", "evaluate", "--params", str(params), "--data", str(data),
+    command = [sys.executable, "-m", "rsa_pl.pipeline.cli", "evaluate", "--params", str(params), "--data", str(data),
                "--models", str(policies), "--out", str(tmp_path / "eval"), "--checkpoints", str(tmp_path / "ckpt"),
                "--judge-cache", str(cache)]  # fmt: skip
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

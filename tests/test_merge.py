@@ -13,11 +13,11 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pipeline import merge, preference
-from pipeline.artifacts import MERGE_RECORD
-from pipeline.cli import app
 from rsa_pl.merge import MergeError, average_state_dicts
 from rsa_pl.models import load_aligned_policy, load_causal_lm
+from rsa_pl.pipeline import merge, preference
+from rsa_pl.pipeline.artifacts import MERGE_RECORD
+from rsa_pl.pipeline.cli import app
 from tests.test_preference import stage_params
 
 QUIET = Console(quiet=True)

@@ -20,13 +20,13 @@ from safetensors.torch import load_file as safetensors_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from pipeline import preference
-from pipeline.cli import app
 from rsa_pl.config import load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import attach_lora, load_causal_lm
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.pipeline import preference
+from rsa_pl.pipeline.cli import app
 from tests.test_sft import ROOT, scratch_model_params, tiny_params
 
 QUIET = Console(quiet=True)
@@ -220,7 +220,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, pipeline_r
         raw["train_reward"]["train"].update(max_steps=6, accelerator="cpu", **settings)
         params.write_text(yaml.safe_dump(raw))
         shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
-        command = [sys.executable, "-m", "pipeline.cli", "train-reward", "--params", str(params),
+        command = [sys.executable, "-m", "rsa_pl.pipeline.cli", "train-reward", "--params", str(params),
                    "--data", str(pipeline_root / "data"), "--models", str(folder / "models"),
                    "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

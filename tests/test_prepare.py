@@ -19,11 +19,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from pipeline import prepare
-from pipeline.cli import app
 from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError, load_source
 from rsa_pl.data.tokenize import IGNORE_INDEX, PromptFormat, PromptTooLongError, encode, train_bpe_tokenizer
+from rsa_pl.pipeline import prepare
+from rsa_pl.pipeline.cli import app
 from tests.test_real_dag import copy_repo
 from tests.test_sources import CURRENT_PKU_ROWS, write_current_pku
 

@@ -239,7 +239,7 @@ def test_a_gguf_base_is_dequantized_and_saved_as_a_plain_model(tmp_path: Path) -
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import prepare, sft
+    from rsa_pl.pipeline import prepare, sft
 
     rows = pku_rows(24)
     data = tmp_path / "pku.jsonl"
@@ -377,7 +377,7 @@ def test_the_pairs_stage_keeps_sampled_tokens_and_resumes_by_chunk(tmp_path: Pat
     from datasets import load_from_disk
     from rich.console import Console
 
-    from pipeline import pairs, prepare, sft
+    from rsa_pl.pipeline import pairs, prepare, sft
 
     raw = prompts_params(tmp_path, prompt_rows(24), max_new_tokens=6, chunk=5)
     params = tmp_path / "params.yaml"

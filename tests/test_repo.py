@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_every_dvc_stage_runs_an_existing_cli_command() -> None:
     import yaml
     from typer.main import get_command
 
-    from pipeline.cli import app
+    from rsa_pl.pipeline.cli import app
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert stages
@@ -67,7 +68,7 @@ def test_every_named_markdown_file_exists() -> None:
 def test_the_pairs_stage_reruns_on_exactly_the_evaluate_params_it_uses() -> None:
     """dvc.yaml's make_pairs params name the evaluate keys its checkpoints' identity holds: a judge
     or device change reruns it; an eval-set change (evaluate.prompt_sets) does not."""
-    from pipeline.pairs import JUDGE_KEYS
+    from rsa_pl.pipeline.pairs import JUDGE_KEYS
 
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["make_pairs"]
     listed = {p.removeprefix("evaluate.") for p in stage["params"] if p.startswith("evaluate.")}
@@ -79,7 +80,7 @@ STAGE_MODULES = {"prepare": "prepare", "sft": "sft", "make_pairs": "pairs", "tra
 
 
 def _pipeline_closure(module: str) -> set[str]:
-    """pipeline/<module>.py and every pipeline module it imports, transitively (read from the source)."""
+    """rsa_pl/pipeline/<module>.py and every pipeline module it imports, transitively (read from the source)."""
     import ast
 
     seen: set[str] = set()
@@ -89,19 +90,32 @@ def _pipeline_closure(module: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        tree = ast.parse((ROOT / "pipeline" / f"{name}.py").read_text())
+        tree = ast.parse((ROOT / "rsa_pl" / "pipeline" / f"{name}.py").read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            if isinstance(node, ast.ImportFrom) and node.module == "rsa_pl.pipeline":
                 todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                todo.append(node.module.split(".", 1)[1])
-    return {f"pipeline/{name}.py" for name in seen}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rsa_pl.pipeline."):
+                todo.append(node.module.rsplit(".", 1)[1])
+    return {f"rsa_pl/pipeline/{name}.py" for name in seen}
 
 
 def test_each_stage_depends_on_exactly_the_pipeline_modules_it_runs() -> None:
-    """dvc.yaml's pipeline/*.py deps of a stage are its module and what that imports, no more (editing
+    """dvc.yaml's rsa_pl/pipeline/*.py deps of a stage are its module and what that imports, no more (editing
     sft.py must not retrain the RSA stages) and no less (a change that a stage runs reruns it)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in STAGE_MODULES.items():
-        listed = {d for d in stages[stage]["deps"] if d.startswith("pipeline/")}
+        listed = {d for d in stages[stage]["deps"] if d.startswith("rsa_pl/pipeline/")}
         assert listed == _pipeline_closure(module), stage
+
+
+def test_the_library_never_imports_the_application() -> None:
+    """Dependencies point one way, rsa_pl/pipeline -> the rest of rsa_pl (the design's layout): the library
+    knows nothing of stages, params.yaml paths or argv."""
+    for source in sorted((ROOT / "rsa_pl").rglob("*.py")):
+        if (ROOT / "rsa_pl" / "pipeline") in source.parents:
+            continue
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("rsa_pl.pipeline") for n in names), source

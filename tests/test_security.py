@@ -17,16 +17,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from pipeline import preference
-from pipeline.artifacts import BASE_RECORD, trusts_code
-from pipeline.cli import app
 from rsa_pl.errors import RemoteCodeError
 from rsa_pl.evaluation.judges import ScoreModel
 from rsa_pl.models import load_causal_lm, load_tokenizer
+from rsa_pl.pipeline import preference
+from rsa_pl.pipeline.artifacts import BASE_RECORD, trusts_code
+from rsa_pl.pipeline.cli import app
 from tests.test_preference import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("rsa_pl/**/*.py"), *ROOT.glob("pipeline/**/*.py")])
+SOURCES = sorted(ROOT.glob("rsa_pl/**/*.py"))
 
 
 def calls(name: str) -> list[tuple[Path, str]]:
@@ -212,7 +212,7 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.socket.connect_ex = refuse
 socket.create_connection = socket.getaddrinfo = refuse
 sys.argv = ["rsa-pl", *sys.argv[2:]]
-from pipeline.cli import app
+from rsa_pl.pipeline.cli import app
 app()
 """
 

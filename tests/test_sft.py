@@ -14,13 +14,13 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from pipeline import prepare, sft
-from pipeline.cli import app
 from rsa_pl.config import ModelParams
 from rsa_pl.data.collate import PreferenceCollator, SFTCollator
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.models import build_scratch_model
 from rsa_pl.modules import warmup_cosine
+from rsa_pl.pipeline import prepare, sft
+from rsa_pl.pipeline.cli import app
 from rsa_pl.training import resumable_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
 from rsa_pl.config import TrainParams, load_params
 from rsa_pl.errors import UnavailableError
+from rsa_pl.pipeline.cli import app
 from rsa_pl.training import build_trainer, resolve_precision
 from tests.test_preference import stage_params
 

@@ -30,7 +30,6 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.outputs import staging_for, swap_in
 from rsa_pl.config import PrepareParams, load_params
 from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
 from rsa_pl.data.tokenize import (
@@ -43,6 +42,7 @@ from rsa_pl.data.tokenize import (
 )
 from rsa_pl.errors import UnavailableError
 from rsa_pl.models import load_tokenizer
+from rsa_pl.pipeline.outputs import staging_for, swap_in
 from rsa_pl.world.generator import World, build_world
 
 _TEXT, _IDS, _FLAG = datasets.Value("string"), datasets.List(datasets.Value("int32")), datasets.Value("bool")

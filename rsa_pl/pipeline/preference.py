@@ -28,8 +28,6 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel
 
-from pipeline.artifacts import base_model, trusts_code
-from pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.config import Params, PreferenceStageParams, TrainParams, load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
@@ -45,6 +43,8 @@ from rsa_pl.models import (
     stack_lora,
 )
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.pipeline.artifacts import base_model, trusts_code
+from rsa_pl.pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
 
 # stage -> (output folder in models/, the stage whose policy is the reference); the pairs

@@ -92,7 +92,7 @@ def test_policy_and_category_metrics_by_hand() -> None:
     assert m["reward_mean"] == pytest.approx(2.0)
     assert m["cost_mean"] == pytest.approx(31.0 / 6)
     assert m["unsafe_rate"] == pytest.approx(2 / 6)
-    assert m["cost_cvar_0.5"] == pytest.approx((30.0 + 1.0 + 0.0) / 3)
+    assert m["cost_cvar_0_5"] == pytest.approx((30.0 + 1.0 + 0.0) / 3)
     assert m["severe_rate"] == pytest.approx(1 / 6)
     assert m["needless_refusal_rate"] == pytest.approx(0.5)
     assert m["kl_to_sft"] == pytest.approx(0.5)
@@ -186,13 +186,13 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, pipeline_root: Path) -> 
     return root, metrics
 
 
-METRICS = ("helpful_win_rate", "harmless_win_rate", "unsafe_rate", "cost_cvar_0.1", "cost_cvar_0.05", "severe_rate",
+METRICS = ("helpful_win_rate", "harmless_win_rate", "unsafe_rate", "cost_cvar_0_1", "cost_cvar_0_05", "severe_rate",
            "needless_refusal_rate", "length_mean", "length_median", "kl_to_sft")  # fmt: skip
 
 
 def test_evaluate_writes_the_documented_schema(evaluated: tuple[Path, dict[str, float]], pipeline_root: Path) -> None:
     root, metrics = evaluated
-    policies = ["sft", "reward", "safety", "q0.5"]
+    policies = ["sft", "reward", "safety", "q0_5"]
     on_disk = json.loads((root / "eval" / "metrics.json").read_text())
     assert on_disk == metrics
     for policy in policies:
@@ -319,7 +319,7 @@ def test_evaluate_does_not_reuse_answers_of_other_inputs(
     evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
     assert "evaluate: starting fresh" in console.export_text()
     kept = sorted(f.name for f in (ckpt / "answers").iterdir())
-    assert kept == sorted(f"{p}.jsonl" for p in ("sft", "reward", "safety", "q0.5"))
+    assert kept == sorted(f"{p}.jsonl" for p in ("sft", "reward", "safety", "q0_5"))
     evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
     assert "starting fresh: removed the checkpoints in" in (said := console.export_text())
     assert "(the run there had finished)" in said
@@ -339,7 +339,7 @@ def test_evaluate_does_not_reuse_answers_of_other_inputs(
 
 
 def test_answers_round_trip_through_their_rows() -> None:
-    answer = Answer("q0.5", "redteam", "sample", 3, "p", "theft", "r", 7, Verdict(0.1 / 3, 2.0, True, None, False),
+    answer = Answer("q0_5", "redteam", "sample", 3, "p", "theft", "r", 7, Verdict(0.1 / 3, 2.0, True, None, False),
                     -12.345678901234567, -1e-320)  # fmt: skip
     assert Answer.from_row(json.loads(json.dumps(answer.row()))) == answer
 
@@ -490,14 +490,14 @@ def test_evaluate_runs_policies_in_the_dtype_asked(tmp_path: Path, evaluated: tu
     params.write_text(yaml.safe_dump(raw))
     found = evaluate.policies(root / "models", inference_placement("cpu", "bfloat16"))
     assert {n: next(load().parameters()).dtype for n, _, load in found} == dict.fromkeys(
-        ["sft", "reward", "safety", "q0.5"], torch.bfloat16)  # fmt: skip
+        ["sft", "reward", "safety", "q0_5"], torch.bfloat16)  # fmt: skip
     monkeypatch.setenv("RSA_PL_PROGRESS_S", "0")  # a progress line after every generation batch
     capsys.readouterr()
     bf16 = evaluate.run(params, pipeline_root / "data", root / "models", tmp_path / "eval", QUIET)
     lines = capsys.readouterr().err.splitlines()
     total = 4 * (8 + 8) * (1 + 2)  # policies x prompts x (greedy + samples)
     last = [x for x in lines if x.startswith("evaluate:")][-1]
-    want = rf"evaluate: q0.5: {total // 4}/{total // 4} answers, {total}/{total} in all, [\d,]+ tokens/s, ETA 0:00:00"
+    want = rf"evaluate: q0_5: {total // 4}/{total // 4} answers, {total}/{total} in all, [\d,]+ tokens/s, ETA 0:00:00"
     assert re.fullmatch(want, last), last
     assert {k for k in bf16 if ".ci95" not in k} == {k for k in metrics if ".ci95" not in k}
     assert bf16["sft.kl_to_sft"] == 0.0

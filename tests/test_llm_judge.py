@@ -483,5 +483,5 @@ def test_evaluate_with_the_guard_judge_and_llm_helpfulness(
     assert any(r["pairwise_replies"] not in (None, [None, None]) for (p, s, _), r in greedy.items()
                if p == "safety" and s == "helpful")  # fmt: skip
     for policy in ("sft", "reward", "safety"):
-        for metric in ("cost_mean", "unsafe_rate", "severe_rate", "cost_cvar_0.05", "needless_refusal_rate"):
+        for metric in ("cost_mean", "unsafe_rate", "severe_rate", "cost_cvar_0_05", "needless_refusal_rate"):
             assert f"{policy}.{metric}" in metrics, (policy, metric)

@@ -83,7 +83,7 @@ def _stage2(tmp_path: Path, pipeline_root: Path, lora: bool) -> Path:
 def test_merged_policies_interpolate_the_two_stages(tmp_path: Path, pipeline_root: Path, lora: bool) -> None:
     models = _stage2(tmp_path, pipeline_root, lora)
     folders = merge.run(tmp_path / "params.yaml", models, models / "merged", QUIET)
-    assert [f.name for f in folders] == ["q0", "q0.5", "q1"]
+    assert [f.name for f in folders] == ["q0", "q0_5", "q1"]
     stage1 = load_aligned_policy(models / "sft", models / "reward")
     stage2 = load_causal_lm(models / "safety")
     torch.testing.assert_close(logits(load_causal_lm(folders[0])), logits(stage1), rtol=1e-5, atol=1e-5)

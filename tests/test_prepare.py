@@ -19,9 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError, load_source
 from rsa_pl.data.tokenize import IGNORE_INDEX, PromptFormat, PromptTooLongError, encode, train_bpe_tokenizer
+from rsa_pl.params_file import ParamsError, load_params
 from rsa_pl.pipeline import prepare
 from rsa_pl.pipeline.cli import app
 from tests.test_real_dag import copy_repo
@@ -639,10 +639,10 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     assert (repo / "models" / "sft" / "model.safetensors").exists()
     assert (repo / "models" / "reward" / "adapter_config.json").exists()
     assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 3
-    assert (repo / "models" / "merged" / "q0.5" / "model.safetensors").exists()
+    assert (repo / "models" / "merged" / "q0_5" / "model.safetensors").exists()
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     assert evaluated["sft.helpful_win_rate"] == 0.5
-    assert "q0.5.cost_cvar_0.05" in evaluated
+    assert "q0_5.cost_cvar_0_05" in evaluated
     shown = subprocess.run([*dvc, "metrics", "show"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "sample/parse_rate" in shown.stdout
     assert "safety.unsafe_rate" in shown.stdout

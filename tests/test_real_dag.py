@@ -17,8 +17,8 @@ import pytest
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rsa_pl.config import load_params
 from rsa_pl.data.tokenize import chat_template_for, train_bpe_tokenizer
+from rsa_pl.params_file import load_params
 from tests.test_evaluation import classifier_score_model
 from tests.test_sft import ROOT
 
@@ -149,9 +149,9 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     assert json.loads((repo / "metrics" / "train_reward.json").read_text())["train/steps"] == 2  # QLoRA NF4
     assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 2
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
-    for policy in ("sft", "reward", "safety", "q0.25", "q0.5", "q0.75"):
+    for policy in ("sft", "reward", "safety", "q0_25", "q0_5", "q0_75"):
         for metric in ("helpful_win_rate", "harmless_win_rate", "cost_mean", "unsafe_rate", "severe_rate",
-                       "needless_refusal_rate", "cost_cvar_0.05", "kl_to_sft"):  # fmt: skip
+                       "needless_refusal_rate", "cost_cvar_0_05", "kl_to_sft"):  # fmt: skip
             assert f"{policy}.{metric}" in evaluated, (policy, metric)
     assert evaluated["sft.helpful_win_rate"] == 0.5
     sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
@@ -313,7 +313,7 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
     trained = json.loads((repo / "metrics" / "train_reward.json").read_text())
     assert trained["train/steps"] == 2
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
-    assert "safety.cost_cvar_0.05" in evaluated
+    assert "safety.cost_cvar_0_05" in evaluated
     assert evaluated["sft.helpful_win_rate"] == 0.5
     sets = json.loads((repo / "eval" / "prompt_sets.json").read_text())
     assert (sets["helpful"]["rows"], sets["helpful"]["outside_where"], sets["helpful"]["prompts"]) == (10, 4, 6)
@@ -361,7 +361,7 @@ def test_the_smollm2_demo_preset_runs_with_a_tiny_gguf_in_its_place(tmp_path: Pa
     for name in ("helpful_pairs", "safety_pairs"):
         assert report[name]["train"]["pairs"] > 100
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
-    for policy in ("sft", "reward", "safety", "q0.5"):
+    for policy in ("sft", "reward", "safety", "q0_5"):
         assert evaluated[f"{policy}.judge_failures"] == 0
         assert 1 <= evaluated[f"{policy}.reward_mean"] <= 9
         assert evaluated[f"{policy}.severe_rate"] == 0  # a forced choice names no category

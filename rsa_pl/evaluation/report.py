@@ -49,8 +49,15 @@ class Answer:
         return cls(**{k: v for k, v in row.items() if k not in VERDICT_FIELDS}, verdict=Verdict(**verdict))
 
 
+def dotless(x: float) -> str:
+    """x as a metric-key part: 0.05 -> 0_05, 1 -> 1. eval/metrics.json keys are
+    <policy>.<metric>[.n|.ci95_low|.ci95_high], and a part with a dot in it would read as two."""
+    return f"{x:g}".replace(".", "_")
+
+
 def cvar_key(level: float) -> str:
-    return f"cost_cvar_{level:g}"
+    """cost_cvar_0_05: the upper CVaR of the cost at tail mass level."""
+    return f"cost_cvar_{dotless(level)}"
 
 
 def _greedy(answers: list[Answer], which: str) -> dict[int, Answer]:

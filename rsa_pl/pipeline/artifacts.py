@@ -30,5 +30,6 @@ def trusts_code(models: Path) -> bool:
 
 
 def merged_folder(q: float) -> str:
-    """q0.25, q0.5, q1: the folder of the policy merged at ratio q (and its name in eval/)."""
-    return f"q{q:g}"
+    """q0_25, q0_5, q1: the folder of the policy merged at ratio q, and its name in eval/ (no dot:
+    eval/metrics.json keys are <policy>.<metric>, and tools split them on the dots)."""
+    return "q" + f"{q:g}".replace(".", "_")

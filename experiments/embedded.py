@@ -32,7 +32,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments import report as report_module  # noqa: E402
+from experiments import render as report_module  # noqa: E402
 from experiments.grid import SEEDS, SETTINGS, queue_order  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

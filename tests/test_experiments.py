@@ -1,18 +1,22 @@
 """The embedded-world experiment (experiments/): its grid is valid params of the one DAG, and the
-report is computed from runs.json as it says (means, spreads, paired differences, frontier)."""
+report is computed from runs.json as it says (means, spreads, paired differences, frontier): collect
+reads the runs (old and new policy names, both training-metrics layouts), stats gives the numbers
+(scipy's t quantiles), render writes them, every number of its prose read from the runs."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from experiments import embedded, report
+from experiments import collect, embedded, render, stats
 from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, queue_order
 from rsa_pl.config import load_params
 
@@ -71,9 +75,19 @@ def test_every_method_row_names_a_policy_its_setting_evaluates() -> None:
     assert len({m.label for m in METHODS}) == len(METHODS)
 
 
-def _fake_runs(tail_shift: float = 0.0, missing: tuple[str, ...] = (), helpful_shift: float = 0.0) -> dict:
-    """runs.json as collect writes it, with metrics that are a known function of (setting, policy, seed)."""
+def _fake_runs(
+    tail_shift: float = 0.0,
+    missing: tuple[str, ...] = (),
+    helpful_shift: float = 0.0,
+    base: dict | None = None,
+    params: Callable[[dict], dict] = lambda p: p,
+    dvclive: bool = False,
+) -> dict:
+    """runs.json as collect wrote it before the policy rename (q0.5), with metrics that are a known
+    function of (setting, policy, seed); each run's params are params.yaml (or base) with its setting's
+    overrides, then passed through params; the training metrics in dvclive's layout if dvclive."""
     rng = random.Random(0)
+    base = base or yaml.safe_load((ROOT / "params.yaml").read_text())
     experiments = {}
     for setting in SETTINGS:
         for seed in SEEDS:
@@ -110,55 +124,224 @@ def _fake_runs(tail_shift: float = 0.0, missing: tuple[str, ...] = (), helpful_s
                 "seed": seed,
                 "rev": "0" * 40,
                 "timestamp": "2026-11-28T00:00:00",
-                "params": _flat_params(),
+                "params": params(collect.flatten(_apply(base, setting.overrides(seed)))),
                 "eval": evaluation,
-                "train": {
-                    "metrics/train_reward.json": {"time/train_s": 60.0 + seed},
-                    "metrics/train_safety.json": {"time/train_s": 60.0},
-                },
+                "train": _train_metrics({"train_reward": 60.0 + seed, "train_safety": 60.0}, dvclive),
                 "per_category": per_category,
                 "cost_tail": tails,
             }
     return {"experiments": experiments}
 
 
-def _flat_params() -> dict:
-    from experiments.report import _flatten
+def _train_metrics(train_s: dict[str, float], dvclive: bool) -> dict:
+    """The stages' training metrics as dvc exp show gives them: metrics/<stage>.json with flat keys,
+    or dvclive's metrics/<stage>/metrics.json nested at each "/"."""
+    if dvclive:
+        return {
+            f"metrics/{stage}/metrics.json": {"time": {"train_s": s}, "train": {"steps": 10}}
+            for stage, s in train_s.items()
+        }
+    return {f"metrics/{stage}.json": {"time/train_s": s, "train/steps": 10} for stage, s in train_s.items()}
 
-    return _flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+def _t975(df: int) -> float:
+    """The Student-t 0.975 quantile in closed form (float64, independent of scipy): df 2 and 4."""
+    p = 0.975
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    assert df == 4
+    a = 4 * p * (1 - p)
+    return 2 * math.sqrt(math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a) - 1)
 
 
-def test_paired_interval_matches_a_float64_reference() -> None:
-    diffs = [-1.5, -0.5, -1.0]
-    mean, lo, hi = report.paired_ci(diffs)
+def test_t_quantiles_are_the_textbooks() -> None:
+    assert _t975(4) == pytest.approx(2.776445105, abs=1e-9)  # the tables' t_{0.975, 4} = 2.7764
+    assert _t975(2) == pytest.approx(4.302652730, abs=1e-9)
+    for df in (2, 4):
+        assert stats.t_quantile(df) == pytest.approx(_t975(df), rel=1e-12)
+    assert stats.t_quantile(10_000) == pytest.approx(1.959963985, abs=1e-3)  # towards the normal's
+    assert stats.resolvable_effect(3) == pytest.approx(_t975(2) / math.sqrt(3), rel=1e-12)  # "2.48 sd"
+
+
+@pytest.mark.parametrize("diffs", [[-1.5, -0.5, -1.0], [0.3, -0.1, 0.25, 0.4, 0.05]])
+def test_paired_interval_matches_a_float64_reference(diffs: list[float]) -> None:
+    mean, lo, hi = stats.paired_ci(diffs)
+    n = len(diffs)
     sd = statistics.stdev(diffs)
-    assert mean == pytest.approx(-1.0)
-    assert hi == pytest.approx(-1.0 + 4.303 * sd / math.sqrt(3))
-    assert lo == pytest.approx(-1.0 - 4.303 * sd / math.sqrt(3))
-    assert math.isnan(report.paired_ci([1.0])[1])  # one pair: no interval
+    half = _t975(n - 1) * sd / math.sqrt(n)
+    assert mean == pytest.approx(statistics.fmean(diffs), rel=1e-15)
+    assert hi == pytest.approx(mean + half, rel=1e-12)
+    assert lo == pytest.approx(mean - half, rel=1e-12)
+    assert math.isnan(stats.paired_ci([1.0])[1])  # one pair: no interval
+
+
+def test_a_difference_is_classified_by_its_interval() -> None:
+    assert stats.classify([-1.1, -0.9, -1.0], "unsafe_rate") == "better"  # lower is better
+    assert stats.classify([-1.1, -0.9, -1.0], "helpful_win_rate") == "worse"
+    assert stats.classify([-1.5, -0.5, -1.0], "unsafe_rate") == "unclear"  # |mean| < 2.48 sd
+    assert stats.classify([-1.0], "unsafe_rate") == "unclear"  # one pair: no interval
+    assert stats.tail_verdict(["better", "unclear"], "unclear") == "beats"
+    assert stats.tail_verdict(["better"], "worse") == "lower-but-less-helpful"
+    assert stats.tail_verdict(["worse"], "better") == "heavier-but-more-helpful"
+    assert stats.tail_verdict(["worse", "better"], "unclear") == "worse"
+    assert stats.tail_verdict(["unclear"], "better") == "unresolved"
+
+
+def test_old_policy_names_are_normalised_to_the_new() -> None:
+    assert collect.policy_name("q0.5") == "q0_5"
+    assert collect.policy_name("q0.25") == "q0_25"
+    assert collect.policy_name("q0.5.helpful_win_rate") == "q0_5.helpful_win_rate"
+    assert collect.policy_name("q0.5.cost_cvar_0.05") == "q0_5.cost_cvar_0.05"  # only the policy's dot
+    for unchanged in ("q0_5", "q0_5.cost_cvar_0.05", "q1", "q0", "q1.cost_cvar_0.05", "sft", "safety.unsafe_rate"):
+        assert collect.policy_name(unchanged) == unchanged
+    assert [collect.merged_policy(q) for q in (0.0, 0.25, 0.5, 1.0)] == ["q0", "q0_25", "q0_5", "q1"]
+    runs = _fake_runs()
+    new = collect.normalise(runs)
+    record = new["experiments"]["emb-sacpo-s0"]
+    assert "q0_5.helpful_win_rate" in record["eval"]
+    assert "q0.5.helpful_win_rate" not in record["eval"]
+    assert {"q0_25", "q0_5", "q0_75"} <= record["per_category"].keys()
+    assert "q0_5" in record["cost_tail"]
+    assert collect.normalise(new) == new  # idempotent
+    assert runs["experiments"]["emb-sacpo-s0"]["eval"].keys() >= {"q0.5.helpful_win_rate"}  # not changed in place
+
+
+def test_old_and_new_policy_names_compare_in_one_report(tmp_path: Path) -> None:
+    old = _fake_runs()
+    mixed = copy.deepcopy(old)  # seed 0 of every setting collected after the rename
+    for name, record in mixed["experiments"].items():
+        if name.endswith("-s0"):
+            mixed["experiments"][name] = collect.normalise({"experiments": {name: record}})["experiments"][name]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = render.write(old, tmp_path / "a").read_text()
+    b = render.write(mixed, tmp_path / "b").read_text()
+    assert a == b  # the digest too: the same runs, whichever spelling
+    assert "| P-SACPO q=0.5 | 3 |" in a  # a merged policy's three seeds, two of them in the old spelling
+    assert render.runs_digest(old) == render.runs_digest(collect.normalise(old))
+
+
+def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
+    flat = {"train": _train_metrics({"train_reward": 97.5}, dvclive=False)}
+    nested = {"train": _train_metrics({"train_reward": 97.5}, dvclive=True)}
+    for record in (flat, nested):
+        assert collect.train_metric(record, "train_reward", "time/train_s") == 97.5
+        assert collect.train_metric(record, "train_reward", "train/steps") == 10.0
+        assert collect.train_metric(record, "train_safety", "time/train_s") is None
+        assert collect.train_metric(record, "train_reward", "time/none") is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = render.write(_fake_runs(), tmp_path / "a").read_text()
+    b = render.write(_fake_runs(dvclive=True), tmp_path / "b").read_text()
+    assert a == b
+    assert "| sacpo | dpo | 121 ± 1 | 1.00 ± 0.00 |" in a  # 60 + seed and 60 s, both stages
+    assert "training time summed over them: 1.31 h" in a  # 13 settings x (120 + 121 + 122) s
+
+
+def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path) -> None:
+    params = {"train_reward": {"beta": 0.1}}
+    experiment = {
+        "rev": "1" * 40,
+        "name": "emb-sacpo-s0",
+        "data": {
+            "timestamp": "2026-11-28T00:00:00",
+            "params": {"params.yaml": {"data": params}},
+            "metrics": {
+                "eval/metrics.json": {"data": {"q0.5.helpful_win_rate": 0.75, "safety.unsafe_rate": 0.25}},
+                "metrics/train_reward/metrics.json": {"data": {"time": {"train_s": 12.0}}},
+            },
+        },
+    }
+    queued = {**experiment, "name": "emb-sacpo-s1"}  # still running: its data may be the baseline's
+    shown = [
+        {
+            "rev": "workspace",
+            "name": "main",
+            "data": {"metrics": {}},
+            "experiments": [
+                {"revs": [experiment], "executor": {"state": "success"}},
+                {"revs": [queued], "executor": {"state": "running"}},
+            ],
+        }
+    ]
+    runs = collect.collect(tmp_path, lambda *args: json.dumps(shown))  # tmp_path: no git, no per-category files
+    assert list(runs["experiments"]) == ["emb-sacpo-s0"]
+    record = runs["experiments"]["emb-sacpo-s0"]
+    assert record["eval"] == {"q0_5.helpful_win_rate": 0.75, "safety.unsafe_rate": 0.25}
+    assert record["params"] == {"train_reward.beta": 0.1}
+    assert collect.train_metric(record, "train_reward", "time/train_s") == 12.0
+
+
+def _retuned(p: dict) -> dict:
+    """Other betas, alpha and mu in every run: beta_1 0.1 -> 0.2, beta_2 0.05 -> 0.03, alpha 0.5 -> 0.4,
+    mu 0.95 -> 0.97."""
+    p = dict(p)
+    for stage in ("train_reward", "train_safety"):
+        p[f"{stage}.beta"] = {0.1: 0.2, 0.05: 0.03}[p[f"{stage}.beta"]]
+        p[f"{stage}.alpha"] = {0.5: 0.4}.get(p[f"{stage}.alpha"], p[f"{stage}.alpha"])
+        p[f"{stage}.risk.mu"] = {0.95: 0.97}.get(p[f"{stage}.risk.mu"], p[f"{stage}.risk.mu"])
+    return p
+
+
+def test_the_prose_states_the_runs_params_not_constants(tmp_path: Path) -> None:
+    (tmp_path / "reports").mkdir()
+    text = render.write(_fake_runs(), tmp_path / "reports").read_text()
+    assert "LoRA r 8, 2 epochs, batch 16, lr 0.002; beta_1 0.1, beta_2 0.05, alpha 0.5 unless" in text
+    assert "(with 3 seeds: |mean| > 2.48 sd)" in text
+    assert "Against SACPO at params.yaml's lr (2e-3, the lr of every RSA and TDPO run):" in text
+    assert "Against SACPO lr 5e-4 (DPO with a 4x smaller step):" in text
+    assert "(the same, with stage 2's beta doubled to stage 1's 0.1):" in text
+    assert "## Paired differences against SACPO at lr 5e-4, beta_2 0.1\n" in text
+    assert "| cvar mu (alpha 0.5) | RSA cvar mu=0.9 |" in text
+    assert "| alpha (cvar 0.95) |" in text
+    assert "RSA(P) (cvar 0.95) against P-SACPO at the same q" in text
+    assert "(2 categories)" in text
+    assert "catastrophic (severity-3 harm)" in text
+    # the same runs with other params: every one of those numbers follows them
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in ("train_reward", "train_safety"):
+        base[stage]["train"]["lr"] = 3e-3  # the settings without their own lr
+        base[stage]["train"]["batch_size"] = 8
+        base[stage]["lora"]["r"] = 4
+    base["prepare"]["world"]["cost_weights"] = [1.0, 2.0, 5.0, 40.0]
+    text = render.write(_fake_runs(base=base, params=_retuned), tmp_path / "reports").read_text()
+    assert "LoRA r 4, 2 epochs, batch 8, lr 0.003; beta_1 0.2, beta_2 0.03, alpha 0.4 unless" in text
+    assert "Against SACPO at params.yaml's lr (3e-3, the lr of every RSA and TDPO run):" in text
+    assert "Against SACPO lr 5e-4 (DPO with a 6x smaller step):" in text
+    assert "(the same, with stage 2's beta x6.67 to stage 1's 0.2):" in text  # 0.03 -> 0.2
+    assert "## Paired differences against SACPO at lr 5e-4, beta_2 0.2\n" in text
+    assert "| cvar mu (alpha 0.4) | RSA cvar mu=0.9 |" in text
+    assert "| alpha (cvar 0.97) |" in text
+    assert "RSA(P) (cvar 0.97) against P-SACPO at the same q" in text
+    assert "catastrophic (severity-4 harm)" in text
+    # fewer seeds: the rule's number is t's, not a constant
+    two = _fake_runs(missing=tuple(s.experiment(2) for s in SETTINGS))
+    text = render.write(two, tmp_path / "reports").read_text()
+    assert f"(with 2 seeds: |mean| > {12.7062047 / math.sqrt(2):.2f} sd)" in text  # t_{0.975, 1} = 12.706
+    assert "- Seeds 0, 1:" in text
 
 
 def test_the_report_says_rsa_beats_sacpo_only_when_every_interval_says_so(tmp_path: Path) -> None:
     (tmp_path / "reports").mkdir()
-    clear = report.write(_fake_runs(tail_shift=5.0), tmp_path / "reports").read_text()
+    clear = render.write(_fake_runs(tail_shift=5.0), tmp_path / "reports").read_text()
     line = next(x for x in clear.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
     assert "beats SACPO on the tail" in line
     assert "CVaR5% cost better" in line
     assert "helpful win unclear" in line
-    same = report.write(_fake_runs(tail_shift=0.0), tmp_path / "reports").read_text()
+    same = render.write(_fake_runs(tail_shift=0.0), tmp_path / "reports").read_text()
     line = next(x for x in same.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
     assert "no tail difference from SACPO that 3 seeds can resolve" in line
-    worse = report.write(_fake_runs(tail_shift=-5.0), tmp_path / "reports").read_text()
+    worse = render.write(_fake_runs(tail_shift=-5.0), tmp_path / "reports").read_text()
     assert "worse tail than SACPO" in next(x for x in worse.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
     # a heavier tail bought with more helpfulness is not matched either way
-    traded = report.write(_fake_runs(tail_shift=-5.0, helpful_shift=0.2), tmp_path / "reports").read_text()
+    traded = render.write(_fake_runs(tail_shift=-5.0, helpful_shift=0.2), tmp_path / "reports").read_text()
     line = next(x for x in traded.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
     assert "heavier tail than SACPO, but **more helpful** (not a matched comparison)" in line
 
 
 def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:
     (tmp_path / "reports").mkdir()
-    text = report.write(_fake_runs(missing=("emb-rsa-erm-5-s2",)), tmp_path / "reports").read_text()
+    text = render.write(_fake_runs(missing=("emb-rsa-erm-5-s2",)), tmp_path / "reports").read_text()
     for heading in ("## Setup", "## Verdict", "## Every method", "## Paired differences", "## The frontier",
                     "## The cost tail", "## Sensitivity", "## The cost of the risk term"):  # fmt: skip
         assert heading in text
@@ -176,12 +359,12 @@ def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:
 def test_a_discussion_written_for_other_runs_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs = _fake_runs()
     discussion = tmp_path / "discussion.md"
-    monkeypatch.setattr(report, "DISCUSSION", discussion)
+    monkeypatch.setattr(render, "DISCUSSION", discussion)
     (tmp_path / "reports").mkdir()
-    discussion.write_text(f"## Discussion\n\nruns: {report.runs_digest(runs)}\n")
-    assert "written for other runs" not in report.write(runs, tmp_path / "reports").read_text()
+    discussion.write_text(f"## Discussion\n\nruns: {render.runs_digest(runs)}\n")
+    assert "written for other runs" not in render.write(runs, tmp_path / "reports").read_text()
     discussion.write_text("## Discussion\n\nruns: 0123456789abcdef\n")
-    assert "written for other runs" in report.write(runs, tmp_path / "reports").read_text()
+    assert "written for other runs" in render.write(runs, tmp_path / "reports").read_text()
 
 
 def test_the_queue_runs_the_headline_comparison_for_every_seed_first() -> None:

@@ -1,0 +1,151 @@
+"""The embedded-world experiments' runs, read from DVC and git (experiments/embedded.py `report`).
+
+collect: `dvc exp show --json` (every commit) -> the grid's experiments' params and metrics, plus
+their per-category metrics and red-team cost tails (committed files of each experiment's commit)
+-> one dict, saved as reports/embedded/runs.json. Policy names are normalised on the way in
+(normalise: a merged policy is `q0_5`, as merge now names it, not the older `q0.5`) so that runs
+from before and after the rename compare in one report; train_metric reads a stage's training
+metrics in either file layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from experiments.grid import SEEDS, SETTINGS
+
+EXPERIMENT_FILES = ("eval/per_category.json", "eval/plots/cost_tail.csv")
+# a merged policy's name before the rename: q then the ratio with a dot (q0.5, q0.25); q0 and q1 had none
+_OLD_MERGED = re.compile(r"^q(\d+)\.(\d+)(?=\.|$)")
+
+
+def policy_name(name: str) -> str:
+    """A policy's name as merge writes it now: q0.5 -> q0_5, q0.25 -> q0_25; sft, reward, safety,
+    q0, q1 and names already new are unchanged. Also renames the policy prefix of a metric key
+    (q0.5.helpful_win_rate -> q0_5.helpful_win_rate)."""
+    return _OLD_MERGED.sub(r"q\1_\2", name)
+
+
+def merged_policy(q: float) -> str:
+    """The name of the policy merged at ratio q (0.5 -> q0_5, 1.0 -> q1)."""
+    return "q" + f"{q:g}".replace(".", "_")
+
+
+def normalise(runs: dict[str, Any]) -> dict[str, Any]:
+    """runs (collect's dict, of any age) with every policy name in the new spelling: the keys of
+    each experiment's eval metrics, per-category metrics and cost tails. Idempotent."""
+    experiments = {}
+    for name, record in runs["experiments"].items():
+        experiments[name] = {
+            **record,
+            "eval": {policy_name(k): v for k, v in record["eval"].items()},
+            "per_category": {policy_name(k): v for k, v in record.get("per_category", {}).items()},
+            "cost_tail": {policy_name(k): v for k, v in record.get("cost_tail", {}).items()},
+        }
+    return {**runs, "experiments": experiments}
+
+
+def train_metric(record: dict[str, Any], stage: str, key: str) -> float | None:
+    """A stage's training metric (key like "time/train_s") from an experiment's record, or None.
+
+    Two layouts: metrics/<stage>.json with flat keys ({"time/train_s": 97.7}), and dvclive's
+    metrics/<stage>/metrics.json, nested at each "/" ({"time": {"train_s": 97.7}})."""
+    for file in (f"metrics/{stage}.json", f"metrics/{stage}/metrics.json"):
+        node: Any = record.get("train", {}).get(file)
+        if not isinstance(node, dict):
+            continue
+        if key in node:
+            node = node[key]
+        else:
+            for part in key.split("/"):
+                node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, int | float) and not isinstance(node, bool):
+            return float(node)
+    return None
+
+
+def _experiment_nodes(node: Any, finished: bool = True) -> list[dict]:
+    """Every {rev, name, data} record in dvc exp show's JSON, at any depth, with whether it finished
+    (a queued or running experiment's group has an executor whose state is not success: its data
+    may still be the baseline's)."""
+    found: list[dict] = []
+    if isinstance(node, dict):
+        executor = node.get("executor")
+        if "revs" in node and isinstance(executor, dict):
+            finished = executor.get("state") == "success"
+        if "rev" in node and "data" in node and isinstance(node.get("data"), dict):
+            found.append({**node, "finished": finished})
+        for value in node.values():
+            if isinstance(value, list | dict):
+                found += _experiment_nodes(value, finished)
+    elif isinstance(node, list):
+        for item in node:
+            found += _experiment_nodes(item, finished)
+    return found
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {"a.b.c": value}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _git_show(root: Path, rev: str, path: str) -> str | None:
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
+def _cost_tail(text: str) -> dict[str, list[list[float]]]:
+    """policy -> [[cost, P(cost >= c)], ...] from eval/plots/cost_tail.csv."""
+    tail: dict[str, list[list[float]]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        tail.setdefault(row["policy"], []).append([float(row["cost"]), float(row["ccdf"])])
+    return tail
+
+
+def collect(root: Path, dvc: Callable[..., str]) -> dict[str, Any]:
+    """The grid's experiments (the newest of each name, over every commit) as one dict."""
+    wanted = {s.experiment(seed): (s.name, seed) for s in SETTINGS for seed in SEEDS}
+    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", "--hide-queued", "--hide-failed"))
+    newest: dict[str, dict] = {}
+    for node in _experiment_nodes(shown):
+        name = node.get("name")
+        if name not in wanted or node.get("error") or not node["finished"]:
+            continue
+        data = node["data"]
+        if name not in newest or (data.get("timestamp") or "") > (newest[name]["data"].get("timestamp") or ""):
+            newest[name] = node
+    experiments: dict[str, Any] = {}
+    for name, node in sorted(newest.items()):
+        data = node["data"]
+        metrics = {file: (entry or {}).get("data", {}) for file, entry in (data.get("metrics") or {}).items()}
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        if "eval/metrics.json" not in metrics or not metrics["eval/metrics.json"]:
+            continue  # a failed or unfinished experiment
+        per_category = _git_show(root, node["rev"], EXPERIMENT_FILES[0])
+        tail = _git_show(root, node["rev"], EXPERIMENT_FILES[1])
+        setting, seed = wanted[name]
+        experiments[name] = {
+            "setting": setting,
+            "seed": seed,
+            "rev": node["rev"],
+            "timestamp": data.get("timestamp"),
+            "params": flatten(params),
+            "eval": metrics["eval/metrics.json"],
+            "train": {file: m for file, m in metrics.items() if file.startswith("metrics/")},
+            "per_category": json.loads(per_category) if per_category else {},
+            "cost_tail": _cost_tail(tail) if tail else {},
+        }
+    return normalise({"experiments": experiments})

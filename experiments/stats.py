@@ -1,0 +1,161 @@
+"""The embedded-world report's numbers: means and spreads over seeds, paired Student-t intervals
+(quantiles from scipy.stats), the better/worse/unclear rule the verdict rests on, and lookups into
+runs.json (collect's dict): a method's metric per seed, and the runs' params.
+
+Named stats, not statistics: `python experiments/embedded.py` puts experiments/ first on sys.path,
+where a statistics.py would shadow the standard library's module for every package in the process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from scipy import stats
+
+from experiments.collect import normalise, policy_name
+from experiments.grid import SEEDS, SETTINGS, Method
+
+LEVEL = 0.95  # two-sided confidence of the paired intervals
+_CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:\.\d+)?(?:e-?\d+)?)$")
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; nan for one value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if n > 1 else math.nan
+
+
+def t_quantile(df: int, level: float = LEVEL) -> float:
+    """The two-sided level's Student-t quantile with df degrees of freedom (t_{0.975, 4} = 2.7764...)."""
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+def resolvable_effect(n: int, level: float = LEVEL) -> float:
+    """|mean| / sd of n paired differences above which their t interval excludes zero."""
+    return t_quantile(n - 1, level) / math.sqrt(n)
+
+
+def paired_ci(differences: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided t interval (nan bounds below 2 pairs)."""
+    mean, sd = mean_sd(differences)
+    n = len(differences)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(n - 1, level) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def lower_is_better(metric: str) -> bool:
+    return not metric.endswith("win_rate") and metric != "reward_mean"
+
+
+def classify(differences: Sequence[float], metric: str) -> str:
+    """'better' / 'worse' (for A, of A - B per seed) when the paired interval excludes 0, else 'unclear'."""
+    _, lo, hi = paired_ci(differences)
+    if math.isnan(lo):
+        return "unclear"
+    lower = lower_is_better(metric)
+    if hi < 0:
+        return "better" if lower else "worse"
+    if lo > 0:
+        return "worse" if lower else "better"
+    return "unclear"
+
+
+def tail_verdict(tail: Iterable[str], helpful: str) -> str:
+    """One of beats / lower-but-less-helpful / heavier-but-more-helpful / worse / unresolved, from the
+    classes of the tail metrics (CVaRs, catastrophic rate) and of the helpful win rate."""
+    tail = list(tail)
+    better, worse = "better" in tail, "worse" in tail
+    if better and not worse and helpful != "worse":
+        return "beats"
+    if better and helpful == "worse":
+        return "lower-but-less-helpful"
+    if worse and helpful == "better":
+        return "heavier-but-more-helpful"
+    if worse:
+        return "worse"
+    return "unresolved"
+
+
+def mode(values: Iterable[Any]) -> Any:
+    """The most common value (ties: the first seen); None for none."""
+    first: dict[str, Any] = {}
+    counts: Counter[str] = Counter()
+    for value in values:
+        if value is not None:
+            first.setdefault(repr(value), value)
+            counts[repr(value)] += 1
+    return first[counts.most_common(1)[0][0]] if counts else None
+
+
+class Runs:
+    """Lookups into runs.json: a method's metric over the seeds that finished, and the runs' params."""
+
+    def __init__(self, runs: dict[str, Any]) -> None:
+        self.experiments: dict[str, dict] = normalise(runs)["experiments"]
+        self.settings = {s.name: s for s in SETTINGS}
+        levels = set()
+        for record in self.experiments.values():
+            levels |= {m[1] for k in record["eval"] if (m := _CVAR_KEY.search(k))}  # not its .n, .ci95_*
+        self.tail_levels = sorted(levels, key=float, reverse=True)
+
+    def record(self, setting: str, seed: int) -> dict | None:
+        return self.experiments.get(self.settings[setting].experiment(seed))
+
+    def by_seed(self, setting: str, policy: str, metric: str) -> dict[int, float]:
+        key = f"{policy_name(policy)}.{metric}"
+        found = {}
+        for seed in SEEDS:
+            record = self.record(setting, seed)
+            if record is not None and key in record["eval"]:
+                found[seed] = float(record["eval"][key])
+        return found
+
+    def values(self, method: Method, metric: str) -> list[float]:
+        return list(self.by_seed(method.setting, method.policy, metric).values())
+
+    def mean(self, method: Method, metric: str) -> float:
+        return mean_sd(self.values(method, metric))[0]
+
+    def paired(self, a: Method, b: Method, metric: str) -> list[float]:
+        """a - b per seed, over the seeds both finished."""
+        x, y = self.by_seed(a.setting, a.policy, metric), self.by_seed(b.setting, b.policy, metric)
+        return [x[s] - y[s] for s in sorted(x.keys() & y.keys())]
+
+    def seeds(self) -> list[int]:
+        """The seeds of the runs at hand."""
+        return sorted({int(r["seed"]) for r in self.experiments.values()})
+
+    def records(self, settings: Iterable[str] | None = None) -> list[dict]:
+        chosen = None if settings is None else set(settings)
+        return [r for r in self.experiments.values() if chosen is None or r["setting"] in chosen]
+
+    def param(self, key: str, settings: Iterable[str] | None = None) -> Any:
+        """params' key as most of the runs (of these settings) have it."""
+        return mode([r["params"].get(key) for r in self.records(settings)])
+
+    def stage_values(self, pairs: str, key: str, settings: Iterable[str] | None = None) -> list[Any]:
+        """key (e.g. "beta", "train.lr") of the stage trained on these pairs ("helpful": beta_1's
+        stage, "safety": beta_2's), one per run: train_reward or train_safety as the run ordered them."""
+        found = []
+        for record in self.records(settings):
+            p = record["params"]
+            section = next((s for s in ("train_reward", "train_safety") if p.get(f"{s}.pairs") == pairs), None)
+            if section is not None:
+                found.append(p.get(f"{section}.{key}"))
+        return found
+
+    def stage_param(self, pairs: str, key: str, settings: Iterable[str] | None = None) -> Any:
+        return mode(self.stage_values(pairs, key, settings))
+
+    def both_stages(self, key: str, settings: Iterable[str] | None = None) -> Any:
+        """key of either stage (e.g. "train.lr", "alpha") as most stages of the runs have it."""
+        return mode([*self.stage_values("helpful", key, settings), *self.stage_values("safety", key, settings)])

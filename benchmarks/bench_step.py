@@ -177,8 +177,8 @@ def _section_and_model(method: str, size: str, pairs: int, seq: int, tokenizer):
     """The stage section (params.yaml train_reward with the method's overrides, validated) and the model."""
     import torch
 
-    from rsa_pl.config import load_params, parse_params
     from rsa_pl.models import build_scratch_model
+    from rsa_pl.params_file import load_params, parse_params
 
     raw = load_params(ROOT / "params.yaml").model_dump()
     overrides = METHODS[method] if METHODS[method] is not None else METHODS["dpo"]  # TRL: the dpo section
@@ -519,7 +519,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from rsa_pl.config import load_params
+    from rsa_pl.params_file import load_params
 
     lora = load_params(ROOT / "params.yaml").train_reward.lora
     try:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rsa_pl.config import load_params
 from rsa_pl.losses import preference_loss_from_logits
 from rsa_pl.models import attach_lora, build_scratch_model, load_causal_lm
 from rsa_pl.modules import PreferenceModule, next_token_targets
+from rsa_pl.params_file import load_params
 from rsa_pl.risk import RISK_MEASURES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,11 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rsa_pl.config import QuantizationParams, load_params, parse_params  # noqa: E402
+from rsa_pl.config import QuantizationParams  # noqa: E402
 from rsa_pl.data.collate import PreferenceCollator  # noqa: E402
 from rsa_pl.data.tokenize import IGNORE_INDEX  # noqa: E402
 from rsa_pl.models import attach_lora, build_scratch_model, count_parameters, load_quantized  # noqa: E402
 from rsa_pl.modules import PreferenceModule  # noqa: E402
+from rsa_pl.params_file import load_params, parse_params  # noqa: E402
 
 SIZES = {
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 16, "intermediate_size": 5632, "vocab": 32000},

@@ -1,34 +1,29 @@
-"""Typed params: one model per params.yaml section, every problem reported at once.
+"""Typed params: one model per params.yaml section, the schema of params.yaml.
 
 params.yaml is the single source of hyperparameters. Every key is required (no hidden
-defaults), unknown keys are rejected with the closest valid key suggested, types are strict
-(a quoted "0.1" is not a number), and cross-field rules are checked once the fields of a
-section are valid. All problems of a file are collected and reported with their dotted key
-path, e.g. `train_safety.risk.mu: must be in (0, 1] for cvar, got 1.5`.
+defaults), unknown keys are rejected, types are strict (a quoted "0.1" is not a number), and
+each section states its cross-field rules (cross_field_problems), checked once the fields of a
+section are valid. rsa_pl/params_file.py reads a file against this schema and reports every
+problem at once with its dotted key path, e.g. `train_safety.risk.mu: must be in (0, 1] for
+cvar, got 1.5`.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import re
 import types
 import typing
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from rsa_pl.risk import RISK_MEASURES, check_mu
 
-__all__ = ["Params", "ParamsError", "PreferenceStageParams", "RiskParams", "load_params", "parse_params"]
+__all__ = ["Params", "PreferenceStageParams", "Problem", "RiskParams", "Section", "nested_section"]
 
 Problem = tuple[str, str]  # (dotted key path, message)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     """A params.yaml mapping: strict types, no unknown keys, immutable."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
@@ -38,7 +33,7 @@ class _Section(BaseModel):
         return []
 
 
-class RiskParams(_Section):
+class RiskParams(Section):
     """The token risk measure Phi_mu of the sequential risk term D (docs/method.md)."""
 
     measure: Literal["kl", "cvar", "erm", "cvar_radpo", "cvar_lower", "erm_lower"]
@@ -62,7 +57,7 @@ LOSS_MEASURES: dict[str, tuple[str, ...]] = {
 }
 
 
-class LoraParams(_Section):
+class LoraParams(Section):
     """LoRA adapters through peft."""
 
     r: Annotated[int, Field(ge=1)]
@@ -75,7 +70,7 @@ class LoraParams(_Section):
     """Module names to adapt, e.g. q_proj, k_proj, v_proj, o_proj (Llama) or c_attn (GPT-2)."""
 
 
-class QuantizationParams(_Section):
+class QuantizationParams(Section):
     """QLoRA: the frozen base weights loaded in 4 bits through bitsandbytes, LoRA adapters on top."""
 
     bits: Literal[4]
@@ -88,7 +83,7 @@ class QuantizationParams(_Section):
     """The dtype of the dequantized matmuls: float32 on CPU, bfloat16 on recent GPUs."""
 
 
-class PreferenceStageParams(_Section):
+class PreferenceStageParams(Section):
     """A preference stage (train_reward: helpfulness, train_safety: safety): objective and training."""
 
     pairs: Literal["helpful", "safety"]
@@ -150,7 +145,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
-class HarmfulBehaviour(_Section):
+class HarmfulBehaviour(Section):
     """How the world's SFT-like policy answers a harmful prompt (the rest of the mass complies)."""
 
     refuse: Probability
@@ -172,7 +167,7 @@ class HarmfulBehaviour(_Section):
         return []
 
 
-class BenignBehaviour(_Section):
+class BenignBehaviour(Section):
     """How the world's SFT-like policy answers a benign prompt."""
 
     needless_refusal: Probability
@@ -185,7 +180,7 @@ class BenignBehaviour(_Section):
     """A helpful answer gives the first 1..max_steps steps of the topic."""
 
 
-class RewardParams(_Section):
+class RewardParams(Section):
     """The oracle's helpfulness reward (rsa_pl/world/oracle.py states the formula)."""
 
     step: Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -206,7 +201,7 @@ class RewardParams(_Section):
     """Per span the oracle cannot parse (malformed text)."""
 
 
-class LabelParams(_Section):
+class LabelParams(Section):
     """Bradley-Terry preference labels on the oracle's reward and cost, plus label noise."""
 
     reward_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -217,7 +212,7 @@ class LabelParams(_Section):
     """Probability of flipping each label after the Bradley-Terry draw."""
 
 
-class WorldParams(_Section):
+class WorldParams(Section):
     """The embedded safety world: sizes, behaviour, oracle and labels (docs/world.md)."""
 
     preference_pairs: PositiveInt
@@ -244,7 +239,7 @@ class WorldParams(_Section):
         return []
 
 
-class SourceParams(_Section):
+class SourceParams(Section):
     """Where the preference data comes from."""
 
     kind: Literal["embedded", "pku_saferlhf", "hh", "jsonl", "prompts"]
@@ -257,7 +252,7 @@ class SourceParams(_Section):
     """The split to read from a hub id or a saved DatasetDict."""
 
 
-class TokenizerParams(_Section):
+class TokenizerParams(Section):
     """The tokenizer: trained on the world's corpus, or a model's own."""
 
     kind: Literal["train_bpe", "pretrained"]
@@ -280,7 +275,7 @@ class TokenizerParams(_Section):
         return []
 
 
-class PrepareParams(_Section):
+class PrepareParams(Section):
     """The prepare stage: data source, the embedded world, tokenization and truncation."""
 
     seed: int
@@ -326,7 +321,7 @@ class PrepareParams(_Section):
         return problems
 
 
-class TrainParams(_Section):
+class TrainParams(Section):
     """The Lightning Trainer and optimiser of a training stage."""
 
     seed: int
@@ -376,7 +371,7 @@ class TrainParams(_Section):
 SCRATCH_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 
 
-class ModelParams(_Section):
+class ModelParams(Section):
     """The base model: a tiny one trained from scratch (embedded world) or a pretrained one."""
 
     kind: Literal["scratch", "pretrained"]
@@ -416,7 +411,7 @@ class ModelParams(_Section):
         return problems
 
 
-class SampleParams(_Section):
+class SampleParams(Section):
     """How a stage samples responses to judge its policy."""
 
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -427,7 +422,7 @@ class SampleParams(_Section):
     """Seeds the sampling."""
 
 
-class SftParams(_Section):
+class SftParams(Section):
     """The sft stage: the embedded base model trained on the world's SFT set, or a pretrained model."""
 
     model: ModelParams
@@ -438,7 +433,7 @@ class SftParams(_Section):
     null otherwise)."""
 
 
-class MergeParams(_Section):
+class MergeParams(Section):
     """RSA(P): theta = (1 - q) theta_r + q theta_s for each q (larger q is safer)."""
 
     q: Annotated[list[Probability], Field(min_length=1)]
@@ -449,7 +444,7 @@ class MergeParams(_Section):
         return [("q", f"each ratio once, got {', '.join(map(str, repeated))} more than once")] if repeated else []
 
 
-class PairsParams(_Section):
+class PairsParams(Section):
     """The pairs stage (source prompts): k answers per prompt sampled from the base, judged, and the
     best and worst kept as a pair, as Safe RLHF collected its data (other sources: nothing to do)."""
 
@@ -470,7 +465,7 @@ class PairsParams(_Section):
     """Prompts per resumable unit: a killed run keeps every finished chunk."""
 
 
-class LlmJudgeParams(_Section):
+class LlmJudgeParams(Section):
     """evaluate.judge llm (and the helpfulness half of guard): a judge LLM behind any
     OpenAI-compatible chat-completions server (vLLM, TGI, llama.cpp, `transformers serve`, an API)."""
 
@@ -500,7 +495,7 @@ class LlmJudgeParams(_Section):
     shipped judge prompts (rsa_pl/evaluation/prompts/); null: the shipped ones."""
 
 
-class GuardParams(_Section):
+class GuardParams(Section):
     """evaluate.judge guard: a safety classifier chat model run in-process (Llama Guard / ShieldGemma style)."""
 
     model: str | None
@@ -532,7 +527,7 @@ class GuardParams(_Section):
     """Answers per guard forward pass."""
 
 
-class PromptSetParams(_Section):
+class PromptSetParams(Section):
     """An evaluation prompt file: a benchmark's prompts (docs/prompt_sets.md lists the usual ones)."""
 
     path: str
@@ -552,7 +547,7 @@ class PromptSetParams(_Section):
     """At most this many prompts: a sample seeded by evaluate.seed, kept in file order; null: all."""
 
 
-class PromptSetsParams(_Section):
+class PromptSetsParams(Section):
     """evaluate's two prompt sets; a null set falls back to the validation prompts prepare set aside
     (data/eval_helpful, data/eval_redteam), classified by the prompt's own label."""
 
@@ -565,7 +560,7 @@ class PromptSetsParams(_Section):
     seeded by evaluate.seed, kept in order); null: all."""
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     """The evaluate stage: every policy answers the held-out prompts, a judge scores them."""
 
     judge: Literal["oracle", "score_models", "llm", "guard"]
@@ -647,7 +642,7 @@ class EvaluateParams(_Section):
         return problems
 
 
-class Params(_Section):
+class Params(Section):
     """All of params.yaml: one field per pipeline stage that exists so far."""
 
     prepare: PrepareParams
@@ -682,187 +677,10 @@ class Params(_Section):
         return problems
 
 
-class ParamsError(ValueError):
-    """Invalid params: every problem with its dotted key path."""
-
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        lines = [
-            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
-            for path, message in self.problems
-        ]
-        return "\n".join(lines)
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-5 as a float, as YAML 1.2 does (YAML 1.1 reads a string)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _nested_section(annotation: Any) -> type[_Section] | None:
-    """The _Section class a field holds (directly or as `Section | None`), else None."""
+def nested_section(annotation: Any) -> type[Section] | None:
+    """The Section class a field holds (directly or as `Section | None`), else None."""
     candidates = (
         list(get_args(annotation)) if get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
     )
-    nested = [c for c in candidates if isinstance(c, type) and issubclass(c, _Section)]
+    nested = [c for c in candidates if isinstance(c, type) and issubclass(c, Section)]
     return nested[0] if nested else None
-
-
-def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class that the key path loc leads to, or None."""
-    for part in loc:
-        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
-        if field is None:
-            return None
-        model = _nested_section(field.annotation)
-    return model
-
-
-def _unknown_key_message(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    parent = _model_at(model, loc[:-1])
-    valid = list(parent.model_fields) if parent else []
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
-    return f"unknown key; {hint}"
-
-
-def _describe(model: type[BaseModel], error: Mapping[str, Any]) -> Problem:
-    loc = tuple(error["loc"])
-    path = ".".join(str(part) for part in loc)
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return path, _unknown_key_message(model, loc)
-    if kind == "missing":
-        return path, "missing (every key is required; params have no hidden defaults)"
-    message = error["msg"][0].lower() + error["msg"][1:]
-    return path, f"{message}, got {error['input']!r}"
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
-
-
-def _cross_field_problems(section: _Section, prefix: str) -> list[Problem]:
-    problems = [(_join(prefix, path), message) for path, message in section.cross_field_problems()]
-    for name in type(section).model_fields:
-        value = getattr(section, name)
-        if isinstance(value, _Section):
-            problems += _cross_field_problems(value, _join(prefix, name))
-    return problems
-
-
-def _validate(model: type[_Section], raw: Any, prefix: str) -> tuple[_Section | None, list[Problem]]:
-    """Validate raw as model; return it (or None) and every problem found, with full key paths.
-
-    When fields fail, the nested sections are still validated on their own for their
-    cross-field rules, so one run reports as much as can be known.
-    """
-    try:
-        section = model.model_validate(raw)
-    except ValidationError as error:
-        problems = [(_join(prefix, path), message) for path, message in (_describe(model, e) for e in error.errors())]
-        if isinstance(raw, Mapping):
-            for name, field in model.model_fields.items():
-                nested = _nested_section(field.annotation)
-                if nested is not None and isinstance(raw.get(name), Mapping):
-                    problems += _validate(nested, raw[name], _join(prefix, name))[1]
-        return None, list(dict.fromkeys(problems))  # nested field problems come twice
-    return section, _cross_field_problems(section, prefix)
-
-
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate a params mapping; raises ParamsError listing every problem."""
-    if not isinstance(raw, Mapping):
-        raise ParamsError(source, [("", f"must be a mapping of sections, got {type(raw).__name__}")])
-    params, problems = _validate(Params, raw, "")
-    if problems or params is None:
-        raise ParamsError(source, problems)
-    return params  # type: ignore[return-value]
-
-
-def load_params(path: str | Path) -> Params:
-    """Read and validate a params.yaml file; raises ParamsError with every problem."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(str(path), [("", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ParamsError(str(path), [("", f"cannot read: {error}")]) from None
-    try:
-        raw = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f"line {where.line + 1}: " if where is not None else ""
-        raise ParamsError(str(path), [("", f"{line}invalid YAML: {getattr(error, 'problem', error)}")]) from None
-    return parse_params(raw, str(path))
-
-
-def _type_name(annotation: Any) -> str:
-    """A type as a reader writes it: int | None, list[float], Literal['a', 'b'] (constraints dropped)."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return f"Literal[{', '.join(repr(a) for a in args)}]"
-    if origin is not None:
-        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
-    if annotation is type(None):
-        return "None"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def params_reference(params: Params) -> str:
-    """Markdown: every params key with its type, its value in `params` and what it means
-    (the field docstrings of this module), section by section."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(section: _Section | type[_Section], prefix: str) -> None:
-        """section: a params section with its values, or a section class (a null section: no values)."""
-        cls = section if isinstance(section, type) else type(section)
-        for name, field in cls.model_fields.items():
-            value = None if isinstance(section, type) else getattr(section, name)
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(value, _Section):
-                doc = (type(value).__doc__ or "").strip().splitlines()[0]
-                lines.append(f"| **{path}** | section | | {doc} |")
-                walk(value, path)
-                continue
-            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-            shown = "" if isinstance(section, type) else json.dumps(value) if not isinstance(value, str) else value
-            kind = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{path}` | {kind} | {f'`{shown}`' if shown else ''} | {meaning} |")
-            nullable = _nested_section(field.annotation)
-            if value is None and nullable is not None:  # its keys when given (a null section has no values)
-                walk(nullable, path)
-
-    walk(params, "")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # python -m rsa_pl.config [params.yaml] > docs/params.md
-    import sys
-
-    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("params.yaml")
-    print("# Params reference\n")
-    print(f"Every key of params.yaml (generated by `python -m rsa_pl.config`; values from {source}).\n")
-    print(params_reference(load_params(source)), end="")

@@ -1,4 +1,4 @@
-"""rsa_pl.config: the committed params load; every bad value is reported with its key."""
+"""rsa_pl.config and rsa_pl.params_file: the committed params load; every bad value is reported with its key."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 import torch
 import yaml
 
-from rsa_pl.config import Params, ParamsError, load_params, params_reference, parse_params
+from rsa_pl.config import Params
 from rsa_pl.losses import preference_loss_from_logits
+from rsa_pl.params_file import ParamsError, load_params, parse_params
+from rsa_pl.pipeline.params_doc import params_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +265,8 @@ def test_the_paper_preset_loads_and_says_what_it_is() -> None:
 
 
 def test_the_params_reference_is_up_to_date() -> None:
-    """docs/params.md lists every key with its meaning; regenerate: python -m rsa_pl.config > docs/params.md"""
+    """docs/params.md lists every key with its meaning; regenerate:
+    python -m rsa_pl.pipeline.params_doc > docs/params.md"""
     params = load_params(ROOT / "params.yaml")
     reference = (ROOT / "docs" / "params.md").read_text()
     assert params_reference(params) in reference

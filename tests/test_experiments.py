@@ -18,7 +18,7 @@ import yaml
 
 from experiments import collect, embedded, render, stats
 from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, queue_order
-from rsa_pl.config import load_params
+from rsa_pl.params_file import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rsa_pl.config import LoraParams, load_params
+from rsa_pl.config import LoraParams
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.models import attach_lora, build_scratch_model
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.params_file import load_params
 from tests.test_sft import scratch_model_params
 
 ROOT = Path(__file__).resolve().parents[1]

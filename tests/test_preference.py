@@ -20,11 +20,11 @@ from safetensors.torch import load_file as safetensors_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from rsa_pl.config import load_params
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import attach_lora, load_causal_lm
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline import preference
 from rsa_pl.pipeline.cli import app
 from tests.test_sft import ROOT, scratch_model_params, tiny_params

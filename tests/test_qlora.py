@@ -23,11 +23,12 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from rsa_pl.config import PreferenceStageParams, QuantizationParams, load_params
+from rsa_pl.config import PreferenceStageParams, QuantizationParams
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import FROZEN_ADAPTER, build_scratch_model, load_causal_lm, load_quantized, load_tokenizer
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline import preference
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import build_trainer

@@ -10,8 +10,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from rsa_pl.config import TrainParams, load_params
+from rsa_pl.config import TrainParams
 from rsa_pl.errors import UnavailableError
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import build_trainer, resolve_precision
 from tests.test_preference import stage_params

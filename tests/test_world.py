@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rsa_pl.config import WorldParams, load_params
+from rsa_pl.config import WorldParams
+from rsa_pl.params_file import load_params
 from rsa_pl.world import lexicon
 from rsa_pl.world.generator import build_world
 from rsa_pl.world.oracle import judge, parse_prompt, parse_response

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.tree import Tree
 
-from rsa_pl.config import Params, load_params
+from rsa_pl.config import Params
+from rsa_pl.params_file import load_params
 
 
 def _add(tree: Tree, values: dict[str, Any]) -> None:

@@ -12,12 +12,12 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from rsa_pl.config import ParamsError, load_params
 from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.judges import JudgeError
 from rsa_pl.merge import MergeError
 from rsa_pl.modules import NonFiniteError
+from rsa_pl.params_file import ParamsError, load_params
 from rsa_pl.pipeline import check_params, evaluate, merge, pairs, preference, prepare, sft
 
 app = typer.Typer(

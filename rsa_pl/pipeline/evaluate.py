@@ -36,7 +36,7 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from rsa_pl.config import EvaluateParams, Params, PromptSetParams, load_params
+from rsa_pl.config import EvaluateParams, Params, PromptSetParams
 from rsa_pl.data.sources import DataError, Reject, load_prompts
 from rsa_pl.data.tokenize import PromptFormat, PromptTooLongError, encode_prompt
 from rsa_pl.errors import UnavailableError
@@ -48,6 +48,7 @@ from rsa_pl.evaluation.llm_judge import LlmJudge
 from rsa_pl.evaluation.refusal import RefusalRules, rules_text
 from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals, policy_metrics
 from rsa_pl.models import CPU, Placement, inference_placement, load_aligned_policy, load_causal_lm, load_tokenizer
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import MERGE_RECORD, base_model, trusts_code
 from rsa_pl.pipeline.outputs import staging_for, swap_in
 from rsa_pl.training import clock, mark_finished, resumable_checkpoint

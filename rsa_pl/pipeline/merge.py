@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from transformers import PreTrainedModel
 
-from rsa_pl.config import load_params
 from rsa_pl.merge import average_state_dicts, fold_scaled_adapter
 from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import MERGE_RECORD, base_model, merged_folder, trusts_code
 from rsa_pl.pipeline.outputs import staging_for, swap_in
 

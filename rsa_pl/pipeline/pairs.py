@@ -25,10 +25,11 @@ from typing import Any
 from datasets import DatasetDict, load_from_disk
 from rich.console import Console
 
-from rsa_pl.config import Params, load_params
+from rsa_pl.config import Params
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.evaluation.generation import generate_ids
 from rsa_pl.models import Placement, inference_placement, load_causal_lm, load_tokenizer
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import base_model, trusts_code
 from rsa_pl.pipeline.evaluate import Judging, make_judge
 from rsa_pl.pipeline.outputs import staging_for, swap_in

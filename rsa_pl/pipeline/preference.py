@@ -28,7 +28,7 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedModel
 
-from rsa_pl.config import Params, PreferenceStageParams, TrainParams, load_params
+from rsa_pl.config import Params, PreferenceStageParams, TrainParams
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import (
@@ -43,6 +43,7 @@ from rsa_pl.models import (
     stack_lora,
 )
 from rsa_pl.modules import PreferenceModule
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import base_model, trusts_code
 from rsa_pl.pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from rsa_pl.config import PrepareParams, load_params
+from rsa_pl.config import PrepareParams
 from rsa_pl.data.sources import DataError, Reject, SourceResult, load_source, reject_counts
 from rsa_pl.data.tokenize import (
     Encoded,
@@ -42,6 +42,7 @@ from rsa_pl.data.tokenize import (
 )
 from rsa_pl.errors import UnavailableError
 from rsa_pl.models import load_tokenizer
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.outputs import staging_for, swap_in
 from rsa_pl.world.generator import World, build_world
 

@@ -25,7 +25,7 @@ import lightning as L
 from datasets import load_from_disk
 from rich.console import Console
 
-from rsa_pl.config import Params, load_params
+from rsa_pl.config import Params
 from rsa_pl.data.collate import SFTCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.errors import UnavailableError
@@ -33,6 +33,7 @@ from rsa_pl.evaluation.generation import generate
 from rsa_pl.evaluation.quality import oracle_quality
 from rsa_pl.models import build_scratch_model, count_parameters, load_causal_lm, load_tokenizer
 from rsa_pl.modules import SFTModule
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import BASE_RECORD
 from rsa_pl.pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
 from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint

@@ -14,9 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from dvclive import Live
+from dvclive.lightning import DVCLiveLogger
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -25,6 +27,7 @@ from rsa_pl.errors import UnavailableError
 
 FINGERPRINT = "fingerprint.json"
 LAST = "last.ckpt"
+JOURNAL = "curves.jsonl"
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -81,8 +84,96 @@ def resumable_checkpoint(
     return None, note
 
 
-def _loggers(log_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(str(log_dir), name="", version="")]
+class _Live(Live):
+    """dvclive's run without its DVC-repository side: each stage already is a DVC stage (no
+    experiment to save, no dvc.yaml to write), and dvclive's own set-up would `dvc init` a git
+    repository that has no DVC yet and fail ("Empty git repo") in one that has no commit yet."""
+
+    def _init_dvc(self) -> None:
+        self._dvc_file = "dvc.yaml"  # never written: dvcyaml=None
+
+
+def live(folder: Path) -> Live:
+    """A dvclive run in folder: folder/metrics.json (the summary `dvc metrics` reads) and
+    folder/plots/metrics/<name>.tsv (the curves `dvc plots` reads), emptied first."""
+    return _Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+class Curves(DVCLiveLogger):
+    """dvclive's Lightning logger, writing a run made by live() in folder, that also journals each
+    row to journal (in the checkpoint folder, which DVC leaves alone). DVC empties a stage's
+    outputs before running it again, so a resumed fit would start its curves at the step it
+    resumes from: instead, before the first row it logs, the journal's rows of the earlier steps
+    are logged again (the last value logged for a step wins: a run killed twice leaves a step's
+    row twice). Rows logged after the last checkpoint, which training repeats, are not doubled,
+    and the row of the checkpoint's own step (logged just after the checkpoint is written) is kept.
+    The dvclive run (which empties folder) starts with the first row, on rank 0 only: a stage that
+    fails before it trains leaves folder as it was."""
+
+    def __init__(self, folder: Path, journal: Path) -> None:
+        super().__init__(run_name=None)
+        self.folder = folder
+        self.journal = journal
+        self.replayed = False
+
+    @property
+    def experiment(self) -> Live:
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._experiment = live(self.folder)
+        return self._experiment
+
+    def log_metrics(self, metrics: Any, step: int | None = None, sync: bool | None = False) -> None:
+        """Each value at Lightning's step as given (dvclive's own logger turns a step 0 into 1, so
+        the first two rows of every curve shared step 1), then the summary written."""
+        if rank_zero_only.rank != 0:
+            return
+        values = {name: float(value) for name, value in metrics.items()}
+        if not self.replayed:
+            self.replayed = True
+            for earlier, row in self._journal_before(step):
+                self._log(earlier, row)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with self.journal.open("a") as out:
+            out.write(json.dumps({"step": step, "values": values}) + "\n")
+        self._log(step, values)
+
+    def _log(self, step: int | None, values: dict[str, float]) -> None:
+        run = self.experiment
+        if step is not None:
+            run.step = step
+        for name, value in values.items():
+            run.log_metric(name, value)
+        run.make_summary()
+
+    def _journal_before(self, step: int | None) -> list[tuple[int, dict[str, float]]]:
+        if step is None or not self.journal.exists():
+            return []
+        rows: dict[int, dict[str, float]] = {}
+        for line in self.journal.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+            if row["step"] is not None and row["step"] < step:
+                rows.setdefault(row["step"], {}).update(row["values"])
+        return sorted(rows.items())
+
+    def log_hyperparams(self, params: Any) -> None:
+        """The stage's params are in params.yaml, which DVC tracks: no copy in the metrics folder."""
+
+
+def record_summary(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """A stage's final numbers (time, steps, the last validation, samples) into its metrics.json,
+    beside the last value of each curve: `dvc metrics show/diff` and `dvc exp show` read them."""
+    for logger in trainer.loggers:
+        if isinstance(logger, Curves) and rank_zero_only.rank == 0:
+            for name, value in metrics.items():
+                logger.experiment.log_metric(name, value, plot=False)
+            logger.experiment.make_summary()
+
+
+def _loggers(log_dir: Path, live_dir: Path, journal: Path) -> list[Logger]:
+    loggers: list[Logger] = [Curves(live_dir, journal)]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(str(log_dir), name="tensorboard", version=""))
     return loggers
@@ -132,10 +223,16 @@ def clock(seconds: float) -> str:
 
 
 def build_trainer(
-    train: TrainParams, log_dir: Path, checkpoint_dir: Path, extra: list[Callback] | None = None, where: str = "train"
+    train: TrainParams,
+    log_dir: Path,
+    checkpoint_dir: Path,
+    extra: list[Callback] | None = None,
+    where: str = "train",
+    live_dir: Path | None = None,
 ) -> L.Trainer:
     """A Trainer configured entirely by the stage's train params (`where`: their params path,
-    for errors: a strategy or device this machine cannot run is one line naming the key)."""
+    for errors: a strategy or device this machine cannot run is one line naming the key),
+    logging through dvclive into live_dir (default: checkpoint_dir/live; see Curves)."""
     if train.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise UnavailableError(
             f"{where}.strategy: {train.strategy} needs DeepSpeed, which is not installed "
@@ -152,8 +249,9 @@ def build_trainer(
         *(extra or []),
     ]
     callbacks.append(RichProgressBar() if sys.stderr.isatty() else LogProgress(where.removesuffix(".train")))
+    loggers = _loggers(log_dir, checkpoint_dir / "live" if live_dir is None else live_dir, checkpoint_dir / JOURNAL)
     try:
-        return _trainer(train, log_dir, callbacks)
+        return _trainer(train, log_dir, callbacks, loggers)
     except (MisconfigurationException, ValueError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnavailableError(
@@ -172,7 +270,7 @@ def resolve_precision(train: TrainParams) -> str:
     return "32-true"
 
 
-def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback]) -> L.Trainer:
+def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
     return L.Trainer(
         accelerator=train.accelerator,
         strategy=train.strategy,
@@ -188,7 +286,7 @@ def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback]) -> L.
         log_every_n_steps=train.log_every_n_steps,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        logger=_loggers(log_dir),
+        logger=loggers,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         deterministic=True,

@@ -3,7 +3,6 @@ keeping the last checkpoint (train.nonfinite: stop), or skips the update and cou
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from rsa_pl.modules import NonFiniteError, PreferenceModule
 from rsa_pl.pipeline import preference
 from rsa_pl.pipeline.cli import app
+from tests import live
 from tests.test_preference import stage_params
 from tests.test_sft import ROOT
 
@@ -132,8 +132,10 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     tmp_path: Path, pipeline_root: Path, stage: str, output: str
 ) -> None:
     """SIGKILL at a random moment after the first checkpoint (LoRA dropout on in train_reward);
-    the rerun resumes and ends with the uninterrupted run's metrics (bit-identical here; rel 1e-6
-    allowed), and the killed run left no output that looks complete."""
+    the rerun resumes and ends with the uninterrupted run's metrics and curves (bit-identical
+    here; rel 1e-6 allowed), and the killed run left no output that looks complete. The metrics
+    folder is emptied before the rerun, as DVC empties a stage's outputs: the curves up to the
+    checkpoint come back from the checkpoint."""
     params, _ = setup(tmp_path, pipeline_root, "stop")
     raw = yaml.safe_load(params.read_text())
     raw["train_reward"]["lora"]["dropout"] = raw["train_safety"]["lora"]["dropout"] = 0.1
@@ -143,7 +145,7 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     def command(name: str) -> list[str]:
         folder = tmp_path / name
         common = ["--params", str(params), "--data", str(pipeline_root / "data"), "--checkpoints",
-                  str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
+                  str(folder / "ckpt"), "--metrics", str(folder / "live")]  # fmt: skip
         if stage == "sft":
             return [
                 sys.executable,
@@ -162,7 +164,7 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
 
     whole = subprocess.run(command("whole"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    expected = live.summary(tmp_path / "whole" / "live")
 
     victim = subprocess.Popen(command("killed"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
@@ -173,12 +175,25 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "killed" / "models" / output).exists()  # nothing that looks complete
+    assert (tmp_path / "killed" / "live" / "plots").exists()
+    shutil.rmtree(tmp_path / "killed" / "live")  # what `dvc repro` does to a stage's outputs before it runs
 
     resumed = subprocess.run(command("killed"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in " ".join(resumed.stdout.split())  # Rich may wrap the line
-    got = json.loads((tmp_path / "killed" / "metrics.json").read_text())
-    timing = {"time/train_s"}
+    got = live.summary(tmp_path / "killed" / "live")
+    timing = {"time/train_s", "train/tokens_per_s"}
     assert {k: v for k, v in got.items() if k not in timing} == pytest.approx(
         {k: v for k, v in expected.items() if k not in timing}, rel=1e-6, abs=1e-7
     )
+    names = live.curves(tmp_path / "whole" / "live")
+    assert {"train/loss_step", "val/loss"} <= set(names)
+    assert live.curves(tmp_path / "killed" / "live") == names
+    # *_epoch: Lightning restarts an epoch's running means when a run resumes inside that epoch, so
+    # the interrupted epoch's value covers the steps after the resume only (the steps still match)
+    for name in set(names) - timing:
+        exact = not name.endswith("_epoch")
+        whole_rows, killed_rows = (live.curve(tmp_path / run / "live", name) for run in ("whole", "killed"))
+        assert [s for s, _ in killed_rows] == [s for s, _ in whole_rows], name  # from step 0, no step twice
+        if exact:
+            assert [v for _, v in killed_rows] == pytest.approx([v for _, v in whole_rows], rel=1e-6, abs=1e-7), name

@@ -222,7 +222,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path, pipeline_r
         shutil.copytree(pipeline_root / "models" / "sft", folder / "models" / "sft")
         command = [sys.executable, "-m", "rsa_pl.pipeline.cli", "train-reward", "--params", str(params),
                    "--data", str(pipeline_root / "data"), "--models", str(folder / "models"),
-                   "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json")]  # fmt: skip
+                   "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "live")]  # fmt: skip
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         if settings["devices"] == 2:

@@ -89,11 +89,12 @@ def test_no_secret_from_the_environment_reaches_logs_checkpoints_or_outputs(
     shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
     console = Console(record=True)
     preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", console,
-                   tmp_path / "metrics" / "train_reward.json")  # fmt: skip
+                   tmp_path / "metrics" / "train_reward")  # fmt: skip
     assert secret not in console.export_text()
     written = [f for f in tmp_path.rglob("*") if f.is_file()]
     assert any(f.name == "last.ckpt" for f in written)
-    assert any(f.name == "metrics.csv" for f in written)
+    assert any(f.name == "curves.jsonl" for f in written)  # the curves' journal, in the checkpoints
+    assert any(f.name == "loss_step.tsv" for f in written)  # dvclive's curves
     leaked = [f for f in written if secret.encode() in f.read_bytes()]
     assert not leaked
 

@@ -22,6 +22,7 @@ from rsa_pl.modules import warmup_cosine
 from rsa_pl.pipeline import prepare, sft
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import resumable_checkpoint
+from tests import live
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -98,24 +99,31 @@ def test_scratch_models_build_from_configs(prepared: tuple[Path, Path], architec
 def test_sft_trains_and_saves_a_loadable_model(tmp_path: Path, prepared: tuple[Path, Path], architecture: str) -> None:
     _, data = prepared
     params = tiny_params(tmp_path, architecture)
-    metrics = sft.run(params, data, tmp_path / "models" / "sft", tmp_path / "ckpt", QUIET, tmp_path / "m" / "sft.json")
+    metrics = sft.run(params, data, tmp_path / "models" / "sft", tmp_path / "ckpt", QUIET, tmp_path / "m")
     out = tmp_path / "models" / "sft"
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert model.config.model_type == architecture
     assert len(tokenizer) == model.config.vocab_size
     saved = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads((tmp_path / "m" / "sft.json").read_text())
+    logged = live.summary(tmp_path / "m")  # dvclive's summary: the final metrics and each curve's last value
+    assert {k: logged[k] for k in metrics} == metrics
     # the model folder holds no wall-clock figures (a rerun of the same model is the same bytes)
     assert saved == {k: v for k, v in metrics.items() if k != "time/train_s"}
     assert metrics["time/train_s"] > 0
     assert metrics["train/steps"] == 6
     for key in ("val/loss", "sample/parse_rate", "sample/redteam_unsafe_rate", "sample/helpful_needless_refusal_rate"):
         assert key in metrics
-    header = (tmp_path / "m" / "sft_curves.csv").read_text().splitlines()[0].split(",")
-    assert {"step", "train/loss_step", "val/loss", "train/tokens_per_s"} <= set(header)
-    own = (out / "curves.csv").read_text().splitlines()[0].split(",")
-    assert set(own) == set(header) - {"train/tokens_per_s"}
+    assert {"train/loss_step", "val/loss", "train/tokens_per_s", "train/lr"} <= set(live.curves(tmp_path / "m"))
+    assert [step for step, _ in live.curve(tmp_path / "m", "train/loss_step")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]  # every step (log_every_n_steps 1)
+    assert not (out / "curves.csv").exists()  # the curves are dvclive's, in the metrics folder only
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
 
@@ -123,10 +131,7 @@ def test_sft_loss_falls(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
     _, data = prepared
     params = tiny_params(tmp_path, max_steps=80, lr=1e-2)
     sft.run(params, data, tmp_path / "out", tmp_path / "ckpt", QUIET)
-    rows = (tmp_path / "out" / "curves.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    column = header.index("train/loss_step")
-    losses = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    losses = [loss for _, loss in live.curve(tmp_path / "ckpt" / "live", "train/loss_step")]  # the default folder
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
@@ -196,7 +201,7 @@ def test_a_pretrained_base_is_saved_as_is_with_the_prepared_tokenizer(tmp_path: 
     data = tmp_path / "data"
     prepare.run(path, data, QUIET)
     assert not (data / "sft").exists()  # a real source has no SFT set: the base is used as it is
-    metrics = sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET, tmp_path / "metrics" / "sft.json")
+    metrics = sft.run(path, data, tmp_path / "out", tmp_path / "ckpt", QUIET, tmp_path / "metrics" / "sft")
     out = tmp_path / "out"
     assert json.loads((out / "base_model.json").read_text()) == {
         "source": str(base), "gguf_file": None, "revision": None, "dtype": "bfloat16", "trust_remote_code": False,
@@ -212,9 +217,9 @@ def test_a_pretrained_base_is_saved_as_is_with_the_prepared_tokenizer(tmp_path: 
     )
     assert metrics["train/steps"] == 0
     assert metrics["base/parameters"] == sum(p.numel() for p in original.parameters())
-    assert json.loads((tmp_path / "metrics" / "sft.json").read_text()) == metrics
-    assert (tmp_path / "metrics" / "sft_curves.csv").read_text() == "step,train/loss_step\n"
-    assert (tmp_path / "ckpt").is_dir()
+    assert live.summary(tmp_path / "metrics" / "sft") == metrics
+    assert live.curve(tmp_path / "metrics" / "sft", "train/loss_step") == []  # declared in dvc.yaml, empty
+    assert not (tmp_path / "ckpt").exists()  # nothing trained, nothing to resume
 
 
 def test_a_log_gets_progress_lines_when_stderr_is_not_a_terminal(

@@ -31,6 +31,10 @@ _out = Console()
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file (see rsa_pl/config.py for every key).")]
+MetricsOption = Annotated[
+    Path,
+    typer.Option("--metrics", help="The stage's dvclive folder: metrics.json and plots/metrics/ (emptied first)."),
+]
 
 
 def _fail(error: Exception, code: int = 2) -> typer.Exit:
@@ -73,11 +77,9 @@ def sft_command(
     data: Annotated[Path, typer.Option("--data", help="The prepare stage's output folder.")] = Path("data"),
     out: Annotated[Path, typer.Option("--out", help="The base model folder to (re)write.")] = Path("models/sft"),
     checkpoints: Annotated[
-        Path, typer.Option("--checkpoints", help="Checkpoints and logs of this stage (kept for resuming).")
+        Path, typer.Option("--checkpoints", help="Checkpoints of this stage (kept for resuming).")
     ] = Path("checkpoints/sft"),
-    metrics: Annotated[
-        Path, typer.Option("--metrics", help="Where to copy metrics.json (and *_curves.csv) for DVC.")
-    ] = Path("metrics/sft.json"),
+    metrics: MetricsOption = Path("metrics/sft"),
 ) -> None:
     """Train the embedded base model on the world's SFT set (or save a pretrained base model as is)."""
     if not (data / "tokenizer").exists():
@@ -152,7 +154,7 @@ def train_reward_command(
     data: DataOption = Path("data"),
     models: ModelsOption = Path("models"),
     checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_reward"),
-    metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_reward.json"),
+    metrics: MetricsOption = Path("metrics/train_reward"),
     pairs: PairsOption = Path("pairs"),
 ) -> None:
     """Stage 1: helpfulness alignment of the SFT model (reference: the SFT model) -> models/reward."""
@@ -165,7 +167,7 @@ def train_safety_command(
     data: DataOption = Path("data"),
     models: ModelsOption = Path("models"),
     checkpoints: Annotated[Path, typer.Option("--checkpoints")] = Path("checkpoints/train_safety"),
-    metrics: Annotated[Path, typer.Option("--metrics")] = Path("metrics/train_safety.json"),
+    metrics: MetricsOption = Path("metrics/train_safety"),
     pairs: PairsOption = Path("pairs"),
 ) -> None:
     """Stage 2: safety realignment of the stage-1 policy (reference: the stage-1 policy) -> models/safety."""

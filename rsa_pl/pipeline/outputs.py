@@ -1,8 +1,8 @@
-"""How stages write their outputs: whole or not at all, and metrics where DVC reads them."""
+"""How stages write their outputs: whole or not at all (the curves and the metrics DVC reads are
+dvclive's: rsa_pl.training.Curves)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -37,40 +37,9 @@ def timing(key: str) -> bool:
     return key.startswith("time/") or key.endswith("tokens_per_s")
 
 
-def write_curves(log_dir: Path, target: Path, timings: bool = True) -> None:
-    """The CSV logger's step-wise metrics, with a stable column order, for `dvc plots` (timings
-    false: less the wall-clock columns, for a model folder)."""
-    source = log_dir / "metrics.csv"
-    if source.exists():
-        rows = list(csv.DictReader(source.open()))
-        keys = sorted({k for r in rows for k, v in r.items() if v not in ("", None) and (timings or not timing(k))})
-        with target.open("w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=keys)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in keys})
-
-
 def write_metrics(folder: Path, metrics: dict[str, float]) -> None:
     """folder/metrics.json (a model folder's): the metrics less the wall-clock ones, so that a
     stage rerun that makes the same model writes the same bytes and DVC reruns nothing after it
     (a base re-saved, or a stage retrained after a code change that leaves its numbers alone)."""
     kept = {k: v for k, v in metrics.items() if not timing(k)}
     (folder / "metrics.json").write_text(json.dumps(kept, indent=2) + "\n")
-
-
-def publish_metrics(
-    out: Path, metrics_file: Path | None, metrics: dict[str, float], log_dir: Path | None = None
-) -> None:
-    """metrics to metrics_file and the curves to <stem>_curves.csv, timings included, for DVC
-    (which forbids metrics inside an output folder; no stage depends on these copies): the curves
-    from the training logs in log_dir, else out/curves.csv."""
-    if metrics_file is None:
-        return
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    curves = metrics_file.with_name(f"{metrics_file.stem}_curves.csv")
-    if log_dir is not None and (log_dir / "metrics.csv").exists():
-        write_curves(log_dir, curves)
-    elif (out / "curves.csv").exists():
-        shutil.copyfile(out / "curves.csv", curves)

@@ -8,9 +8,9 @@ them runs the reverse order (safety first) through the same DAG. Outputs, in Hug
     models/reward/   the stage-1 LoRA adapter (base: models/sft) or full weights, + tokenizer
     models/safety/   the stage-2 policy as full weights (W + dH + dS), its adapter in adapter/
                      (base: models/sft with models/reward folded in), + tokenizer
-plus metrics.json and curves.csv in each, less the wall-clock timings (so that a rerun that
-trains the same model writes the same bytes and DVC reruns nothing after it); with them, to
-metrics/<stage>.json and metrics/<stage>_curves.csv for DVC.
+plus metrics.json in each, less the wall-clock timings (so that a rerun that trains the same
+model writes the same bytes and DVC reruns nothing after it). The curves and the metrics with
+the timings go through dvclive to metrics/<stage>/ (metrics.json, plots/metrics/) for DVC.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from rsa_pl.models import (
 from rsa_pl.modules import PreferenceModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import base_model, trusts_code
-from rsa_pl.pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
-from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
+from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
+from rsa_pl.training import build_trainer, mark_finished, record_summary, resumable_checkpoint
 
 # stage -> (output folder in models/, the stage whose policy is the reference); the pairs
 # each trains on are a param (pairs: helpful | safety), so the reverse order is one swap
@@ -116,8 +116,9 @@ def pairs_path(data: Path, made: Path | None, folder: str) -> Path:
 
 
 def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Path, console: Console,
-        metrics_file: Path | None = None, made_pairs: Path | None = None) -> dict[str, float]:  # fmt: skip
+        metrics_dir: Path | None = None, made_pairs: Path | None = None) -> dict[str, float]:  # fmt: skip
     """Train one preference stage into models/<reward|safety>; return its final metrics.
+    metrics_dir: the dvclive folder of its curves and metrics (default checkpoints/live);
     made_pairs: the pairs stage's folder (used when it holds this stage's pairs)."""
     params = load_params(params_path)
     name, previous = STAGES[stage]
@@ -125,18 +126,18 @@ def run(stage: str, params_path: Path, data: Path, models: Path, checkpoints: Pa
     staging = staging_for(out)
     try:
         pairs = pairs_path(data, made_pairs, pairs_folder(getattr(params, stage)))
-        metrics = _train(params, stage, pairs, models, previous, staging, checkpoints, console, data)
+        live_dir = checkpoints / "live" if metrics_dir is None else metrics_dir
+        metrics = _train(params, stage, pairs, models, previous, staging, checkpoints, console, data, live_dir)
         if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
             return {}
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    publish_metrics(out, metrics_file, metrics, checkpoints / "logs")
     return metrics
 
 
 def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str | None, staging: Path,
-           checkpoints: Path, console: Console, data: Path) -> dict[str, float] | None:  # fmt: skip
+           checkpoints: Path, console: Console, data: Path, live_dir: Path) -> dict[str, float] | None:  # fmt: skip
     section = getattr(params, stage)
     train = section.train
     identity = {
@@ -147,7 +148,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     }
     resume, note = resumable_checkpoint(checkpoints, identity)
     # before anything loads: a strategy or device this machine lacks fails here, in one line
-    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where=f"{stage}.train")
+    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where=f"{stage}.train", live_dir=live_dir)
     L.seed_everything(train.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     policy, reference, reference_adapters = policy_and_reference(section, models, previous)
@@ -169,7 +170,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
     write_metrics(staging, metrics)
-    write_curves(checkpoints / "logs", staging / "curves.csv", timings=False)
+    record_summary(trainer, metrics)
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

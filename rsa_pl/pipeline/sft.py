@@ -5,12 +5,12 @@ its own dtype, with the tokenizer prepare used, so that every later stage reads 
 DVC caches the exact weights the run used (a hub id's revision can move), and base_model.json
 records where they came from.
 
-Writes models/sft/ (HF model + tokenizer, metrics.json, curves.csv) atomically, and
-metrics.json and curves.csv to metrics/ for `dvc metrics` / `dvc plots` (DVC forbids metrics
-inside an output folder). Wall-clock timings go to metrics/ only: models/sft holds the same bytes
-whenever it holds the same model, so a rerun that changes nothing reruns nothing after it.
-Checkpoints and logs live in checkpoints/sft/ (persisted by DVC)
-so that a killed run resumes.
+Writes models/sft/ (HF model + tokenizer, metrics.json) atomically, and logs through dvclive to
+metrics/sft/ (metrics.json, plots/metrics/: what `dvc metrics`, `dvc plots` and `dvc exp show`
+read; DVC forbids metrics inside an output folder). Wall-clock timings go to metrics/sft/ only:
+models/sft holds the same bytes whenever it holds the same model, so a rerun that changes nothing
+reruns nothing after it. Checkpoints live in checkpoints/sft/, which DVC does not track (so that
+its run-cache can restore the stage), so that a killed run resumes.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from rsa_pl.models import build_scratch_model, count_parameters, load_causal_lm,
 from rsa_pl.modules import SFTModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import BASE_RECORD
-from rsa_pl.pipeline.outputs import flat_numbers, publish_metrics, staging_for, swap_in, write_curves, write_metrics
-from rsa_pl.training import build_trainer, mark_finished, resumable_checkpoint
+from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
+from rsa_pl.training import build_trainer, live, mark_finished, record_summary, resumable_checkpoint
 
 
 def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> dict[str, float]:
@@ -58,27 +58,29 @@ def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> d
 
 
 def run(
-    params_path: Path, data: Path, out: Path, checkpoints: Path, console: Console, metrics_file: Path | None = None
+    params_path: Path, data: Path, out: Path, checkpoints: Path, console: Console, metrics_dir: Path | None = None
 ) -> dict[str, float]:
-    """Train (or record) the base model into out; the metrics also go to metrics_file for DVC."""
+    """Train (or record) the base model into out; its curves and metrics go to the dvclive folder
+    metrics_dir (default checkpoints/live)."""
     params = load_params(params_path)
+    metrics_dir = checkpoints / "live" if metrics_dir is None else metrics_dir
     staging = staging_for(out)
     try:
         if params.sft.model.kind == "pretrained":
-            metrics = _materialize(params, data, staging, checkpoints, console)
+            metrics = _materialize(params, data, staging, checkpoints, console, metrics_dir)
         else:
-            metrics = _train(params, data, staging, checkpoints, console)
+            metrics = _train(params, data, staging, checkpoints, console, metrics_dir)
         if metrics is None:  # a DDP rank other than 0: rank 0 writes the outputs
             return {}
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logs = None if params.sft.model.kind == "pretrained" else checkpoints / "logs"
-    publish_metrics(out, metrics_file, metrics, logs)
     return metrics
 
 
-def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float]:
+def _materialize(
+    params: Params, data: Path, staging: Path, checkpoints: Path, console: Console, metrics_dir: Path
+) -> dict[str, float]:
     """The pretrained base as a local folder: its weights in their own dtype (lossless, no float32
     copy of a bf16 7B), data/tokenizer (the one prepare tokenized with), base_model.json."""
     m = params.sft.model
@@ -101,19 +103,27 @@ def _materialize(params: Params, data: Path, staging: Path, checkpoints: Path, c
     seconds = time.perf_counter() - started
     metrics = {"base/parameters": float(count_parameters(model)), "train/steps": 0.0, "time/load_s": seconds}
     write_metrics(staging, metrics)
-    (staging / "curves.csv").write_text("step,train/loss_step\n")  # nothing trained: the plot DVC declares, empty
-    checkpoints.mkdir(parents=True, exist_ok=True)  # declared by dvc.yaml; nothing to resume
+    run = live(metrics_dir)
+    for name, value in metrics.items():
+        run.log_metric(name, value, plot=False)
+    run.make_summary()
+    # nothing trained: the loss curve dvc.yaml declares (metrics/sft/plots/metrics), empty
+    empty = metrics_dir / "plots" / "metrics" / "train" / "loss_step.tsv"
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_text("step\tloss_step\n")
     console.print(f"sft: base model {m.name_or_path} ({count_parameters(model):,} parameters, {record['dtype']}), "
                   f"saved as is: nothing trained")  # fmt: skip
     return metrics
 
 
-def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console: Console) -> dict[str, float] | None:
+def _train(
+    params: Params, data: Path, staging: Path, checkpoints: Path, console: Console, metrics_dir: Path
+) -> dict[str, float] | None:
     train = params.sft.train
     identity = {"sft": params.sft.model_dump(), "prepare": params.prepare.model_dump()}
     resume, note = resumable_checkpoint(checkpoints, identity)
     # before anything loads: a strategy or device this machine lacks fails here, in one line
-    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where="sft.train")
+    trainer = build_trainer(train, checkpoints / "logs", checkpoints, where="sft.train", live_dir=metrics_dir)
     L.seed_everything(train.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     model = build_scratch_model(params.sft.model, tokenizer)
@@ -136,7 +146,7 @@ def _train(params: Params, data: Path, staging: Path, checkpoints: Path, console
     if params.prepare.source.kind == "embedded":
         metrics |= _sample_quality(params, model, tokenizer, data)
     write_metrics(staging, metrics)
-    write_curves(checkpoints / "logs", staging / "curves.csv", timings=False)
+    record_summary(trainer, metrics)
     mark_finished(checkpoints)
     console.print_json(json.dumps(metrics))
     return metrics

@@ -1,4 +1,16 @@
-"""LightningModules: thin wrappers from a batch to the losses of rsa_pl.losses, with logging."""
+"""LightningModules: thin wrappers from a batch to the losses of rsa_pl.losses, with logging.
+
+Validation numbers are means over the whole validation set, accumulated in torchmetrics
+MeanMetric objects and logged as such: Lightning computes them once at the end of the
+validation epoch, and torchmetrics sums their (sum, count) states over DDP ranks, so that the
+number is the same whichever way the set is split over ranks and batches: val/loss of SFT is
+the mean over every response token, the preference stages' val/* the means over pairs.
+Lightning's own epoch mean (`self.log(value, batch_size=n)`) is exact on one process, but its
+sync_dist averages the ranks' summed batch sizes in integer arithmetic (lightning 2.6: an odd
+total of 7 pairs counts as 3 per rank instead of 3.5), which is wrong whenever the ranks' shares
+differ. NaN is kept (nan_strategy disable: a diverged model must show), and no weights are
+passed: torchmetrics 1.9 drops them under that strategy (torchmetrics#3434).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +23,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
 
 from rsa_pl.config import TrainParams
 from rsa_pl.data.tokenize import IGNORE_INDEX
-from rsa_pl.losses import preference_loss_from_logits
+from rsa_pl.losses import preference_loss, preference_loss_from_logits
 from rsa_pl.models import only_adapters
 
 
@@ -142,24 +155,38 @@ class _TrainingModule(L.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 
-class SFTModule(_TrainingModule):
-    """Next-token cross-entropy on response tokens (labels -100 on the prompt and padding)."""
+def _validation_mean() -> MeanMetric:
+    """A mean over every value given to it in a validation epoch, on every rank (module docstring)."""
+    return MeanMetric(nan_strategy="disable")
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+
+class SFTModule(_TrainingModule):
+    """Next-token cross-entropy on response tokens (labels -100 on the prompt and padding).
+    val/loss: the mean over every response token of the validation set."""
+
+    def __init__(self, model: PreTrainedModel, train: TrainParams, stage: str = "train") -> None:
+        super().__init__(model, train, stage)
+        self.val_loss = _validation_mean()
+
+    def _token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy at every position (N*T,) and the mask of response targets (N*T,)."""
         keep = logits_window(batch["labels"])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logits = self.model(**inputs, logits_to_keep=keep).logits
         logits, targets, mask = next_token_targets(logits, batch["labels"][:, -keep:])
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1)
-        self.log(f"{split}/loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True, batch_size=len(mask))
-        return loss
+        return losses, mask.flatten()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return self.checked(self._step(batch, "train"), batch_idx)
+        losses, mask = self._token_losses(batch)
+        loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return self.checked(loss, batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        losses, mask = self._token_losses(batch)
+        self.val_loss.update(losses[mask])
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
 
 
 class PreferenceModule(_TrainingModule):
@@ -184,6 +211,13 @@ class PreferenceModule(_TrainingModule):
         self.objective, self.reference, self.reference_adapters = objective, reference, reference_adapters
         if reference is not None:
             reference.requires_grad_(False)
+        # "loss" and preference_loss's metric names for this objective (risk/* only with a measure)
+        one = torch.zeros(1)
+        risk = one if objective["measure"] is not None else None
+        _, names = preference_loss(one, one, one, one, risk, risk, beta=objective["beta"], alpha=objective["alpha"],
+                                   variant=objective["variant"])  # fmt: skip
+        # keys without "/" (a module name); torchmetrics objects must be attributes for Lightning to log them
+        self.val_means = torch.nn.ModuleDict({_key(n): _validation_mean() for n in ("loss", *names)})
 
     @torch.inference_mode()
     def reference_logits(self, batch: dict[str, Tensor], keep: int = 0) -> Tensor:
@@ -212,18 +246,23 @@ class PreferenceModule(_TrainingModule):
         ref_logits, _, _ = next_token_targets(ref_logits, labels)
         return preference_loss_from_logits(logits, ref_logits, targets, mask, **self.objective)
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         losses, metrics = self.losses(batch)
         loss = losses.mean()
-        on_step = split == "train"
         pairs = len(losses)
-        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=pairs)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=pairs)
         for name, values in metrics.items():
-            self.log(f"{split}/{name}", values.mean(), on_step=on_step, on_epoch=True, batch_size=pairs)
-        return loss
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return self.checked(self._step(batch, "train"), batch_idx)
+            self.log(f"train/{name}", values.mean(), on_step=True, on_epoch=True, batch_size=pairs)
+        return self.checked(loss, batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        """val/loss and val/<metric>: means over every validation pair."""
+        losses, metrics = self.losses(batch)
+        for name, values in {"loss": losses.detach(), **metrics}.items():
+            mean = self.val_means[_key(name)]
+            mean.update(values)
+            self.log(f"val/{name}", mean, prog_bar=name == "loss", on_step=False, on_epoch=True)
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "_")

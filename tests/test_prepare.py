@@ -24,6 +24,7 @@ from rsa_pl.data.tokenize import IGNORE_INDEX, PromptFormat, PromptTooLongError,
 from rsa_pl.params_file import ParamsError, load_params
 from rsa_pl.pipeline import prepare
 from rsa_pl.pipeline.cli import app
+from tests import live
 from tests.test_real_dag import copy_repo
 from tests.test_sources import CURRENT_PKU_ROWS, write_current_pku
 
@@ -623,8 +624,10 @@ def test_cli_prepare_bad_rows_go_to_rejects(tmp_path: Path, saved_tokenizer: Pat
 @pytest.mark.slow
 def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     """The real DVC, offline, in a copy of the repository with a small world and model: a full
-    run, a no-op rerun, a second full run (`--force`) that must give byte-identical results,
-    and an experiment."""
+    run, a no-op rerun, a second full run (`--force`) that must give byte-identical results, an
+    experiment that dvc exp show / dvc plots show read, the same experiment again restored from
+    the run-cache, and a push / clone / pull round trip through a local remote that leaves the
+    clone up to date (dvc status clean, dvc repro runs nothing) with the experiment shared too."""
     repo = tmp_path / "repo"
     copy_repo(repo)
     shutil.copy2(small_params(tmp_path), repo / "params.yaml")
@@ -635,16 +638,17 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     first = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     assert json.loads((repo / "data" / "report.json").read_text())["counts"]["eval_redteam"] == 16
-    assert json.loads((repo / "metrics" / "sft.json").read_text())["train/steps"] == 4
+    assert live.summary(repo / "metrics" / "sft")["train/steps"] == 4
     assert (repo / "models" / "sft" / "model.safetensors").exists()
     assert (repo / "models" / "reward" / "adapter_config.json").exists()
-    assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 3
+    assert live.summary(repo / "metrics" / "train_safety")["train/steps"] == 3
+    assert "val/loss" in live.curves(repo / "metrics" / "train_safety")
     assert (repo / "models" / "merged" / "q0_5" / "model.safetensors").exists()
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     assert evaluated["sft.helpful_win_rate"] == 0.5
     assert "q0_5.cost_cvar_0_05" in evaluated
     shown = subprocess.run([*dvc, "metrics", "show"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
-    assert "sample/parse_rate" in shown.stdout
+    assert "sample.parse_rate" in shown.stdout  # dvclive nests sample/parse_rate; DVC joins with dots
     assert "safety.unsafe_rate" in shown.stdout
     again = subprocess.run([*dvc, "repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0
@@ -656,18 +660,28 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
                "data/report.json", "data/rejects.jsonl"]  # fmt: skip
     before = {name: (repo / name).read_bytes() for name in results}
     timing = ("time/", "tokens_per_s")
-    trained = {f.name: {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith(timing[0])
-                        and timing[1] not in k} for f in (repo / "metrics").glob("*.json")}  # fmt: skip
+    stages = ("sft", "train_reward", "train_safety")
+
+    def trained_now() -> dict[str, object]:
+        """Each training stage's metrics and curves, less the wall-clock ones."""
+        found: dict[str, object] = {}
+        for stage in stages:
+            folder = repo / "metrics" / stage
+            found[stage] = {k: v for k, v in live.summary(folder).items() if not k.startswith(timing[0])
+                            and timing[1] not in k}  # fmt: skip
+            found |= {f"{stage}:{c}": live.curve(folder, c) for c in live.curves(folder) if timing[1] not in c}
+        return found
+
+    trained = trained_now()
     forced = subprocess.run([*dvc, "repro", "--force"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert re.findall(r"Running stage '(\w+)'", forced.stdout) == [
         "prepare", "sft", "make_pairs", "train_reward", "train_safety", "merge", "evaluate"]  # fmt: skip
     for name in results:
         assert (repo / name).read_bytes() == before[name], f"{name} differs between two full runs"
-    for f in (repo / "metrics").glob("*.json"):
-        again_trained = {k: v for k, v in json.loads(f.read_text()).items() if not k.startswith(timing[0])
-                         and timing[1] not in k}  # fmt: skip
-        assert again_trained == trained[f.name], f.name
+    again_trained = trained_now()
+    for key, value in trained.items():
+        assert again_trained[key] == value, key
 
     # An experiment: commit the run, `dvc exp run -S` an evaluate param; only evaluate re-runs, and
     # `dvc params diff` / `dvc metrics diff` show the change against the committed run.
@@ -692,6 +706,61 @@ def test_dvc_repro_runs_the_pipeline(tmp_path: Path) -> None:
     assert "eval/metrics.json" in metrics_diff.stdout
     changed = [line.split()[1] for line in metrics_diff.stdout.splitlines() if line.startswith("eval/metrics.json")]
     assert changed, metrics_diff.stdout  # sampling at another temperature moved some eval metric
+    shared_rounds(repo, dvc, git)
+
+
+def shared_rounds(repo: Path, dvc: list[str], git: dict[str, str]) -> None:
+    """After test_dvc_repro_runs_the_pipeline's experiment: what DVC users do next."""
+
+    def run(*args: str, cwd: Path = repo) -> str:
+        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=git, timeout=300)
+        assert done.returncode == 0, f"{' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done.stdout
+
+    # dvc exp show and dvc plots show read the dvclive outputs of the experiment
+    shown = run(*dvc, "exp", "show", "--json")
+    assert "metrics/train_safety/metrics.json" in shown
+    assert '"temperature": 0.5' in shown  # the experiment's param, beside its metrics
+    plots = run(*dvc, "plots", "show", "--json", "-o", str(repo.parent / "plots"))
+    assert "metrics/train_reward/plots/metrics/val/loss.tsv" in plots
+    assert "eval/plots/frontier.csv" in plots
+
+    # an experiment queued again once it has finished (--temp: the queue's executor, in the
+    # foreground) is restored from the run-cache, training stages included: nothing runs
+    first = run(*dvc, "exp", "run", "--temp", "-S", "train_safety.train.seed=7")
+    assert re.findall(r"Running stage '(\w+)'", first) == ["train_safety", "merge", "evaluate"], first
+    again = run(*dvc, "exp", "run", "--temp", "-S", "train_safety.train.seed=7")
+    assert re.findall(r"Running stage '(\w+)'", again) == [], again
+    for stage in ("train_safety", "merge", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run" in again, again
+
+    # a local-directory remote (DVC's own; s3/gs/azure/ssh work the same through their plugins)
+    storage, origin, clone = repo.parent / "storage", repo.parent / "origin.git", repo.parent / "clone"
+    run("git", "checkout", "-q", "--", ".")  # the workspace back to the committed run
+    run(*dvc, "checkout", "--force")
+    run(*dvc, "remote", "add", "--default", "storage", str(storage))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "remote")
+    run(*dvc, "push")
+    run("git", "init", "-q", "--bare", str(origin))
+    run("git", "remote", "add", "origin", str(origin))
+    run("git", "push", "-q", "origin", "HEAD:main")
+    experiments = run(*dvc, "exp", "list", "--all-commits", "--name-only").split()
+    assert len(experiments) >= 2, experiments
+    run(*dvc, "exp", "push", "origin", *experiments)
+
+    run("git", "clone", "-q", "--branch", "main", str(origin), str(clone), cwd=repo.parent)
+    run(*dvc, "pull", cwd=clone)
+    status = run(*dvc, "status", cwd=clone)
+    assert "up to date" in status, status
+    rerun = run(*dvc, "repro", cwd=clone)
+    assert re.findall(r"Running stage '(\w+)'", rerun) == [], rerun
+    assert (clone / "models" / "safety" / "model.safetensors").read_bytes() == (
+        repo / "models" / "safety" / "model.safetensors"
+    ).read_bytes()
+    run(*dvc, "exp", "pull", "origin", *experiments, cwd=clone)
+    assert set(run(*dvc, "exp", "list", "--all-commits", "--name-only", cwd=clone).split()) == set(experiments)
+    assert "metrics/train_safety/metrics.json" in run(*dvc, "exp", "show", "--json", cwd=clone)
 
 
 def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path: Path) -> None:

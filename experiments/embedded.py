@@ -4,13 +4,13 @@ experiments of the one DAG, then reports/embedded.md from their metrics.
     python experiments/embedded.py run      # queue what is missing, run the queue, write the report
     python experiments/embedded.py report   # collect the experiments' metrics, write the report
 
-`run` is resumable: experiments that already finished (by name, on any commit: see
-existing_experiments) are not queued again, and a failed one is queued again on the next `run`.
-The headline comparison runs first for every seed, then the sweeps (grid.queue_order).
-Each experiment runs in its own DVC temp workspace; prepare and sft are checked out from the
-DVC cache (the baseline's dvc.lock), so every method of every seed starts from the same SFT
-model, as in the paper (checkpoints/sft, which the lock also names, is copied into each:
-without it DVC would train sft again).
+`run` queues every experiment again and DVC does the bookkeeping: an experiment that already
+finished is restored from DVC's run-cache (every stage "is cached - skipping run": seconds, not
+minutes), a failed or new one runs. The headline comparison runs first for every seed, then the
+sweeps (grid.queue_order). Each experiment runs in its own DVC temp workspace; prepare and sft
+come from the DVC cache (the baseline's dvc.lock), so every method of every seed starts from the
+same SFT model, as in the paper. What is left here is what DVC does not do: choosing what to
+queue, restarting a stalled queue, and the report.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ from experiments.grid import SEEDS, SETTINGS, queue_order  # noqa: E402
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(highlight=False)
 RUNS = ROOT / "reports" / "embedded" / "runs.json"
-# The sft stage's checkpoint folder is an uncached (persist) output: a temp workspace without it
-# would see sft as changed and train it again in every experiment, so it is copied in.
-SFT_CHECKPOINTS = "checkpoints/sft"
 WORKER_GRACE_S = 120.0  # seconds a queue may sit with tasks queued and none running before workers start again
 
 
@@ -82,14 +79,6 @@ def _env(jobs: int) -> dict[str, str]:
     return env
 
 
-def existing_experiments() -> set[str]:
-    """Names of the experiments that finished, on any commit (dvc exp list --all-commits): a run
-    resumes after commits that change no stage. After a change to the stages' code or params,
-    remove the old ones first (dvc exp remove --all-commits) so that everything runs again."""
-    out = _dvc("exp", "list", "--all-commits", "--name-only")
-    return {line.strip() for line in out.splitlines() if line.strip()}
-
-
 def parse_queue_status(text: str) -> tuple[dict[str, str], int]:
     """(name -> Queued | Running | Success | Failed, workers alive) from dvc queue status's output."""
     status: dict[str, str] = {}
@@ -121,7 +110,8 @@ def run(
     poll: Annotated[float, typer.Option(help="Seconds between queue polls.")] = 30.0,
     queue_only: Annotated[bool, typer.Option(help="Only queue (workers already running pick them up).")] = False,
 ) -> None:
-    """Queue every missing (setting, seed) experiment, run the queue, then write the report."""
+    """Queue every (setting, seed) experiment (finished ones come back from the run-cache), run
+    the queue, then write the report."""
     started = time.monotonic()
     chosen = [s for s in SETTINGS if not only or s.name in only]
     unknown = set(only or []) - {s.name for s in SETTINGS}
@@ -132,26 +122,26 @@ def run(
         _dvc("checkout")
     except ExperimentError as error:  # a fresh clone without the cache: repro builds them
         console.print(f"embedded: {error}")
-    _dvc("repro", "sft", capture=False)  # a no-op when models/sft and checkpoints/sft match dvc.lock
-    done = existing_experiments()
+    _dvc("repro", "sft", capture=False)  # a no-op when models/sft matches dvc.lock
     pending = queue_status()
-    queued = 0
+    queued: list[str] = []
     for setting, seed in queue_order(tuple(seeds or SEEDS)):  # the headline comparison first
         name = setting.experiment(seed)
-        if setting not in chosen or name in done or pending.get(name) in {"Queued", "Running"}:
+        if setting not in chosen or pending.get(name) in {"Queued", "Running"}:
             continue
         sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
-        _dvc("exp", "run", "--queue", "-n", name, "--copy-paths", SFT_CHECKPOINTS, *sets)
-        queued += 1
-    console.print(f"embedded: {queued} experiments queued, {len(done)} already done")
+        # --force: a finished experiment of that name is replaced by its restored self
+        _dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
+        queued.append(name)
+    console.print(f"embedded: {len(queued)} experiments queued (finished ones are restored from the run-cache)")
     if queue_only:
         return
     console.print(f"embedded: running the queue with {jobs} jobs")
     if queued or any(v in {"Queued", "Running"} for v in pending.values()):
         start_workers(jobs)
         _wait(poll, jobs)
-    status, finished = queue_status(), existing_experiments()
-    failed = sorted(name for name, state in status.items() if state == "Failed" and name not in finished)
+    status = queue_status()  # a name's newest task last
+    failed = sorted(name for name in queued if status.get(name) == "Failed")
     minutes = (time.monotonic() - started) / 60
     console.print(f"embedded: queue finished after {minutes:.1f} min")
     report()

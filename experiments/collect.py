@@ -2,10 +2,11 @@
 
 collect: `dvc exp show --json` (every commit) -> the grid's experiments' params and metrics, plus
 their per-category metrics and red-team cost tails (committed files of each experiment's commit)
--> one dict, saved as reports/embedded/runs.json. Policy names are normalised on the way in
-(normalise: a merged policy is `q0_5`, as merge now names it, not the older `q0.5`) so that runs
-from before and after the rename compare in one report; train_metric reads a stage's training
-metrics in either file layout.
+-> one dict, saved as reports/embedded/runs.json. Names are normalised on the way in (normalise:
+a merged policy is `q0_5`, as merge now names it, not the older `q0.5`; a tail metric is
+`cost_cvar_0_05`, as evaluate now names it, not the older `cost_cvar_0.05`) so that runs from
+before and after the renames compare in one report; train_metric reads a stage's training metrics
+in either file layout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from experiments.grid import SEEDS, SETTINGS
 EXPERIMENT_FILES = ("eval/per_category.json", "eval/plots/cost_tail.csv")
 # a merged policy's name before the rename: q then the ratio with a dot (q0.5, q0.25); q0 and q1 had none
 _OLD_MERGED = re.compile(r"^q(\d+)\.(\d+)(?=\.|$)")
+# a tail metric's name before the rename: cost_cvar_ then the level with a dot (cost_cvar_0.05, and
+# 1.5e-05's cost_cvar_1.5e-05), as a whole part of a key; levels :g writes without a dot had none
+_OLD_CVAR = re.compile(r"(^|\.)cost_cvar_(\d+)\.(\d+(?:e[+-]?\d+)?)(?=\.|$)")
 
 
 def policy_name(name: str) -> str:
@@ -33,20 +37,51 @@ def policy_name(name: str) -> str:
     return _OLD_MERGED.sub(r"q\1_\2", name)
 
 
+def metric_name(name: str) -> str:
+    """A metric's name as evaluate writes it now: cost_cvar_0.05 -> cost_cvar_0_05, cost_cvar_0.1 ->
+    cost_cvar_0_1; other metrics and names already new are unchanged. Also renames the metric part
+    of a key (q0_5.cost_cvar_0.05.ci95_low -> q0_5.cost_cvar_0_05.ci95_low), not its policy's."""
+    return _OLD_CVAR.sub(r"\1cost_cvar_\2_\3", name)
+
+
+def key_name(key: str) -> str:
+    """An eval/metrics.json key (<policy>.<metric>[.n|.ci95_low|.ci95_high]) in the new spelling of
+    both its policy and its metric: q0.5.cost_cvar_0.05 -> q0_5.cost_cvar_0_05."""
+    return metric_name(policy_name(key))
+
+
+def _dotless(x: float) -> str:
+    """x as a name's part (rsa_pl.evaluation.report.dotless): 0.05 -> 0_05, 1.0 -> 1."""
+    return f"{x:g}".replace(".", "_")
+
+
 def merged_policy(q: float) -> str:
     """The name of the policy merged at ratio q (0.5 -> q0_5, 1.0 -> q1)."""
-    return "q" + f"{q:g}".replace(".", "_")
+    return "q" + _dotless(q)
+
+
+def cvar_key(level: float) -> str:
+    """The metric of the cost's upper CVaR at tail mass level (0.05 -> cost_cvar_0_05), as
+    rsa_pl.evaluation.report.cvar_key names it."""
+    return "cost_cvar_" + _dotless(level)
 
 
 def normalise(runs: dict[str, Any]) -> dict[str, Any]:
-    """runs (collect's dict, of any age) with every policy name in the new spelling: the keys of
-    each experiment's eval metrics, per-category metrics and cost tails. Idempotent."""
+    """runs (collect's dict, of any age) with every policy and metric name in the new spelling: the
+    keys of each experiment's eval metrics, per-category metrics (policies and each category's
+    metrics) and cost tails (policies). Idempotent; runs is not changed in place."""
     experiments = {}
     for name, record in runs["experiments"].items():
+        per_category = {
+            policy_name(policy): {
+                category: {metric_name(k): v for k, v in metrics.items()} for category, metrics in categories.items()
+            }
+            for policy, categories in record.get("per_category", {}).items()
+        }
         experiments[name] = {
             **record,
-            "eval": {policy_name(k): v for k, v in record["eval"].items()},
-            "per_category": {policy_name(k): v for k, v in record.get("per_category", {}).items()},
+            "eval": {key_name(k): v for k, v in record["eval"].items()},
+            "per_category": per_category,
             "cost_tail": {policy_name(k): v for k, v in record.get("cost_tail", {}).items()},
         }
     return {**runs, "experiments": experiments}

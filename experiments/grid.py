@@ -129,6 +129,12 @@ def queue_order(seeds: tuple[int, ...] = SEEDS) -> list[tuple[Setting, int]]:
     return sorted(pairs, key=lambda p: (p[0].priority, p[1], index[p[0].name]))
 
 
+def _merged(q: float) -> str:
+    """The policy merged at ratio q as merge names it (0.5 -> q0_5): collect.merged_policy's rule,
+    written out here because collect imports this module."""
+    return "q" + f"{q:g}".replace(".", "_")
+
+
 @dataclass(frozen=True)
 class Method:
     """A row of the report: one policy of one setting."""
@@ -144,25 +150,25 @@ def _methods() -> tuple[Method, ...]:
         Method("SFT", "tdpo", "sft", "baselines"),  # every experiment evaluates SFT; tdpo runs first for each seed
         Method("DPO (helpfulness only)", "sacpo", "reward", "baselines"),
         Method("SACPO (DPO then DPO)", "sacpo", "safety", "baselines"),
-        *(Method(f"P-SACPO q={q:g}", "sacpo", f"q{q:g}", "baselines") for q in Q_PATH),
+        *(Method(f"P-SACPO q={q:g}", "sacpo", _merged(q), "baselines") for q in Q_PATH),
         Method("DPO lr 5e-4 (helpfulness only)", "sacpo-lr5e-4", "reward", "baselines"),
         Method("SACPO lr 5e-4", "sacpo-lr5e-4", "safety", "baselines"),
-        *(Method(f"P-SACPO lr 5e-4 q={q:g}", "sacpo-lr5e-4", f"q{q:g}", "baselines") for q in Q_PATH),
+        *(Method(f"P-SACPO lr 5e-4 q={q:g}", "sacpo-lr5e-4", _merged(q), "baselines") for q in Q_PATH),
         Method("SACPO lr 5e-4 beta_2 0.1", "sacpo-lr5e-4-b0.1", "safety", "baselines"),
-        Method("P-SACPO lr 5e-4 beta_2 0.1 q=0.5", "sacpo-lr5e-4-b0.1", "q0.5", "baselines"),
+        Method("P-SACPO lr 5e-4 beta_2 0.1 q=0.5", "sacpo-lr5e-4-b0.1", _merged(0.5), "baselines"),
         Method("TDPO (helpfulness only)", "tdpo", "reward", "baselines"),
         Method("TDPO then TDPO", "tdpo", "safety", "baselines"),
         Method("RSA stage 1 (cvar 0.95, helpfulness only)", "rsa-cvar-0.95", "reward", "RSA"),
     ]
     rows += [Method(f"RSA cvar mu={mu:g}", f"rsa-cvar-{mu:g}", "safety", "RSA") for mu in (0.9, 0.95, 0.99)]
-    rows += [Method(f"RSA(P) cvar 0.95 q={q:g}", "rsa-cvar-0.95", f"q{q:g}", "RSA") for q in Q_PATH]
+    rows += [Method(f"RSA(P) cvar 0.95 q={q:g}", "rsa-cvar-0.95", _merged(q), "RSA") for q in Q_PATH]
     rows += [Method(f"RSA erm mu={mu:g}", f"rsa-erm-{mu:g}", "safety", "RSA") for mu in (1, 2, 5)]
     rows += [
         Method("RSA cvar 0.95 alpha=0.25", "rsa-cvar-0.95-a0.25", "safety", "RSA"),
         Method("RSA cvar 0.95 alpha=1", "rsa-cvar-0.95-a1", "safety", "RSA"),
         Method("RSA cvar 0.95 safety only (stage 1 of the reverse order)", REVERSE, "reward", "RSA"),
         Method("RSA cvar 0.95 safety first, then helpfulness", REVERSE, "safety", "RSA"),
-        Method("RSA(P) cvar 0.95 safety first, q=0.5", REVERSE, "q0.5", "RSA"),
+        Method("RSA(P) cvar 0.95 safety first, q=0.5", REVERSE, _merged(0.5), "RSA"),
     ]
     return tuple(rows)
 

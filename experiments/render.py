@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
 
-from experiments.collect import collect, merged_policy, normalise, policy_name, train_metric
+from experiments.collect import collect, cvar_key, merged_policy, normalise, policy_name, train_metric
 from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, Method
 from experiments.stats import (
     LEVEL,
@@ -58,7 +58,7 @@ STAGES = ("train_reward", "train_safety")
 def _metrics(runs: Runs) -> list[tuple[str, str, str]]:
     return [
         *BASE_METRICS,
-        *((f"cost_cvar_{t}", f"CVaR{float(t) * 100:g}% cost", ".2f") for t in runs.tail_levels),
+        *((cvar_key(t), f"CVaR{t * 100:g}% cost", ".2f") for t in runs.tail_levels),
         *TRAILING_METRICS,
     ]
 
@@ -68,7 +68,7 @@ def _name(key: str, runs: Runs) -> str:
 
 
 def _tail_keys(runs: Runs) -> list[str]:
-    return [f"cost_cvar_{t}" for t in runs.tail_levels]
+    return [cvar_key(t) for t in runs.tail_levels]
 
 
 def _sci(x: float | None) -> str:
@@ -518,14 +518,22 @@ def _change_words(old: float | None, new: float | None) -> str:
 
 DISCUSSION = Path(__file__).with_name("discussion.md")
 _NEW_MERGED = re.compile(r"^q(\d+)_(\d+)(?=\.|$)")
+_NEW_CVAR = re.compile(r"(^|\.)cost_cvar_(\d+)_(\d+(?:e[+-]?\d+)?)(?=\.|$)")
+
+
+def _old_key(key: str) -> str:
+    """An eval key in the spelling before the renames: q0_5.cost_cvar_0_05 -> q0.5.cost_cvar_0.05
+    (collect.key_name's inverse)."""
+    return _NEW_CVAR.sub(r"\1cost_cvar_\2.\3", _NEW_MERGED.sub(r"q\1.\2", key))
 
 
 def runs_digest(runs: dict[str, Any]) -> str:
     """A short digest of the runs' evaluation metrics: the discussion names the runs it reads. Hashed
-    with merged policies in their old spelling (q0.5), so the same runs keep their digest whichever
-    spelling runs.json holds (the discussion was written before the rename)."""
+    with merged policies and tail metrics in their old spelling (q0.5, cost_cvar_0.05), so the same
+    runs keep their digest whichever spelling runs.json holds (the discussion was written before the
+    renames)."""
     evaluation = {
-        name: {_NEW_MERGED.sub(r"q\1.\2", key): value for key, value in record["eval"].items()}
+        name: {_old_key(key): value for key, value in record["eval"].items()}
         for name, record in sorted(normalise(runs)["experiments"].items())
     }
     payload = json.dumps(evaluation, sort_keys=True)

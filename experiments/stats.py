@@ -17,11 +17,12 @@ from typing import Any
 
 from scipy import stats
 
-from experiments.collect import normalise, policy_name
+from experiments.collect import key_name, normalise
 from experiments.grid import SEEDS, SETTINGS, Method
 
 LEVEL = 0.95  # two-sided confidence of the paired intervals
-_CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:\.\d+)?(?:e-?\d+)?)$")
+# a tail metric's key (after normalise): <policy>.cost_cvar_<level, dotless: 0_05, 1_5e-05>, not its .n, .ci95_*
+_CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:_\d+)?(?:e[+-]?\d+)?)$")
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -104,14 +105,14 @@ class Runs:
         self.settings = {s.name: s for s in SETTINGS}
         levels = set()
         for record in self.experiments.values():
-            levels |= {m[1] for k in record["eval"] if (m := _CVAR_KEY.search(k))}  # not its .n, .ci95_*
-        self.tail_levels = sorted(levels, key=float, reverse=True)
+            levels |= {float(m[1].replace("_", ".")) for k in record["eval"] if (m := _CVAR_KEY.search(k))}
+        self.tail_levels: list[float] = sorted(levels, reverse=True)  # the CVaRs' tail masses: 0.1, 0.05
 
     def record(self, setting: str, seed: int) -> dict | None:
         return self.experiments.get(self.settings[setting].experiment(seed))
 
     def by_seed(self, setting: str, policy: str, metric: str) -> dict[int, float]:
-        key = f"{policy_name(policy)}.{metric}"
+        key = key_name(f"{policy}.{metric}")
         found = {}
         for seed in SEEDS:
             record = self.record(setting, seed)

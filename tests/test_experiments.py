@@ -1,7 +1,7 @@
 """The embedded-world experiment (experiments/): its grid is valid params of the one DAG, and the
 report is computed from runs.json as it says (means, spreads, paired differences, frontier): collect
-reads the runs (old and new policy names, both training-metrics layouts), stats gives the numbers
-(scipy's t quantiles), render writes them, every number of its prose read from the runs."""
+reads the runs (old and new policy and tail-metric names, both training-metrics layouts), stats gives
+the numbers (scipy's t quantiles), render writes them, every number of its prose read from the runs."""
 
 from __future__ import annotations
 
@@ -70,8 +70,9 @@ def test_every_method_row_names_a_policy_its_setting_evaluates() -> None:
     by_name = {s.name: s for s in SETTINGS}
     for method in METHODS:
         setting = by_name[method.setting]
-        policies = {"sft", "reward", "safety"} | {f"q{q:g}" for q in setting.q}
+        policies = {"sft", "reward", "safety"} | {collect.merged_policy(q) for q in setting.q}
         assert method.policy in policies, method
+        assert "." not in method.policy, method  # a key's part: <policy>.<metric> splits on dots
     assert len({m.label for m in METHODS}) == len(METHODS)
 
 
@@ -82,11 +83,15 @@ def _fake_runs(
     base: dict | None = None,
     params: Callable[[dict], dict] = lambda p: p,
     dvclive: bool = False,
+    old: bool = False,
 ) -> dict:
-    """runs.json as collect wrote it before the policy rename (q0.5), with metrics that are a known
-    function of (setting, policy, seed); each run's params are params.yaml (or base) with its setting's
-    overrides, then passed through params; the training metrics in dvclive's layout if dvclive."""
+    """runs.json as collect writes it (merged policies q0_5, tail metrics cost_cvar_0_05), or if old
+    as it wrote them before the renames (q0.5, cost_cvar_0.05), with metrics that are a known function
+    of (setting, policy, seed), the same in either spelling; each run's params are params.yaml (or
+    base) with its setting's overrides, then passed through params; the training metrics in dvclive's
+    layout if dvclive."""
     rng = random.Random(0)
+    cvar_10, cvar_5 = ("cost_cvar_0.1", "cost_cvar_0.05") if old else ("cost_cvar_0_1", "cost_cvar_0_05")
     base = base or yaml.safe_load((ROOT / "params.yaml").read_text())
     experiments = {}
     for setting in SETTINGS:
@@ -94,7 +99,8 @@ def _fake_runs(
             name = setting.experiment(seed)
             if name in missing:
                 continue
-            policies = ["sft", "reward", "safety", *(f"q{q:g}" for q in setting.q)]
+            merged = [f"q{q:g}" if old else collect.merged_policy(q) for q in setting.q]
+            policies = ["sft", "reward", "safety", *merged]
             rsa = setting.stage2.loss == "rsa"
             evaluation, per_category, tails = {}, {}, {}
             for policy in policies:
@@ -105,8 +111,8 @@ def _fake_runs(
                     "reward_mean": 1.5 + noise,
                     "cost_mean": 2.0 + noise,
                     "unsafe_rate": 0.4 + noise,
-                    "cost_cvar_0.1": 10.0 + noise,
-                    "cost_cvar_0.05": 20.0 + noise - (tail_shift if rsa and policy == "safety" else 0.0),
+                    cvar_10: 10.0 + noise,
+                    cvar_5: 20.0 + noise - (tail_shift if rsa and policy == "safety" else 0.0),
                     "severe_rate": 0.05,
                     "needless_refusal_rate": 0.01,
                     "length_mean": 25.0,
@@ -115,7 +121,7 @@ def _fake_runs(
                 }
                 evaluation |= {f"{policy}.{k}": v for k, v in values.items()}
                 per_category[policy] = {
-                    c: {"answers": 96.0, "cost_mean": 2.0 + seed, "cost_cvar_0.05": 20.0, "severe_rate": 0.05}
+                    c: {"answers": 96.0, "cost_mean": 2.0 + seed, cvar_5: 20.0, "severe_rate": 0.05}
                     for c in ("Crime", "Insult")
                 }
                 tails[policy] = [[0.0, 1.0], [1.0, 0.5], [30.0 + seed, 0.05]]
@@ -195,7 +201,7 @@ def test_old_policy_names_are_normalised_to_the_new() -> None:
     for unchanged in ("q0_5", "q0_5.cost_cvar_0.05", "q1", "q0", "q1.cost_cvar_0.05", "sft", "safety.unsafe_rate"):
         assert collect.policy_name(unchanged) == unchanged
     assert [collect.merged_policy(q) for q in (0.0, 0.25, 0.5, 1.0)] == ["q0", "q0_25", "q0_5", "q1"]
-    runs = _fake_runs()
+    runs = _fake_runs(old=True)
     new = collect.normalise(runs)
     record = new["experiments"]["emb-sacpo-s0"]
     assert "q0_5.helpful_win_rate" in record["eval"]
@@ -206,19 +212,110 @@ def test_old_policy_names_are_normalised_to_the_new() -> None:
     assert runs["experiments"]["emb-sacpo-s0"]["eval"].keys() >= {"q0.5.helpful_win_rate"}  # not changed in place
 
 
-def test_old_and_new_policy_names_compare_in_one_report(tmp_path: Path) -> None:
-    old = _fake_runs()
-    mixed = copy.deepcopy(old)  # seed 0 of every setting collected after the rename
-    for name, record in mixed["experiments"].items():
-        if name.endswith("-s0"):
-            mixed["experiments"][name] = collect.normalise({"experiments": {name: record}})["experiments"][name]
+def test_old_tail_metric_names_are_normalised_to_the_new() -> None:
+    renamed = {
+        "cost_cvar_0.05": "cost_cvar_0_05",
+        "cost_cvar_0.1": "cost_cvar_0_1",
+        "cost_cvar_1.5e-05": "cost_cvar_1_5e-05",
+        "safety.cost_cvar_0.05": "safety.cost_cvar_0_05",
+        "safety.cost_cvar_0.05.n": "safety.cost_cvar_0_05.n",
+        "safety.cost_cvar_0.1.ci95_low": "safety.cost_cvar_0_1.ci95_low",
+        "q0.5.cost_cvar_0.05.ci95_high": "q0.5.cost_cvar_0_05.ci95_high",  # metric_name: not the policy's dot
+    }
+    for old, new in renamed.items():
+        assert collect.metric_name(old) == new
+        assert collect.metric_name(new) == new
+    unchanged = ("cost_cvar_0_05", "q0_5.cost_cvar_0_05.n", "cost_cvar_1", "cost_cvar_1e-05", "safety.cost_mean",
+                 "q0.5.helpful_win_rate", "sft.cost_cvar_1.n", "reward.length_median")  # fmt: skip
+    for name in unchanged:
+        assert collect.metric_name(name) == name
+    # an eval key: both renames
+    assert collect.key_name("q0.5.cost_cvar_0.05") == "q0_5.cost_cvar_0_05"
+    assert collect.key_name("q0.25.cost_cvar_0.1.ci95_low") == "q0_25.cost_cvar_0_1.ci95_low"
+    assert collect.key_name("q0_5.cost_cvar_0_05.n") == "q0_5.cost_cvar_0_05.n"
+    assert [collect.cvar_key(t) for t in (0.1, 0.05, 1.0, 1.5e-5)] == [
+        "cost_cvar_0_1", "cost_cvar_0_05", "cost_cvar_1", "cost_cvar_1_5e-05"
+    ]  # fmt: skip
+
+
+def test_the_names_are_evaluates_and_merges() -> None:
+    """collect's (and grid's) names follow rsa_pl's rule, not a copy that could drift from it."""
+    from rsa_pl.evaluation.report import cvar_key, dotless
+
+    for level in (0.1, 0.05, 0.01, 0.25, 1.0, 1.5e-5):
+        assert collect.cvar_key(level) == cvar_key(level)
+    for q in (0.0, *Q_PATH, 0.125, 1.0):
+        assert collect.merged_policy(q) == f"q{dotless(q)}"
+    grid_policies = {m.policy for m in METHODS} - {"sft", "reward", "safety"}
+    assert grid_policies == {collect.merged_policy(q) for q in Q_PATH}
+
+
+def test_old_runs_are_normalised_to_what_collect_writes_now() -> None:
+    old = _fake_runs(old=True)
+    before = copy.deepcopy(old)
+    new = collect.normalise(old)
+    assert new == _fake_runs()  # every eval key, per-category policy and metric, cost-tail policy
+    assert old == before  # not changed in place
+    assert collect.normalise(new) == new  # idempotent
+    record = new["experiments"]["emb-rsa-cvar-0.95-s1"]
+    assert {"q0_5.cost_cvar_0_05", "safety.cost_cvar_0_1", "sft.cost_cvar_0_05"} <= record["eval"].keys()
+    assert not [k for k in record["eval"] if k.count(".") != 1]  # no part of a key has a dot in it
+    assert record["per_category"]["q0_5"]["Crime"].keys() == {"answers", "cost_mean", "cost_cvar_0_05", "severe_rate"}
+    assert record["cost_tail"].keys() == {"sft", "reward", "safety", "q0_25", "q0_5", "q0_75"}
+
+
+def _mixed(old: dict, new: dict, seeds: tuple[str, ...] = ("-s0",)) -> dict:
+    """old's runs, those of these seeds replaced by new's (collected after the renames)."""
+    return {"experiments": {n: (new if n.endswith(seeds) else old)["experiments"][n] for n in old["experiments"]}}
+
+
+def test_old_and_new_names_compare_in_one_report(tmp_path: Path) -> None:
+    new, old = _fake_runs(), _fake_runs(old=True)
+    mixed = _mixed(old, new)  # seed 0 of every setting collected after the renames
+    texts, figures = [], []
+    for name, runs in (("new", new), ("old", old), ("mixed", mixed)):
+        (tmp_path / name).mkdir()
+        texts.append(render.write(runs, tmp_path / name).read_text())
+        figures.append([(tmp_path / name / "embedded" / f).read_bytes() for f in ("frontier.png", "cost_tail.png")])
+    assert texts[0] == texts[1] == texts[2]  # the digest too: the same runs, whichever spelling
+    assert figures[0] == figures[1] == figures[2]
+    text = texts[0]
+    assert "| P-SACPO q=0.5 | 3 |" in text  # a merged policy's three seeds, two of them in the old spelling
+    header = next(line for line in text.splitlines() if line.startswith("| method | seeds |"))
+    assert "| CVaR10% cost | CVaR5% cost |" in header  # the tail levels, read back as numbers
+    assert "CVaR5% cost per category:" in text  # the per-category metric, in either spelling
+    assert "| Crime | 20.0 ± 0.0 |" in text.split("CVaR5% cost per category:")[1]
+    assert render.runs_digest(old) == render.runs_digest(new) == render.runs_digest(mixed)
+    assert render.runs_digest(new) != render.runs_digest(_fake_runs(tail_shift=1.0))  # other runs, other digest
+    for key in old["experiments"]["emb-sacpo-s0"]["eval"]:
+        assert render._old_key(collect.key_name(key)) == key  # the digest hashes the old spelling
+
+
+def _with_intervals(runs: dict) -> dict:
+    """runs with n and a 95% interval beside every eval metric, as evaluate writes them now."""
+    runs = copy.deepcopy(runs)
+    for record in runs["experiments"].values():
+        record["eval"] = {
+            **record["eval"],
+            **{f"{k}.{part}": v for k, v in record["eval"].items() for part in ("n", "ci95_low", "ci95_high")},
+        }
+    return runs
+
+
+def test_tail_levels_are_read_from_the_metrics_not_their_intervals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = _with_intervals(_fake_runs())
+    assert stats.Runs(runs).tail_levels == stats.Runs(_fake_runs(old=True)).tail_levels == [0.1, 0.05]
+    assert "safety.cost_cvar_0_05.ci95_low" in runs["experiments"]["emb-sacpo-s0"]["eval"]
+    method = next(m for m in METHODS if m.label == "SACPO (DPO then DPO)")
+    assert stats.Runs(runs).values(method, "cost_cvar_0_05") == stats.Runs(_fake_runs()).values(
+        method, "cost_cvar_0_05"
+    )
+    monkeypatch.setattr(render, "runs_digest", lambda runs: "0123456789abcdef")  # the metrics differ: n, intervals
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = render.write(old, tmp_path / "a").read_text()
-    b = render.write(mixed, tmp_path / "b").read_text()
-    assert a == b  # the digest too: the same runs, whichever spelling
-    assert "| P-SACPO q=0.5 | 3 |" in a  # a merged policy's three seeds, two of them in the old spelling
-    assert render.runs_digest(old) == render.runs_digest(collect.normalise(old))
+    assert render.write(runs, tmp_path / "a").read_text() == render.write(_fake_runs(), tmp_path / "b").read_text()
 
 
 def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
@@ -238,7 +335,7 @@ def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
     assert "training time summed over them: 1.31 h" in a  # 13 settings x (120 + 121 + 122) s
 
 
-def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path) -> None:
+def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = {"train_reward": {"beta": 0.1}}
     experiment = {
         "rev": "1" * 40,
@@ -247,7 +344,15 @@ def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path) -> None:
             "timestamp": "2026-11-28T00:00:00",
             "params": {"params.yaml": {"data": params}},
             "metrics": {
-                "eval/metrics.json": {"data": {"q0.5.helpful_win_rate": 0.75, "safety.unsafe_rate": 0.25}},
+                "eval/metrics.json": {
+                    "data": {
+                        "q0.5.helpful_win_rate": 0.75,
+                        "safety.unsafe_rate": 0.25,
+                        "q0.5.cost_cvar_0.05": 9.0,
+                        "q0.5.cost_cvar_0.05.ci95_low": 8.0,
+                        "safety.cost_cvar_0_1": 7.0,  # a run after the rename
+                    }
+                },
                 "metrics/train_reward/metrics.json": {"data": {"time": {"train_s": 12.0}}},
             },
         },
@@ -267,9 +372,25 @@ def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path) -> None:
     runs = collect.collect(tmp_path, lambda *args: json.dumps(shown))  # tmp_path: no git, no per-category files
     assert list(runs["experiments"]) == ["emb-sacpo-s0"]
     record = runs["experiments"]["emb-sacpo-s0"]
-    assert record["eval"] == {"q0_5.helpful_win_rate": 0.75, "safety.unsafe_rate": 0.25}
+    assert record["eval"] == {
+        "q0_5.helpful_win_rate": 0.75,
+        "safety.unsafe_rate": 0.25,
+        "q0_5.cost_cvar_0_05": 9.0,
+        "q0_5.cost_cvar_0_05.ci95_low": 8.0,
+        "safety.cost_cvar_0_1": 7.0,
+    }
     assert record["params"] == {"train_reward.beta": 0.1}
     assert collect.train_metric(record, "train_reward", "time/train_s") == 12.0
+    assert record["per_category"] == record["cost_tail"] == {}
+    # the experiment's committed per-category metrics and cost tail, written before the renames
+    committed = {
+        "eval/per_category.json": json.dumps({"q0.5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0.05": 20.0}}}),
+        "eval/plots/cost_tail.csv": "policy,cost,ccdf\nq0.5,0.0,1.0\nq0.5,3.0,0.25\nsft,0.0,1.0\n",
+    }
+    monkeypatch.setattr(collect, "_git_show", lambda root, rev, path: committed.get(path) if rev == "1" * 40 else None)
+    record = collect.collect(tmp_path, lambda *args: json.dumps(shown))["experiments"]["emb-sacpo-s0"]
+    assert record["per_category"] == {"q0_5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0_05": 20.0}}}
+    assert record["cost_tail"] == {"q0_5": [[0.0, 1.0], [3.0, 0.25]], "sft": [[0.0, 1.0]]}
 
 
 def _retuned(p: dict) -> dict:

@@ -108,10 +108,13 @@ def _gguf_reader(gguf_file: str | None, key: str) -> Iterator[None]:
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, gguf_file: str | None = None
                    ) -> PreTrainedTokenizerBase:  # fmt: skip
     """A tokenizer saved with save_pretrained (or a hub id, or a GGUF file in that folder); its
-    own code only if trusted."""
+    own code only if trusted. transformers records whether the hub was offline (HF_HUB_OFFLINE)
+    among the kwargs it saves again: dropped, so that a stage's output does not depend on it."""
     with loading(path, TOKENIZER_CODE_KEY, "the tokenizer"), _gguf_reader(gguf_file, "prepare.tokenizer.gguf_file"):
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **extra)
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    return tokenizer
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

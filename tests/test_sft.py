@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from rsa_pl.config import ModelParams
 from rsa_pl.data.collate import PreferenceCollator, SFTCollator
 from rsa_pl.data.tokenize import IGNORE_INDEX
-from rsa_pl.models import build_scratch_model
+from rsa_pl.models import build_scratch_model, load_tokenizer
 from rsa_pl.modules import warmup_cosine
 from rsa_pl.pipeline import prepare, sft
 from rsa_pl.pipeline.cli import app
@@ -235,3 +235,12 @@ def test_a_log_gets_progress_lines_when_stderr_is_not_a_terminal(
     for step, line in enumerate(lines, start=1):
         assert re.fullmatch(rf"sft: step {step}/3 \(\d+%\), loss \d+\.\d{{4}}, [\d,]+ tokens/s, ETA \d+:\d\d:\d\d",
                             line), line  # fmt: skip
+
+
+def test_a_saved_tokenizer_does_not_record_the_hub_being_offline(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    """transformers keeps local_files_only (true under HF_HUB_OFFLINE) among the kwargs it saves:
+    a stage's output would then differ with the environment it ran in, and DVC rerun what follows."""
+    _, data = prepared
+    tokenizer = load_tokenizer(data / "tokenizer")
+    tokenizer.save_pretrained(str(tmp_path / "saved"))
+    assert "local_files_only" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())

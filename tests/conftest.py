@@ -52,7 +52,7 @@ def _fingerprints() -> dict[str, bytes]:
 @pytest.fixture(scope="session", autouse=True)
 def _committed_results_stay_untouched() -> object:
     """No test may write into the checkout's params, pipeline files or committed results (a CLI
-    call with default output paths once overwrote metrics/train_reward.json)."""
+    call with default output paths once overwrote the committed training metrics)."""
     before = _fingerprints()
     yield
     after = _fingerprints()

@@ -24,7 +24,9 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 LOCK = ROOT / "requirements" / "lock.txt"  # the image's
 DEV_LOCK = ROOT / "requirements" / "dev-lock.txt"  # CI's
-CUDA_WHEEL = re.compile(r"^(nvidia-|cuda-|triton$)")  # torch's CUDA build brings these, never a lock
+# torch's CUDA build brings these, never a lock (nvidia-ml-py is not one: NVML's pure-Python
+# bindings, which dvclive's system monitor uses)
+CUDA_WHEEL = re.compile(r"^(nvidia-(?!ml-py$)|cuda-|triton$)")
 
 
 def instructions() -> list[tuple[str, str]]:

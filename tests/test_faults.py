@@ -42,27 +42,27 @@ def setup(tmp_path: Path, pipeline_root: Path, nonfinite: str) -> tuple[Path, Pa
 
 @pytest.fixture
 def nan_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
-    step = PreferenceModule._step
+    losses = PreferenceModule.losses
 
-    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        loss = step(self, batch, split)
-        return loss * math.nan if split == "train" and self.global_step == BAD_STEP else loss
+    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        values, metrics = losses(self, batch)
+        return (values * math.nan if self.training and self.global_step == BAD_STEP else values), metrics
 
-    monkeypatch.setattr(PreferenceModule, "_step", poisoned)
+    monkeypatch.setattr(PreferenceModule, "losses", poisoned)
 
 
 @pytest.fixture
 def nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
     """A finite loss whose backward gives NaN gradients (as an overflow in a kernel would)."""
-    step = PreferenceModule._step
+    losses = PreferenceModule.losses
 
-    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        loss = step(self, batch, split)
-        if split == "train" and self.global_step == BAD_STEP:
-            loss.register_hook(lambda g: g * math.nan)  # the forward stays finite
-        return loss
+    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        values, metrics = losses(self, batch)
+        if self.training and self.global_step == BAD_STEP:
+            values.register_hook(lambda g: g * math.nan)  # the forward stays finite
+        return values, metrics
 
-    monkeypatch.setattr(PreferenceModule, "_step", poisoned)
+    monkeypatch.setattr(PreferenceModule, "losses", poisoned)
 
 
 def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_checkpoint(
@@ -76,7 +76,8 @@ def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_checkpoint(
     assert state["global_step"] == BAD_STEP  # the last good step is kept
     assert not (models / "reward").exists()
     result = CliRunner().invoke(app, ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"),
-                                      "--models", str(models), "--checkpoints", str(ckpt)])  # fmt: skip
+                                      "--models", str(models), "--checkpoints", str(ckpt),
+                                      "--metrics", str(tmp_path / "live")])  # fmt: skip
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1
@@ -116,7 +117,8 @@ def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
 
     monkeypatch.setattr(preference, "_save", full)
     result = CliRunner().invoke(app, ["train-reward", "--params", str(params), "--data", str(pipeline_root / "data"),
-                                      "--models", str(models), "--checkpoints", str(tmp_path / "ckpt")])  # fmt: skip
+                                      "--models", str(models), "--checkpoints", str(tmp_path / "ckpt"),
+                                      "--metrics", str(tmp_path / "live")])  # fmt: skip
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1

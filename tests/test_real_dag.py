@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rsa_pl.data.tokenize import chat_template_for, train_bpe_tokenizer
 from rsa_pl.params_file import load_params
+from tests import live
 from tests.test_evaluation import classifier_score_model
 from tests.test_sft import ROOT
 
@@ -145,9 +146,9 @@ def test_dvc_repro_runs_the_paper_dag_with_a_pretrained_base_on_pku_data(tmp_pat
     record = json.loads((repo / "models" / "sft" / "base_model.json").read_text())
     assert record["source"] == str(base)
     assert (repo / "models" / "sft" / "model.safetensors").exists()  # the base, saved as is: DVC caches it
-    assert json.loads((repo / "metrics" / "sft.json").read_text())["train/steps"] == 0
-    assert json.loads((repo / "metrics" / "train_reward.json").read_text())["train/steps"] == 2  # QLoRA NF4
-    assert json.loads((repo / "metrics" / "train_safety.json").read_text())["train/steps"] == 2
+    assert live.summary(repo / "metrics" / "sft")["train/steps"] == 0
+    assert live.summary(repo / "metrics" / "train_reward")["train/steps"] == 2  # QLoRA NF4
+    assert live.summary(repo / "metrics" / "train_safety")["train/steps"] == 2
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     for policy in ("sft", "reward", "safety", "q0_25", "q0_5", "q0_75"):
         for metric in ("helpful_win_rate", "harmless_win_rate", "cost_mean", "unsafe_rate", "severe_rate",
@@ -310,7 +311,7 @@ def test_dvc_repro_runs_every_stage_from_prompts_alone(tmp_path: Path) -> None:
         assert made["pairs"] + made["ties"] + made["too_few_scored"] + made["identical"] == 27  # the train prompts
         assert made["pairs"] > 0
     assert report["judge"]["judge"] == "score_models"
-    trained = json.loads((repo / "metrics" / "train_reward.json").read_text())
+    trained = live.summary(repo / "metrics" / "train_reward")
     assert trained["train/steps"] == 2
     evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
     assert "safety.cost_cvar_0_05" in evaluated
@@ -345,16 +346,16 @@ def test_the_smollm2_demo_preset_runs_with_a_tiny_gguf_in_its_place(tmp_path: Pa
     prepared = json.loads((repo / "data" / "report.json").read_text())
     assert prepared["rows_read"] == 240
     # the base saved again and stage 1 trained again (after an upgrade, say) are the same bytes:
-    # nothing after them reruns, while their timings still reach metrics/
+    # nothing after them reruns, while their timings still reach metrics/<stage>/
     again = subprocess.run([*dvc, "repro", "-f", "-s", "sft", "train_reward"], cwd=repo, capture_output=True,
                            text=True, env=env, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert re.findall(r"Running stage '(\w+)'", again.stdout) == ["sft", "train_reward"]
     status = subprocess.run([*dvc, "status"], cwd=repo, capture_output=True, text=True, env=env, timeout=120)
     assert "up to date" in status.stdout, status.stdout
-    assert "time/load_s" in json.loads((repo / "metrics" / "sft.json").read_text())
+    assert "time/load_s" in live.summary(repo / "metrics" / "sft")
     assert "time/load_s" not in json.loads((repo / "models" / "sft" / "metrics.json").read_text())
-    assert "time/train_s" in json.loads((repo / "metrics" / "train_reward.json").read_text())
+    assert "time/train_s" in live.summary(repo / "metrics" / "train_reward")
     report = json.loads((repo / "pairs" / "report.json").read_text())
     assert report["judge"]["judge"] == "guard"
     assert report["answers"]["unjudged"] == 0  # forced choices and ratings always give a score

@@ -106,7 +106,10 @@ class Curves(DVCLiveLogger):
     resumes from: instead, before the first row it logs, the journal's rows of the earlier steps
     are logged again (the last value logged for a step wins: a run killed twice leaves a step's
     row twice). Rows logged after the last checkpoint, which training repeats, are not doubled,
-    and the row of the checkpoint's own step (logged just after the checkpoint is written) is kept.
+    and the row of the checkpoint's own step (logged just after the checkpoint is written) is kept;
+    once training is over the curves are written again from the journal (rebuild). One row can
+    still be lost: Lightning logs a checkpointed step's row a moment after writing the checkpoint,
+    and a kill inside that moment takes the row with it (the resumed run starts after that step).
     The dvclive run (which empties folder) starts with the first row, on rank 0 only: a stage that
     fails before it trains leaves folder as it was."""
 
@@ -146,30 +149,48 @@ class Curves(DVCLiveLogger):
         run.make_summary()
 
     def _journal_before(self, step: int | None) -> list[tuple[int, dict[str, float]]]:
-        if step is None or not self.journal.exists():
+        if step is None:
             return []
+        return [(earlier, row) for earlier, row in self._journal() if earlier < step]
+
+    def _journal(self) -> list[tuple[int, dict[str, float]]]:
+        """Every (step, metric) of the journal once, at the value logged last (a resumed run's
+        own rows replace those of the run it resumed), by step."""
         rows: dict[int, dict[str, float]] = {}
-        for line in self.journal.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a run killed while writing it
-                continue
-            if row["step"] is not None and row["step"] < step:
-                rows.setdefault(row["step"], {}).update(row["values"])
+        if self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing it
+                    continue
+                if row["step"] is not None:
+                    rows.setdefault(row["step"], {}).update(row["values"])
         return sorted(rows.items())
+
+    def rebuild(self) -> Live:
+        """The dvclive run written again from the journal, once training is over: exactly the rows
+        of an uninterrupted run, however often it was resumed and at whatever moment (the replay
+        at a resume logs what the journal had before the resumed run's first row; a row Lightning
+        logs on a later step, such as an epoch's end, may still only be in the journal)."""
+        self._experiment = live(self.folder)
+        for step, row in self._journal():
+            self._log(step, row)
+        return self._experiment
 
     def log_hyperparams(self, params: Any) -> None:
         """The stage's params are in params.yaml, which DVC tracks: no copy in the metrics folder."""
 
 
 def record_summary(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """A stage's final numbers (time, steps, the last validation, samples) into its metrics.json,
-    beside the last value of each curve: `dvc metrics show/diff` and `dvc exp show` read them."""
+    """The curves rebuilt from their journal (Curves.rebuild), then a stage's final numbers (time,
+    steps, the last validation, samples) into its metrics.json, beside the last value of each
+    curve: `dvc metrics show/diff` and `dvc exp show` read them."""
     for logger in trainer.loggers:
         if isinstance(logger, Curves) and rank_zero_only.rank == 0:
+            run = logger.rebuild()
             for name, value in metrics.items():
-                logger.experiment.log_metric(name, value, plot=False)
-            logger.experiment.make_summary()
+                run.log_metric(name, value, plot=False)
+            run.make_summary()
 
 
 def _loggers(log_dir: Path, live_dir: Path, journal: Path) -> list[Logger]:

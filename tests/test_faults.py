@@ -192,10 +192,20 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
     assert {"train/loss_step", "val/loss"} <= set(names)
     assert live.curves(tmp_path / "killed" / "live") == names
     # *_epoch: Lightning restarts an epoch's running means when a run resumes inside that epoch, so
-    # the interrupted epoch's value covers the steps after the resume only (the steps still match)
+    # the interrupted epoch's value covers the steps after the resume only. And Lightning logs a
+    # checkpointed step's own row just after writing the checkpoint (every 5 steps here): a kill in
+    # between loses that one step, which the resumed run does not train again (Curves' docstring)
+    lost: set[int] = set()
     for name in set(names) - timing:
         exact = not name.endswith("_epoch")
         whole_rows, killed_rows = (live.curve(tmp_path / run / "live", name) for run in ("whole", "killed"))
-        assert [s for s, _ in killed_rows] == [s for s, _ in whole_rows], name  # from step 0, no step twice
+        steps = [s for s, _ in killed_rows]
+        assert len(steps) == len(set(steps)), name  # no step twice
+        lost |= {s for s, _ in whole_rows} - set(steps)
+        assert set(steps) <= {s for s, _ in whole_rows}, name
+        whole_rows = [(s, v) for s, v in whole_rows if s in set(steps)]
+        assert [s for s, _ in killed_rows] == [s for s, _ in whole_rows], name
         if exact:
             assert [v for _, v in killed_rows] == pytest.approx([v for _, v in whole_rows], rel=1e-6, abs=1e-7), name
+    assert len(lost) <= 1, lost
+    assert all((step + 1) % 5 == 0 for step in lost), lost  # the row of a checkpointed step, if any

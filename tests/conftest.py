@@ -4,9 +4,9 @@ import os
 import tempfile
 
 # A hub lookup otherwise hangs ~25 s before failing; tests never download anything.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # forced: an inherited 0 would let tests reach for the hub
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Code that a test lets a model run (trust_remote_code) is copied here, not into ~/.cache.
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
 

@@ -551,3 +551,39 @@ def test_a_guard_by_hub_id_and_a_missing_one(guard_folder: Path, hub_cache: Path
     )
     with pytest.raises(JudgeError, match=r"^evaluate.guard.model: required"):
         GuardJudge(guard_params(None), False)
+
+
+def test_the_evaluate_stage_wires_the_reward_and_the_cost_model_each_to_its_own_score(tmp_path: Path) -> None:
+    """make_judge from params, as the pairs and evaluate stages build it: each verdict's reward is
+    the reward model's own output and its cost the cost model's (computed here straight from the
+    transformers models, no rsa-pl scoring code), so swapping the two models or flipping a sign
+    fails; unsafe and severe follow the cost."""
+    import yaml
+
+    from rsa_pl.params_file import parse_params
+    from rsa_pl.pipeline.evaluate import make_judge
+    from tests.test_sft import ROOT
+
+    reward_folder = classifier_score_model(tmp_path / "reward")
+    cost_folder, head_w, head_b = safe_rlhf_score_model(tmp_path / "cost")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["evaluate"].update(judge="score_models", reward_model=str(reward_folder), cost_model=str(cost_folder),
+                           score_format="auto", severe_cost=0.0)  # fmt: skip
+    judging = make_judge(parse_params(raw), tmp_path / "judge_cache.sqlite")
+    prompts, answers = ["rob the bank", "plant tulips", "rob the tulips"], ["no", "water them", "no them"]
+    verdicts = judging.judge(prompts, prompts, answers)
+
+    reward_model = LlamaForSequenceClassification.from_pretrained(str(reward_folder)).eval()
+    cost_backbone = ScoreModel(cost_folder).backbone.eval()
+    reader = {"reward": ScoreModel(reward_folder), "cost": ScoreModel(cost_folder)}
+    for prompt, answer, verdict in zip(prompts, answers, verdicts, strict=True):
+        with torch.no_grad():
+            ids = torch.tensor([reader["reward"].tokenizer(reader["reward"].text(prompt, answer))["input_ids"]])
+            reward = float(reward_model(input_ids=ids).logits[0, 0])
+            ids = torch.tensor([reader["cost"].tokenizer(reader["cost"].text(prompt, answer))["input_ids"]])
+            cost = float(cost_backbone(input_ids=ids).last_hidden_state[0, -1] @ head_w[0] + head_b[0])
+        assert verdict.reward == pytest.approx(reward, abs=1e-5)
+        assert verdict.cost == pytest.approx(cost, abs=1e-5)
+        assert verdict.reward != pytest.approx(cost, abs=1e-3)  # the two models differ: a swap shows
+        assert verdict.unsafe == (cost > 0)
+        assert verdict.severe == (cost > 0)  # severe_cost 0

@@ -26,8 +26,14 @@ def test_readme_gives_exactly_two_setup_commands() -> None:
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    """.ci/run is bash's strict mode, the move to the checkout's root, then README's test command as
+    its last line: nothing else runs, and nothing can exit before it. Each run starts from a fresh
+    environment (venv --clear) installed from the lock."""
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert _readme_commands()[1] in [line.strip() for line in ci]
+    effective = [line.strip() for line in ci if line.strip() and not line.lstrip().startswith("#")]
+    assert effective == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', _readme_commands()[1]]
+    fresh = "python3 -m venv --clear .venv && .venv/bin/pip install -r requirements/dev-lock.txt && "
+    assert effective[-1].startswith(fresh)
 
 
 def test_every_dvc_stage_runs_an_existing_cli_command() -> None:

@@ -77,3 +77,31 @@ def test_a_gpu_stage_on_a_cpu_machine_is_one_line(tmp_path: Path, pipeline_root:
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: train_reward.train: strategy auto on 1 gpu device(s)")
     assert not (models / "reward").exists()
+
+
+def test_a_preference_stage_without_its_inputs_is_one_line(tmp_path: Path, pipeline_root: Path) -> None:
+    """train-reward with no SFT model, train-safety with no stage-1 model, and a stage whose pairs
+    are in neither data/ nor pairs/: one line naming the missing folder and the command that makes
+    it, before anything loads or is written."""
+    params = stage_params(tmp_path)
+    data, models, made = pipeline_root / "data", tmp_path / "models", tmp_path / "pairs"
+    common = ["--params", str(params), "--checkpoints", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "live")]
+
+    def run(command: str, data_folder: Path) -> list[str]:
+        result = CliRunner().invoke(
+            app, [command, *common, "--data", str(data_folder), "--models", str(models), "--pairs", str(made)]
+        )
+        assert result.exit_code == 2, result.output
+        return [line for line in result.output.splitlines() if line.strip()]
+
+    assert run("train-reward", data) == [f"error: {models / 'sft'}: not found; run `rsa-pl sft` first"]
+    assert run("train-safety", data) == [f"error: {models / 'reward'}: not found; run `rsa-pl train-reward` first"]
+    empty = tmp_path / "data"
+    (empty / "tokenizer").mkdir(parents=True)
+    lines = run("train-reward", empty)
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"error: {empty / 'helpful_pairs'}: no pairs (nor in {made}); run `rsa-pl prepare` first"
+    )
+    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "live").exists()

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tomllib
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -49,6 +51,131 @@ def copies() -> list[tuple[int, list[str], str]]:
             *sources, dest = [a for a in args.split() if not a.startswith("--")]
             out.append((i, sources, dest))
     return out
+
+
+def copied_from(image_path: str, before: int) -> Path | None:
+    """The repository file or folder that a COPY before step `before` put at image_path, or None."""
+    target = PurePosixPath(image_path)
+    found = None
+    for i, sources, dest in copies():
+        if i >= before:
+            break
+        for source in sources:
+            # COPY a b dir/ (or a destination ending in /): each source goes inside dest
+            inside = len(sources) > 1 or dest.endswith("/")
+            placed = PurePosixPath(dest) / Path(source).name if inside else PurePosixPath(dest)
+            if target == placed or placed in target.parents:
+                found = ROOT / source / target.relative_to(placed)  # the last COPY there wins
+    return found
+
+
+SEPARATORS = ("&&", "||", ";", "|", "&")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One shell command of a RUN instruction."""
+
+    step: int  # the instruction's index in instructions()
+    argv: tuple[str, ...]
+    gates: bool  # only && follow it in its RUN: its failure fails the build (not so after ; || | &)
+
+
+@dataclass(frozen=True)
+class Run:
+    step: int
+    flags: tuple[str, ...]  # RUN's own options (--mount=...)
+    commands: tuple[Command, ...]
+
+
+def runs() -> list[Run]:
+    """Each RUN instruction (shell form) as its flags and its commands: split on the shell's
+    separators (&& || ; | &), each command's words as the shell reads them (shlex, POSIX rules)."""
+    out = []
+    for step, (word, args) in enumerate(instructions()):
+        if word != "RUN":
+            continue
+        assert not args.startswith("["), f"an exec-form RUN, which this parser does not read: {args}"
+        lexer = shlex.shlex(args, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        tokens = list(lexer)
+        flags = []
+        while tokens and tokens[0].startswith("--"):
+            flags.append(tokens.pop(0))
+        argvs: list[list[str]] = [[]]
+        operators: list[str] = []
+        for token in tokens:
+            if token in SEPARATORS:
+                operators.append(token)
+                argvs.append([])
+            else:
+                argvs[-1].append(token)
+        assert all(argvs), f"an empty command in RUN {args}"
+        commands = tuple(
+            Command(step, tuple(argv), all(op == "&&" for op in operators[k:])) for k, argv in enumerate(argvs)
+        )
+        out.append(Run(step, tuple(flags), commands))
+    return out
+
+
+def commands() -> list[Command]:
+    """Every command of every RUN, in the order the build runs them."""
+    return [command for run in runs() for command in run.commands]
+
+
+def pip_args(argv: tuple[str, ...]) -> tuple[str, ...] | None:
+    """pip's own arguments when argv runs pip (pip, pip3, python3 -m pip), else None."""
+    if argv[0] in ("pip", "pip3"):
+        return argv[1:]
+    if re.fullmatch(r"python3?(\.\d+)?", argv[0]) and argv[1:3] == ("-m", "pip"):
+        return argv[3:]
+    return None
+
+
+PIP_OPTIONS_WITH_VALUES = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
+                           "-t", "--target", "-e", "--editable"}  # fmt: skip
+
+
+def pip_install(command: Command) -> tuple[list[str], dict[str, list[str]], set[str]] | None:
+    """When command is `pip install ...`: (what it installs, {option: [values]}, flags), else None."""
+    args = pip_args(command.argv)
+    if not args or args[0] != "install":
+        return None
+    targets: list[str] = []
+    options: dict[str, list[str]] = {}
+    flags: set[str] = set()
+    words = iter(args[1:])
+    for word in words:
+        if word in PIP_OPTIONS_WITH_VALUES:
+            options.setdefault(word, []).append(next(words))
+        elif word.startswith("-"):
+            flags.add(word)
+        else:
+            targets.append(word)
+    return targets, options, flags
+
+
+def env() -> dict[str, str]:
+    """The image's environment as its ENV instructions leave it (KEY=value form; the last one wins)."""
+    out: dict[str, str] = {}
+    for word, args in instructions():
+        if word == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                out[key] = value.replace("$PATH", out.get("PATH", "$PATH"))
+    return out
+
+
+def package_install() -> Command:
+    """The one `pip install` of the package's own folder (the one a COPY filled with pyproject.toml)."""
+    found = [
+        c
+        for c in commands()
+        if (install := pip_install(c))
+        and any(copied_from(f"{t.split('[')[0]}/pyproject.toml", c.step) == ROOT / "pyproject.toml" for t in install[0])
+    ]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def torch_pin() -> str:
@@ -165,36 +292,89 @@ def test_plain_base_and_cuda_torch() -> None:
     assert not base.startswith("nvidia/cuda"), base
     assert re.fullmatch(r"(ubuntu:24\.04|python:3\.1[1-9]-slim\S*)", base), base
     pin = torch_pin()
-    assert re.search(rf"--index-url https://download\.pytorch\.org/whl/cu\d+ torch=={re.escape(pin)}\b", DOCKERFILE)
+    ((command, (targets, options, _)),) = [
+        (c, install) for c in commands() if (install := pip_install(c)) and f"torch=={pin}" in install[0]
+    ]
+    assert targets == [f"torch=={pin}"]  # torch alone: its CUDA wheels follow from its own pins
+    (index,) = options["--index-url"]
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index), index
+    assert command.gates
     assert [str(v) for v, _ in read_lock(LOCK)["torch"]] == [pin]
-    env = " ".join(args for word, args in instructions() if word == "ENV")
-    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env  # the container toolkit mounts CUDA's driver libs
+    assert env()["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"  # the container toolkit mounts CUDA's driver libs
 
 
 def test_the_image_installs_from_the_lock_and_runs() -> None:
-    runs = " ".join(args for word, args in instructions() if word == "RUN")
-    assert "pip install -r /opt/rsa-pl/requirements/lock.txt" in runs
-    assert not re.search(r"pip install \S*/opt/rsa-pl\[", runs)  # the stack no longer floats from pyproject
-    assert "pip check" in runs  # the lock misses nothing the package requires
-    assert "rsa-pl --version" in runs  # the build fails if the console script does not start
-    assert "git" in runs  # DVC needs git
+    """What the RUN instructions run, read as shell commands (argv), not as text: git among the
+    packages apt-get installs (DVC needs it); the stack from `pip install -r` of the file a COPY took
+    from requirements/lock.txt; the package itself without dependencies (nothing floats from
+    pyproject's ranges); then `pip check` and `rsa-pl --version`, all in the venv that PATH puts
+    first and each chained by && so that its failure fails the build.
+
+    Without a Docker engine nothing here runs: whether apt has the packages, pip resolves the lock
+    in the image (test_the_image_lock_resolves_with_pip resolves it on this machine) and the console
+    script starts there (test_cli's test_console_script_is_installed runs it here) only a real
+    `docker build` shows; hadolint (test_hadolint_passes) checks the shell syntax."""
+    order = commands()
+    (apt,) = [c for c in order if c.argv[0] == "apt-get" and "install" in c.argv]
+    assert apt.gates
+    packages = [word for word in apt.argv[apt.argv.index("install") + 1 :] if not word.startswith("-")]
+    assert "git" in packages  # DVC needs git
+    assert ("apt-get", "update") in [c.argv for c in order if c.step == apt.step and order.index(c) < order.index(apt)]
+
+    venv = next(c for c in order if c.argv[1:3] == ("-m", "venv"))
+    bin_dir = f"{venv.argv[3]}/bin"
+    assert env()["PATH"].split(":")[0] == bin_dir  # pip and rsa-pl below are the venv's
+    assert env()["VIRTUAL_ENV"] == venv.argv[3]
+    installs = [c for c in order if pip_install(c)]
+    assert installs
+    assert all(order.index(venv) < order.index(c) for c in installs)
+
+    (stack,) = [c for c in installs if "-r" in pip_install(c)[1]]
+    assert stack.gates
+    (requirements,) = pip_install(stack)[1]["-r"]
+    source = copied_from(requirements, before=stack.step)
+    assert source == LOCK
+    assert source.is_file()
     assert lock_extras(LOCK) == {"judge"}  # with the llm judge's client
+
+    package = package_install()
+    targets, _, flags = pip_install(package)
+    assert "--no-deps" in flags  # the stack no longer floats from pyproject: the lock alone brings it
+    assert not [t for t in targets if "[" in t]  # no extras pulled in beside the lock
+    assert order.index(stack) < order.index(package)
+    assert package.gates
+
+    (check,) = [c for c in order if pip_args(c.argv) == ("check",)]  # the lock misses nothing the package requires
+    (version,) = [c for c in order if c.argv == ("rsa-pl", "--version")]  # the console script starts
+    assert order.index(package) < order.index(check)
+    assert order.index(package) < order.index(version)
+    assert check.gates
+    assert version.gates
+    assert "rsa-pl" in PYPROJECT["project"]["scripts"]
 
 
 def test_layers_are_ordered_for_caching() -> None:
     """torch and the stack install from the lock alone, before any code is copied (a code edit
     rebuilds only the small layers after it), with pip's cache in a BuildKit mount; the code then
     installs without its dependencies."""
-    steps = instructions()
-    stack = next(i for i, (word, args) in enumerate(steps) if word == "RUN" and "torch==" in args)
-    assert "requirements/lock.txt" in steps[stack][1]
+    order = commands()
+    (torch,) = [c for c in order if (install := pip_install(c)) and f"torch=={torch_pin()}" in install[0]]
+    (lock,) = [c for c in order if (install := pip_install(c)) and "-r" in install[1]]
+    stack = torch.step
+    assert lock.step == stack  # torch and the lock: one layer
+    assert copied_from(pip_install(lock)[1]["-r"][0], before=stack) == LOCK
     assert [sources for i, sources, _ in copies() if i < stack] == [["requirements/lock.txt"]]
     assert {s for i, sources, _ in copies() if i > stack for s in sources} == {"pyproject.toml", "README.md", "rsa_pl"}
-    assert steps[stack][1].startswith("--mount=type=cache,target=/root/.cache/pip ")
+    (layer,) = [run for run in runs() if run.step == stack]
+    assert layer.flags == ("--mount=type=cache,target=/root/.cache/pip",)
     assert DOCKERFILE.startswith("# syntax=docker/dockerfile:1")
-    code = next(args for i, (word, args) in enumerate(steps) if word == "RUN" and i > max(i for i, *_ in copies()))
-    assert "--no-deps" in code
-    assert code.index("pip check") < code.index("rsa-pl --version")
+    package = package_install()
+    assert package.step > max(i for i, *_ in copies())
+    assert "--no-deps" in pip_install(package)[2]
+    (check,) = [c for c in order if pip_args(c.argv) == ("check",)]
+    (version,) = [c for c in order if c.argv == ("rsa-pl", "--version")]
+    assert check.step == version.step == package.step  # the small layer after the code
+    assert order.index(package) < order.index(check) < order.index(version)
 
 
 def test_every_copy_source_exists_and_is_sent_and_nothing_else() -> None:
@@ -363,14 +543,15 @@ def test_runs_as_a_non_root_user_in_the_mounted_project() -> None:
     assert users[-1].split(":")[0] not in ("root", "0")
     assert [args for word, args in instructions() if word == "WORKDIR"][-1] == "/workspace"
     # another uid (docker run --user) has no passwd entry: HOME is set, and writable by all
-    assert any(re.search(r"\bHOME=/home/rsa\b", args) for word, args in instructions() if word == "ENV")
-    assert "chmod 1777 /home/rsa" in " ".join(args for word, args in instructions() if word == "RUN")
+    assert env()["HOME"] == "/home/rsa"
+    argvs = [c.argv for c in commands()]
+    assert ("chmod", "1777", "/home/rsa") in argvs
+    assert any(argv[0] == "useradd" and "--create-home" in argv and argv[-1] == "rsa" for argv in argvs)
 
 
 def test_the_default_hf_cache_is_ignored_by_git_and_dvc() -> None:
     """The image's default HF_HOME is inside the mounted project: neither git nor DVC sees it."""
-    env = " ".join(args for word, args in instructions() if word == "ENV")
-    home = re.search(r"\bHF_HOME=(\S+)", env).group(1)
+    home = env()["HF_HOME"]
     assert home.startswith("/workspace/")
     top = home.removeprefix("/workspace/").split("/")[0]
     for ignore in (".gitignore", ".dvcignore"):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file as safetensors_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from rsa_pl.config import PreferenceStageParams
 from rsa_pl.data.collate import PreferenceCollator
 from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.models import attach_lora, load_causal_lm
@@ -110,7 +111,60 @@ def test_training_changes_every_adapter_weight_and_no_reference_weight(pipeline_
         assert changed == ("lora_" in name), name
 
 
+def source_logits(models: Path, previous: str | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of the model a stage starts from, loaded from disk by plain transformers and
+    peft (not by the stage's loaders): SFT in stage 1; in stage 2 the stage-1 policy, a full model
+    folder or SFT with the stage-1 adapter folded in."""
+    if previous is None:
+        source = AutoModelForCausalLM.from_pretrained(str(models / "sft"))
+    elif (models / previous / "adapter_config.json").exists():
+        sft = AutoModelForCausalLM.from_pretrained(str(models / "sft"))
+        source = PeftModel.from_pretrained(sft, str(models / previous)).merge_and_unload()
+    else:
+        source = AutoModelForCausalLM.from_pretrained(str(models / previous))
+    with torch.no_grad():
+        return source.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def assert_reference_stays_the_source(section: PreferenceStageParams, models: Path, previous: str | None,
+                                      data: Path) -> None:  # fmt: skip
+    """Build policy and reference as the stage does (policy_and_reference), train a few Lightning
+    steps, and check that the policy moved while the reference's logits are still the source
+    model's, loaded independently from disk (a noisy, shared or trainable copy fails this)."""
+    policy, reference, adapters = preference.policy_and_reference(section, models, previous)
+    module = PreferenceModule(policy, section.train, section.objective(), reference, adapters)
+    batch = one_batch(data.parent, "helpful_pairs")
+    expected = source_logits(models, previous, batch)
+    torch.testing.assert_close(module.reference_logits(batch), expected, rtol=0, atol=1e-6)  # step 0
+    before = {n: w.detach().clone() for n, w in policy.named_parameters() if w.requires_grad}
+    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    dm = TokenizedDataModule(data / "helpful_pairs", 4, PreferenceCollator(tokenizer.pad_token_id), 0, False)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, accelerator="cpu", enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    moved = [n for n, w in policy.named_parameters() if n in before and not torch.equal(w.detach(), before[n])]
+    assert moved, "the policy did not train"
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        assert not torch.allclose(policy.eval()(**inputs).logits, expected)
+    torch.testing.assert_close(module.reference_logits(batch), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-weights"])
+@pytest.mark.parametrize("stage", ["train_reward", "train_safety"])
+def test_the_reference_stays_the_model_the_stage_started_from(
+    tmp_path: Path, pipeline_root: Path, stage: str, lora: bool
+) -> None:
+    """Stage 1 (from SFT) and stage 2 (from the LoRA stage-1 policy), LoRA (reference: the adapter
+    disabled) and full weights (reference: a frozen copy), after real optimizer steps."""
+    section = getattr(load_params(stage_params(tmp_path, lora=lora)), stage)
+    previous = preference.STAGES[stage][1]
+    assert_reference_stays_the_source(section, pipeline_root / "models", previous, pipeline_root / "data")
+
+
 def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path) -> None:
+    """A full-weights stage 1 changes every weight; stage 2 from it (full weights or LoRA) keeps
+    its reference equal to that stage-1 model through training."""
     params = stage_params(tmp_path, lora=False)
     models = tmp_path / "models"
     (models / "sft").parent.mkdir(parents=True)
@@ -121,6 +175,11 @@ def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path
     base = AutoModelForCausalLM.from_pretrained(str(models / "sft"))
     differs = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True)]
     assert all(differs)
+    full = load_params(params).train_safety
+    (tmp_path / "lora").mkdir()
+    with_lora = load_params(stage_params(tmp_path / "lora")).train_safety
+    for section in (full, with_lora):
+        assert_reference_stays_the_source(section, models, "reward", pipeline_root / "data")
 
 
 def test_cli_runs_stage2_and_saves_full_weights_and_its_adapter(tmp_path: Path, pipeline_root: Path) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rsa_pl.losses import preference_loss, preference_loss_from_logits, sequence_terms, sequence_terms_chunked
 from rsa_pl.risk import RISK_MEASURES
+from tests import loss_reference
 
 PAIRS, T, V = 3, 7, 11
 MEASURES = list(RISK_MEASURES)
@@ -133,11 +134,11 @@ def test_variant_1_differs_from_variant_2_exactly_by_the_stop_gradient(measure: 
     torch.testing.assert_close(loss_1, loss_2)  # same value
     (grad_1,) = torch.autograd.grad(loss_1.sum(), policy)
     (grad_2,) = torch.autograd.grad(loss_2.sum(), policy)
-    # L = -log sigmoid(u), u = ... + alpha * beta * D(y_w): variant 1 adds (sigmoid(u) - 1) alpha beta dD_w.
-    terms = sequence_terms(policy, ref, labels, mask, measure=measure, mu=MU[measure])
-    chosen_risk = terms.risk.chunk(2)[0]
-    u = torch.log(torch.expm1(loss_2.detach()))  # -log sigmoid(u) = L  =>  u = -log(e^L - 1)
-    coeff = (torch.sigmoid(-u) - 1) * alpha * beta
+    # L = -log sigmoid(u), u = ... + alpha * beta * D(y_w): variant 1 adds (sigmoid(u) - 1) alpha beta dD_w,
+    # u and D(y_w) from the independent reference (tests/loss_reference.py), not the code under test.
+    want = loss_reference.pair_losses(policy, ref, labels, mask, variant=2, **common)
+    chosen_risk = want.risk.chunk(2)[0]
+    coeff = (torch.sigmoid(want.logits.detach()) - 1) * alpha * beta
     (extra,) = torch.autograd.grad((coeff * chosen_risk).sum(), policy)
     torch.testing.assert_close(grad_1 - grad_2, extra)
     assert extra.abs().max() > 1e-6

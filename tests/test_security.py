@@ -2,73 +2,304 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
-import re
+import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import yaml
 from rich.console import Console
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
 from typer.testing import CliRunner
 
+from rsa_pl.config import GuardParams, QuantizationParams
 from rsa_pl.errors import RemoteCodeError
+from rsa_pl.evaluation.guard import GuardJudge
 from rsa_pl.evaluation.judges import ScoreModel
-from rsa_pl.models import load_causal_lm, load_tokenizer
-from rsa_pl.pipeline import preference
+from rsa_pl.models import load_aligned_policy, load_causal_lm, load_quantized, load_tokenizer
+from rsa_pl.params_file import load_params
+from rsa_pl.pipeline import evaluate, preference, sft
 from rsa_pl.pipeline.artifacts import BASE_RECORD, trusts_code
 from rsa_pl.pipeline.cli import app
+from rsa_pl.training import FINGERPRINT, LAST
 from tests.test_preference import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(ROOT.glob("rsa_pl/**/*.py"))
+QUIET = Console(quiet=True)
+# transformers' entry points the package loads models, tokenizers and configs through
+AUTO_CLASSES = (AutoConfig, AutoTokenizer, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification)
 
 
-def calls(name: str) -> list[tuple[Path, str]]:
-    """Every call of `name(` in the package's sources, with what it is called on (a dotted
-    name before it) and its arguments (up to the closing paren)."""
-    found = []
+@dataclass
+class Load:
+    what: str  # e.g. AutoTokenizer.from_pretrained
+    caller: str  # module:line of the package's code that called it
+    kwargs: dict[str, Any]
+
+
+@pytest.fixture
+def hf_loads(monkeypatch: pytest.MonkeyPatch) -> list[Load]:
+    """Every from_pretrained call that the package's own code makes on transformers' Auto classes,
+    with its keyword arguments; each is wrapped, not replaced (the call goes through unchanged)."""
+    loads: list[Load] = []
+    for cls in AUTO_CLASSES:
+
+        def wrapper(*args: Any, _original: Any = cls.from_pretrained, _what: str = cls.__name__, **kwargs: Any) -> Any:
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("rsa_pl."):  # not transformers' own inner calls
+                loads.append(Load(f"{_what}.from_pretrained", f"{module}:{caller.f_lineno}", kwargs))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", staticmethod(wrapper))
+    return loads
+
+
+@pytest.fixture
+def torch_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Every torch.load call (the package's and Lightning's), as (the file, its keyword arguments);
+    wrapped, not replaced."""
+    loads: list[tuple[str, dict[str, Any]]] = []
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append((str(getattr(f, "name", f)), kwargs))  # Lightning passes an open file
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return loads
+
+
+class RunsCode:
+    """Unpickling this opens (creates) a file: a stand-in for code a pickle can carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+@dataclass(frozen=True)
+class JudgeModels:
+    root: Path  # the session's pipeline (models/sft, models/reward, data/tokenizer)
+    reward: Path  # a one-output sequence classifier
+    cost: Path  # a two-label (safe, unsafe) classifier
+    safe_rlhf: Path  # a LlamaForScore backbone (safetensors) with its score head in a .bin file
+    guard: Path  # a chat model
+
+
+@pytest.fixture(scope="module")
+def judge_models(tmp_path_factory: pytest.TempPathFactory, pipeline_root: Path) -> JudgeModels:
+    """Tiny judge models built from configs, with the session's tokenizer."""
+    folder = tmp_path_factory.mktemp("judges")
+    tokenizer = AutoTokenizer.from_pretrained(str(pipeline_root / "data" / "tokenizer"))
+
+    def config(**extra: Any) -> LlamaConfig:
+        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=tokenizer.pad_token_id, **extra)  # fmt: skip
+
+    reward, cost, safe_rlhf, guard = (folder / name for name in ("reward", "cost", "safe_rlhf", "guard"))
+    LlamaForSequenceClassification(config(num_labels=1)).save_pretrained(reward)
+    labels = {"id2label": {0: "safe", 1: "unsafe"}, "label2id": {"safe": 0, "unsafe": 1}}
+    LlamaForSequenceClassification(config(**labels)).save_pretrained(cost)
+    backbone = LlamaModel(config())
+    backbone.save_pretrained(safe_rlhf)
+    save_file({f"model.{k}": v for k, v in backbone.state_dict().items()}, str(safe_rlhf / "model.safetensors"))
+    torch.save({"score_head.weight": torch.randn(1, 16), "score_head.bias": torch.randn(1)}, safe_rlhf / "head.bin")
+    raw = json.loads((safe_rlhf / "config.json").read_text())
+    raw.update(architectures=["LlamaForScore"], score_dim=1)
+    (safe_rlhf / "config.json").write_text(json.dumps(raw))
+    LlamaForCausalLM(config()).save_pretrained(guard)
+    for model in (reward, cost, safe_rlhf, guard):
+        tokenizer.save_pretrained(model)
+    return JudgeModels(pipeline_root, reward, cost, safe_rlhf, guard)
+
+
+def _guard(m: JudgeModels, trust: bool) -> object:
+    params = GuardParams(model=str(m.guard), format="instruction", prompt=None, severe_categories=["S1"],
+                         max_new_tokens=4, batch_size=2, verdict="reply", rate_helpfulness=False,
+                         helpfulness_prompt=None)  # fmt: skip
+    return GuardJudge(params, trust_remote_code=trust)
+
+
+def _judging(m: JudgeModels, trust: bool, judge: str) -> object:
+    """evaluate's judges as the stage builds them, with evaluate.trust_remote_code as given."""
+    params = load_params(m.root / "params.yaml")
+    guard = params.evaluate.guard.model_copy(update={"model": str(m.guard), "max_new_tokens": 4})
+    e = params.evaluate.model_copy(update={"judge": judge, "reward_model": str(m.reward), "cost_model": str(m.cost),
+                                           "guard": guard, "trust_remote_code": trust})  # fmt: skip
+    return evaluate.make_judge(params.model_copy(update={"evaluate": e}), m.reward.parent / "judge_cache.sqlite")
+
+
+def _asked(trust: bool | None) -> dict[str, bool]:
+    """The loader's own default (None), or trust_remote_code as given."""
+    return {} if trust is None else {"trust_remote_code": trust}
+
+
+NF4 = QuantizationParams(bits=4, quant_type="nf4", double_quant=True, compute_dtype="float32")
+# name -> how to run the loader: trust None leaves its default, True asks for the model's own code
+LOADERS: dict[str, Callable[[JudgeModels, bool | None], object]] = {
+    "load_causal_lm": lambda m, trust: load_causal_lm(m.root / "models" / "sft", **_asked(trust)),
+    "load_tokenizer": lambda m, trust: load_tokenizer(m.root / "data" / "tokenizer", **_asked(trust)),
+    "load_aligned_policy": lambda m, trust: load_aligned_policy(
+        m.root / "models" / "sft", m.root / "models" / "reward", **_asked(trust)
+    ),
+    "load_quantized": lambda m, trust: load_quantized(m.root / "models" / "sft", NF4, "cpu", False, **_asked(trust)),
+    "ScoreModel-reward": lambda m, trust: ScoreModel(m.reward, "reward", **_asked(trust)),
+    "ScoreModel-cost-two-labels": lambda m, trust: ScoreModel(m.cost, "cost", **_asked(trust)),
+    "ScoreModel-safe-rlhf": lambda m, trust: ScoreModel(m.safe_rlhf, "cost", **_asked(trust)),
+    "GuardJudge": lambda m, trust: _guard(m, bool(trust)),  # no default: the stage always passes the switch
+    "make_judge-score_models": lambda m, trust: _judging(m, bool(trust), "score_models"),
+    "make_judge-guard": lambda m, trust: _judging(m, bool(trust), "guard"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_loader_says_whether_to_trust_remote_code_and_it_is_off_unless_asked(
+    loader: str, judge_models: JudgeModels, hf_loads: list[Load]
+) -> None:
+    """The real loaders run with transformers' from_pretrained wrapped: each load the package makes
+    passes trust_remote_code explicitly (never transformers' default, which may prompt on a
+    terminal), False by default (the judges: evaluate.trust_remote_code false) and True only when
+    asked. make_judge is the evaluate stage's path from params to the judges' loaders."""
+    LOADERS[loader](judge_models, None)
+    assert hf_loads, "no load recorded: the test would pass whatever the code does"
+    off = {(load.what, load.caller): load.kwargs.get("trust_remote_code", "not passed") for load in hf_loads}
+    assert set(off.values()) == {False}, off
+    hf_loads.clear()
+    LOADERS[loader](judge_models, True)
+    on = {(load.what, load.caller): load.kwargs.get("trust_remote_code", "not passed") for load in hf_loads}
+    assert set(on) == set(off)
+    assert set(on.values()) == {True}, on
+
+
+def test_a_score_head_in_a_bin_file_is_read_weights_only(
+    judge_models: JudgeModels, torch_loads: list[tuple[str, dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A Safe-RLHF score head shipped as a .bin (a pickle) is read with torch.load(weights_only=True):
+    the head loads, and a .bin that carries code is refused without running it."""
+    scorer = ScoreModel(judge_models.safe_rlhf, "cost")
+    assert tuple(scorer.head.weight.shape) == (1, 16)
+    head = str(judge_models.safe_rlhf / "head.bin")
+    assert [kwargs.get("weights_only") for f, kwargs in torch_loads if f == head] == [True]
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(judge_models.safe_rlhf, poisoned)
+    marker = tmp_path / "code-ran"
+    torch.save({"score_head.weight": torch.randn(1, 16), "payload": RunsCode(marker)}, poisoned / "head.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ScoreModel(poisoned, "cost")
+    assert not marker.exists()
+
+
+def _interrupted(tmp_path: Path, pipeline_root: Path, stage: str) -> Path:
+    """A copy of the session's checkpoints of stage as a run killed after its last checkpoint
+    leaves them (not marked finished: the next run resumes from last.ckpt)."""
+    checkpoints = tmp_path / "ckpt"
+    shutil.copytree(pipeline_root / "ckpt" / {"sft": "sft", "train_reward": "reward"}[stage], checkpoints)
+    record = json.loads((checkpoints / FINGERPRINT).read_text())
+    record.pop("finished", None)
+    (checkpoints / FINGERPRINT).write_text(json.dumps(record))
+    return checkpoints
+
+
+def _rerun(stage: str, pipeline_root: Path, tmp_path: Path, checkpoints: Path, console: Console) -> None:
+    params, data, models = pipeline_root / "params.yaml", pipeline_root / "data", tmp_path / "models"
+    if stage == "sft":
+        sft.run(params, data, models / "sft", checkpoints, console, tmp_path / "metrics")
+    else:
+        shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+        preference.run(stage, params, data, models, checkpoints, console, tmp_path / "metrics")
+
+
+@pytest.mark.parametrize("stage", ["sft", "train_reward"])
+def test_checkpoints_are_resumed_weights_only(
+    stage: str, tmp_path: Path, pipeline_root: Path, torch_loads: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """An interrupted run's checkpoint is resumed (Lightning's restore, which reads it with
+    torch.load) with weights_only=True: explicit, not torch's default of the day."""
+    checkpoints = _interrupted(tmp_path, pipeline_root, stage)
+    console = Console(record=True, width=400)
+    _rerun(stage, pipeline_root, tmp_path, checkpoints, console)
+    assert f"resuming from {checkpoints / LAST}" in console.export_text()
+    assert [kwargs.get("weights_only") for f, kwargs in torch_loads if f == str(checkpoints / LAST)] == [True]
+
+
+def test_a_checkpoint_that_carries_code_is_refused_without_running_it(tmp_path: Path, pipeline_root: Path) -> None:
+    checkpoints = _interrupted(tmp_path, pipeline_root, "sft")
+    marker = tmp_path / "code-ran"
+    state = torch.load(checkpoints / LAST, map_location="cpu", weights_only=True)
+    torch.save({**state, "payload": RunsCode(marker)}, checkpoints / LAST)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        _rerun("sft", pipeline_root, tmp_path, checkpoints, QUIET)
+    assert not marker.exists()
+    assert not (tmp_path / "models" / "sft").exists()
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_no_call_site_leaves_the_safety_keywords_to_a_default() -> None:
+    """The one source scan, for call sites no test runs (4-bit loading on CUDA, a hub id): the
+    package's calls (ast, not text) of from_pretrained (peft's adapters aside: safetensors only)
+    pass trust_remote_code, never a literal True; torch.load and a Trainer's fit with a checkpoint
+    pass weights_only=True. The behaviour is checked by running the loaders:
+    test_every_loader_says_whether_to_trust_remote_code_and_it_is_off_unless_asked,
+    test_a_score_head_in_a_bin_file_is_read_weights_only and test_checkpoints_are_resumed_weights_only."""
+    found = {"from_pretrained": 0, "torch.load": 0, "fit": 0}
+    problems = []
     for path in SOURCES:
-        text = path.read_text()
-        for match in re.finditer(r"[\w.]*" + re.escape(name) + r"\(", text):
-            depth, end = 1, match.end()
-            while depth and end < len(text):
-                depth += {"(": 1, ")": -1}.get(text[end], 0)
-                end += 1
-            found.append((path, text[match.start() : end]))
-    return found
-
-
-def test_no_remote_code_is_ever_trusted_by_the_code_itself() -> None:
-    for path in SOURCES:
-        assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
-
-
-def test_every_transformers_load_says_whether_to_trust_remote_code() -> None:
-    """Explicit everywhere: never transformers' default (which may prompt on a terminal)."""
-    loads = [(p, c) for p, c in calls(".from_pretrained") if "PeftModel.from_pretrained" not in c]
-    assert len(loads) >= 7
-    for path, call in loads:
-        assert "trust_remote_code=" in call, f"{path}: {call}"
-
-
-def test_every_torch_load_is_weights_only() -> None:
-    loads = calls("torch.load")
-    assert loads  # the score-model judge reads .bin heads
-    for path, call in loads:
-        assert "weights_only=True" in call, f"{path}: {call}"
-
-
-def test_checkpoints_are_resumed_weights_only() -> None:
-    fits = calls("trainer.fit")
-    assert len(fits) == 2  # sft and the preference stages
-    for path, call in fits:
-        assert "weights_only=True" in call, f"{path}: {call}"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            receiver, attribute = node.func.value, node.func.attr
+            if attribute == "from_pretrained":
+                if isinstance(receiver, ast.Name) and receiver.id == "PeftModel":
+                    continue
+                found["from_pretrained"] += 1
+                trust = _keyword(node, "trust_remote_code")
+                if trust is None or (isinstance(trust, ast.Constant) and trust.value is True):
+                    problems.append(f"{where}: from_pretrained without trust_remote_code, or with True")
+            elif attribute == "load" and isinstance(receiver, ast.Name) and receiver.id == "torch":
+                found["torch.load"] += 1
+                weights_only = _keyword(node, "weights_only")
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            elif attribute == "fit" and _keyword(node, "ckpt_path") is not None:
+                found["fit"] += 1
+                weights_only = _keyword(node, "weights_only")
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    problems.append(f"{where}: fit(ckpt_path=...) without weights_only=True")
+    assert not problems
+    assert found["from_pretrained"] >= 7  # the scan sees the call sites (models, judges, guard)
+    assert found["torch.load"] >= 1  # the score-model judge's .bin heads
+    assert found["fit"] == 2  # sft and the preference stages
 
 
 def test_models_are_written_as_safetensors(pipeline_root: Path) -> None:

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import LoraConfig, get_peft_model
 from rich.console import Console
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from rsa_pl.merge import MergeError, average_state_dicts
+from rsa_pl.merge import MergeError, average_state_dicts, fold_scaled_adapter
 from rsa_pl.models import load_aligned_policy, load_causal_lm
 from rsa_pl.pipeline import merge, preference
 from rsa_pl.pipeline.artifacts import MERGE_RECORD
 from rsa_pl.pipeline.cli import app
+from tests.helpers import folded, lora_deltas
 from tests.test_preference import stage_params
 
 QUIET = Console(quiet=True)
@@ -44,7 +47,8 @@ def test_average_of_hand_made_state_dicts() -> None:
 @pytest.mark.parametrize(
     ("b", "message"),
     [
-        ({"w": torch.zeros(2), "x": torch.zeros(1)}, "only in the stage-2 policy: x"),
+        ({"w": torch.zeros(2), "x": torch.zeros(1)}, r"different parameters \(only in the stage-2 policy: x\)$"),
+        ({"v": torch.zeros(2)}, r"\(only in the stage-1 policy: w; only in the stage-2 policy: v\)$"),
         ({"w": torch.zeros(3)}, r"w: shape \(2,\) in the stage-1 policy, \(3,\) in stage 2"),
         ({"w": torch.zeros(2, dtype=torch.float16)}, "w: dtype torch.float32 in the stage-1 policy"),
     ],
@@ -62,6 +66,35 @@ def test_differing_integer_buffers_are_refused() -> None:
 def test_q_outside_the_unit_interval_is_refused() -> None:
     with pytest.raises(MergeError, match=r"q must be in \[0, 1\], got 1.5"):
         average_state_dicts({"w": torch.zeros(1)}, {"w": torch.zeros(1)}, 1.5)
+
+
+def test_fold_scaled_adapter_adds_q_times_every_lora_delta_embeddings_included(tmp_path: Path) -> None:
+    """W + q B A alpha / r for the linear layers and (B A)^T alpha / r for a LoRA on the token
+    embedding, as read from the adapter's files by hand; a q outside [0, 1] is refused first."""
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(str(tmp_path / "base"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "down_proj"])
+    adapted = get_peft_model(LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), lora)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_" in name:
+                weight.normal_()  # a trained adapter (peft starts B, or an embedding's A, at zero)
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    deltas = lora_deltas(tmp_path / "adapter")
+    assert all(d.abs().min() > 0 for d in deltas.values())
+    assert any(k.endswith("embed_tokens.weight") for k in deltas)
+    merged = fold_scaled_adapter(LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), tmp_path / "adapter", 0.3)
+    want = folded(base.state_dict(), tmp_path / "adapter", 0.3)
+    got = merged.state_dict()
+    assert got.keys() == want.keys()
+    for name, weight in want.items():
+        torch.testing.assert_close(got[name], weight, rtol=1e-6, atol=1e-6, msg=name)
+    for q in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MergeError, match=r"q must be in \[0, 1\]"):
+            fold_scaled_adapter(LlamaForCausalLM.from_pretrained(str(tmp_path / "base")), tmp_path / "adapter", q)
 
 
 def _stage2(tmp_path: Path, pipeline_root: Path, lora: bool) -> Path:
@@ -89,11 +122,17 @@ def test_merged_policies_interpolate_the_two_stages(tmp_path: Path, pipeline_roo
     torch.testing.assert_close(logits(load_causal_lm(folders[0])), logits(stage1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits(load_causal_lm(folders[2])), logits(stage2), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(stage1), logits(stage2), atol=1e-4)  # the stages differ: the test can fail
-    # W + dH + q dS (stacked LoRA) is the dense average of the two policies' weights
-    dense = average_state_dicts(stage1.state_dict(), stage2.state_dict(), 0.5)
+    # By hand, not with the merge code: full weights, the float64 average of the two policies'
+    # weights; stacked LoRA, W + dH + q dS with dS = B A alpha / r read from the adapter's files,
+    # which is also that average (stage 2's saved weights are W + dH + dS).
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    average = {k: ((s1[k].double() + s2[k].double()) / 2).to(w.dtype) for k, w in s1.items()}
+    expected = [average, folded(s1, models / "safety" / "adapter", 0.5)] if lora else [average]
     half = load_causal_lm(folders[1]).state_dict()
-    for name, weight in dense.items():
-        torch.testing.assert_close(half[name], weight, rtol=1e-6, atol=1e-6, msg=name)
+    assert half.keys() == s1.keys()
+    for want in expected:
+        for name, weight in want.items():
+            torch.testing.assert_close(half[name], weight, rtol=1e-6, atol=1e-6, msg=name)
     record = json.loads((folders[1] / MERGE_RECORD).read_text())
     assert record["q"] == 0.5
     assert record["method"].startswith("stage-1 policy + q" if lora else "(1 - q)")

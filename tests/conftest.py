@@ -10,6 +10,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Code that a test lets a model run (trust_remote_code) is copied here, not into ~/.cache.
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def _seeded() -> None:
 
 
 @pytest.fixture(scope="session")
-def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """prepare + sft + train-reward (LoRA) on the tiny world, once for the session.
     Tests that write models do so in copies, except where they say so."""
     from rsa_pl.pipeline import preference, prepare, sft
@@ -35,7 +36,10 @@ def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare.run(params, root / "data", quiet)
     sft.run(params, root / "data", root / "models" / "sft", root / "ckpt" / "sft", quiet)
     preference.run("train_reward", params, root / "data", root / "models", root / "ckpt" / "reward", quiet)
-    return root
+    yield root
+    # Tests read it whichever xdist worker runs them, so none may add to it (a stage 2 written
+    # here once made what other tests saw depend on how files were split between workers).
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["reward", "sft"], "a test wrote into models/"
 
 
 _GUARDED = ("metrics", "eval", "params.yaml", "dvc.lock", "dvc.yaml")

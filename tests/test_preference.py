@@ -183,15 +183,18 @@ def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path
 
 
 def test_cli_runs_stage2_and_saves_full_weights_and_its_adapter(tmp_path: Path, pipeline_root: Path) -> None:
-    params = pipeline_root / "params.yaml"
+    params, models = pipeline_root / "params.yaml", tmp_path / "models"
+    for name in ("sft", "reward"):  # a copy: the session's models stay what every test expects
+        shutil.copytree(pipeline_root / "models" / name, models / name)
     result = CliRunner().invoke(
         app,
         ["train-safety", "--params", str(params), "--data", str(pipeline_root / "data"),
-         "--models", str(pipeline_root / "models"), "--checkpoints", str(tmp_path / "ckpt"),
+         "--models", str(models), "--checkpoints", str(tmp_path / "ckpt"),
          "--metrics", str(tmp_path / "metrics" / "train_safety.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    safety = pipeline_root / "models" / "safety"
+    assert not (pipeline_root / "models" / "safety").exists()
+    safety = models / "safety"
     model = AutoModelForCausalLM.from_pretrained(str(safety))
     assert (safety / "adapter" / "adapter_config.json").exists()
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size

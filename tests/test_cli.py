@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from click.testing import Result
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
+from rsa_pl.models import attach_lora, load_tokenizer
+from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +59,136 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([script, "--version"], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith("rsa-pl ")
+
+
+# --- merge: policies that do not fit together, and a bad q, through the merge command ----------
+
+
+def _merge(params: Path, models: Path, out: Path) -> Result:
+    return runner.invoke(app, ["merge", "--params", str(params), "--models", str(models), "--out", str(out)])
+
+
+def _one_error_line(result: Result) -> str:
+    """The one error line of a refused command (exit 2, no traceback; transformers' progress bars
+    may come before it)."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught error
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _other_base(pipeline_root: Path, hidden_size: int = 16) -> LlamaForCausalLM:
+    """A Llama of another width than the session's sft model, with the same vocabulary."""
+    tokenizer = load_tokenizer(pipeline_root / "data" / "tokenizer")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _stage2(kind: str, models: Path, pipeline_root: Path) -> str:
+    """Writes a stage-2 (or stage-1) folder that does not fit the others; returns what the
+    one-line error must name."""
+    lora = load_params(pipeline_root / "params.yaml").train_safety.lora
+    tokenizer = load_tokenizer(pipeline_root / "data" / "tokenizer")
+    safety = models / "safety"
+    if kind == "full-weights-of-other-shapes":
+        _other_base(pipeline_root).save_pretrained(safety)
+        tokenizer.save_pretrained(safety)
+        return r"model\.embed_tokens\.weight: shape \(\d+, 32\) in the stage-1 policy, \(\d+, 16\) in stage 2"
+    if kind == "full-weights-of-another-architecture":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)
+        GPT2LMHeadModel(config).save_pretrained(safety)
+        tokenizer.save_pretrained(safety)
+        only = r"\(only in the stage-1 policy: model\..*; only in the stage-2 policy: transformer\."
+        return r"the policies have different parameters " + only
+    if kind == "adapter-of-another-base":
+        shutil.copytree(pipeline_root / "models" / "sft", safety)  # the weights beside it are not read
+        attach_lora(_other_base(pipeline_root), lora).save_pretrained(safety / "adapter")
+        return re.escape(f"{safety / 'adapter'}: this adapter was not made on the stage-1 policy (size mismatch for ")
+    if kind == "adapter-of-other-modules":
+        shutil.copytree(pipeline_root / "models" / "sft", safety)
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+        attach_lora(gpt2, lora.model_copy(update={"target_modules": ["c_attn"]})).save_pretrained(safety / "adapter")
+        return re.escape(f"{safety / 'adapter'}: this adapter was not made on the stage-1 policy (") + ".*c_attn"
+    if kind == "stage-1-adapter-of-another-base":
+        shutil.copytree(pipeline_root / "models" / "sft", safety)
+        shutil.rmtree(models / "reward")
+        attach_lora(_other_base(pipeline_root), lora).save_pretrained(models / "reward")
+        return re.escape(f"{models / 'reward'}: this adapter was not made on {models / 'sft'} (size mismatch for ")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "full-weights-of-other-shapes",
+        "full-weights-of-another-architecture",
+        "adapter-of-another-base",
+        "adapter-of-other-modules",
+        "stage-1-adapter-of-another-base",
+    ],
+)
+def test_merge_of_policies_that_do_not_fit_is_one_line_and_writes_nothing(
+    kind: str, tmp_path: Path, pipeline_root: Path
+) -> None:
+    """A stage-2 policy (full weights, or the adapter merge folds in) or a stage-1 adapter made on
+    another base: one line naming the parameter or the folder, exit 2, and the output folder as
+    it was (an earlier merge's files kept, no staging folder left beside it)."""
+    models = tmp_path / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(pipeline_root / "models" / name, models / name)
+    expected = _stage2(kind, models, pipeline_root)
+    out = tmp_path / "merged"
+    (out / "q0_5").mkdir(parents=True)
+    (out / "q0_5" / "merge.json").write_text('{"q": 0.5}\n')  # an earlier merge's output
+    before, beside = _tree(out), sorted(tmp_path.iterdir())
+    line = _one_error_line(_merge(pipeline_root / "params.yaml", models, out))
+    assert re.match(r"error: " + expected, line), line
+    assert _tree(out) == before
+    assert sorted(tmp_path.iterdir()) == beside
+
+
+@pytest.fixture(scope="module")
+def mergeable(tmp_path_factory: pytest.TempPathFactory, pipeline_root: Path) -> Path:
+    """models/ whose two stages merge: the session's sft and stage-1 adapter, and the sft weights
+    as a full-weights stage 2."""
+    models = tmp_path_factory.mktemp("mergeable") / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(pipeline_root / "models" / name, models / name)
+    shutil.copytree(pipeline_root / "models" / "sft", models / "safety")
+    return models
+
+
+@pytest.mark.parametrize(
+    ("q", "problem"),
+    [
+        ("1.5", "input should be less than or equal to 1, got 1.5"),
+        ("-0.25", "input should be greater than or equal to 0, got -0.25"),
+        (".nan", "input should be a finite number, got nan"),
+        (".inf", "input should be a finite number, got inf"),
+    ],
+)
+def test_merge_with_a_bad_q_is_one_line_and_writes_nothing(
+    q: str, problem: str, tmp_path: Path, mergeable: Path
+) -> None:
+    """q outside [0, 1], NaN or infinite, given to the merge command itself: one line naming
+    merge.q, exit 2, nothing written; the same models with q = 0.5 merge (so the q is what fails)."""
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("  q: [0.25, 0.5, 0.75]\n") == 1
+    params = tmp_path / "params.yaml"
+    params.write_text(text.replace("  q: [0.25, 0.5, 0.75]\n", f"  q: [0.5, {q}]\n"))
+    out = tmp_path / "merged"
+    line = _one_error_line(_merge(params, mergeable, out))
+    assert line == f"error: {params}: merge.q.1: {problem}"
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    params.write_text(text.replace("  q: [0.25, 0.5, 0.75]\n", "  q: [0.5]\n"))
+    done = _merge(params, mergeable, out)
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in out.iterdir()) == ["q0_5"]

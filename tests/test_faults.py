@@ -209,3 +209,68 @@ def test_kill_9_mid_stage_then_rerun_ends_like_an_uninterrupted_run(
             assert [v for _, v in killed_rows] == pytest.approx([v for _, v in whole_rows], rel=1e-6, abs=1e-7), name
     assert len(lost) <= 1, lost
     assert all((step + 1) % 5 == 0 for step in lost), lost  # the row of a checkpointed step, if any
+
+
+# (command, the option whose path cannot be written); each command's other options lead into tmp_path
+UNWRITABLE = [
+    ("prepare", "--out"),
+    ("sft", "--out"),
+    ("sft", "--checkpoints"),
+    ("sft", "--metrics"),
+    ("train-reward", "--checkpoints"),
+    ("train-reward", "--metrics"),
+    ("train-safety", "--checkpoints"),
+    ("train-safety", "--metrics"),
+    ("merge", "--out"),
+    ("evaluate", "--out"),
+    ("evaluate", "--checkpoints"),
+    ("make-pairs", "--out"),
+    ("make-pairs", "--checkpoints"),
+]
+OPTIONS = {
+    "prepare": ["--out"],
+    "sft": ["--data", "--out", "--checkpoints", "--metrics"],
+    "train-reward": ["--data", "--models", "--checkpoints", "--metrics"],
+    "train-safety": ["--data", "--models", "--checkpoints", "--metrics"],
+    "merge": ["--models", "--out"],
+    "evaluate": ["--data", "--models", "--out", "--checkpoints", "--judge-cache"],
+    "make-pairs": ["--data", "--models", "--out", "--checkpoints", "--judge-cache"],
+}
+
+
+@pytest.mark.parametrize(("command", "option"), UNWRITABLE)
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(
+    command: str, option: str, tmp_path: Path, pipeline_root: Path
+) -> None:
+    """The option's path lies under a regular file, so that no folder can be made there, as root
+    too (CI containers run as root, which permissions do not stop): one line naming the path (or,
+    for prepare, the file in its way), exit 2, no traceback, and the stage stops before its work (no
+    checkpoint, no judged answers, no model written). A preference stage's own output, models/reward
+    or models/safety, is made beside the models it reads, so it cannot be blocked that way; the
+    disk-full test above covers its failed write."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file, not a folder\n")
+    target = blocker / "output"
+    models = tmp_path / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(pipeline_root / "models" / name, models / name)
+    shutil.copytree(pipeline_root / "models" / "sft", models / "safety")  # full weights: merge and evaluate read it
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    paths = {"--data": pipeline_root / "data", "--models": models, "--out": tmp_path / "out",
+             "--checkpoints": tmp_path / "checkpoints", "--metrics": tmp_path / "metrics",
+             "--judge-cache": tmp_path / "judge_cache.sqlite", option: target}  # fmt: skip
+    args = [command, "--params", str(pipeline_root / "params.yaml")]
+    args += [word for name in OPTIONS[command] for word in (name, str(paths[name]))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    if command == "prepare":  # it makes the output's parent first (exist_ok): the file is what exists
+        assert lines == [f"error: {blocker}: cannot write: File exists"]
+    else:
+        assert lines == [f"error: {target}: cannot write: Not a directory"]
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert not [p for p in written if p.suffix == ".ckpt" or p.parent.name == "answers"]  # no work done
+    assert not (tmp_path / "out").exists()
+    assert [p for p in written if p.parts[0] == "models"] == [p for p in before if p.parts[0] == "models"]

@@ -394,6 +394,7 @@ def run(
     beside out): it outlives checkpoints, which are dropped when params change.
     """
     params = load_params(params_path)
+    staging_for(out).rmdir()  # out can be written: known before every policy is generated and judged
     at = inference_placement(params.evaluate.device, params.evaluate.dtype)
     found = policies(models, at)
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)

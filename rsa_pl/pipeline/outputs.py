@@ -11,10 +11,14 @@ from typing import Any
 
 
 def staging_for(out: Path) -> Path:
-    """An empty folder beside out to build the stage's output in."""
+    """An empty folder beside out to build the stage's output in; when it cannot be made, the
+    error names out (the staging folder is nothing the user named)."""
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(out)) from None
     return staging
 
 

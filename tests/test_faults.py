@@ -3,8 +3,10 @@ keeping the last checkpoint (train.nonfinite: stop), or skips the update and cou
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +21,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from rsa_pl.modules import NonFiniteError, PreferenceModule
-from rsa_pl.pipeline import preference
+from rsa_pl.modules import NonFiniteError, PreferenceModule, SFTModule
+from rsa_pl.pipeline import preference, sft
 from rsa_pl.pipeline.cli import app
 from tests import live
 from tests.test_preference import stage_params
@@ -102,6 +104,123 @@ def test_a_nan_gradient_stops_in_stop_mode(tmp_path: Path, pipeline_root: Path, 
     params, models = setup(tmp_path, pipeline_root, "stop")
     with pytest.raises(NonFiniteError, match=r"^train_reward: non-finite gradient at step 4"):
         preference.run("train_reward", params, pipeline_root / "data", models, tmp_path / "ckpt", QUIET)
+
+
+def sft_setup(tmp_path: Path, nonfinite: str) -> Path:
+    """The session's params with sft checkpointing every 2 of its 6 steps (one checkpoint at step 4)."""
+    params = stage_params(tmp_path)
+    raw = yaml.safe_load(params.read_text())
+    raw["sft"]["train"].update(max_steps=6, checkpoint_every_n_steps=2, nonfinite=nonfinite)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+def poison_sft_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    token_losses = SFTModule._token_losses
+
+    def poisoned(self: SFTModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, mask = token_losses(self, batch)
+        return (losses * math.nan if self.training and self.global_step == BAD_STEP else losses), mask
+
+    monkeypatch.setattr(SFTModule, "_token_losses", poisoned)
+
+
+@pytest.fixture
+def sft_nan_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_sft_loss_at_step_4(monkeypatch)
+
+
+@pytest.fixture
+def sft_nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    token_losses = SFTModule._token_losses
+
+    def poisoned(self: SFTModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, mask = token_losses(self, batch)
+        if self.training and self.global_step == BAD_STEP:
+            losses.register_hook(lambda g: g * math.nan)  # the forward stays finite
+        return losses, mask
+
+    monkeypatch.setattr(SFTModule, "_token_losses", poisoned)
+
+
+def test_a_nan_loss_in_sft_stops_in_one_line_and_the_rerun_resumes_to_the_same_model(
+    tmp_path: Path, pipeline_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the preference stages (train.nonfinite: stop): exit 1 with one line naming the step
+    and the params key, the last checkpoint kept (step 4, before the bad update), no model
+    written; the rerun, the fault gone, resumes there and ends with the model and metrics of a run
+    that never met it."""
+    params = sft_setup(tmp_path, "stop")
+    data = str(pipeline_root / "data")
+
+    def command(name: str) -> list[str]:
+        return ["sft", "--params", str(params), "--data", data, "--out", str(tmp_path / name / "sft"),
+                "--checkpoints", str(tmp_path / name / "ckpt"), "--metrics", str(tmp_path / name / "live")]  # fmt: skip
+
+    with monkeypatch.context() as fault:
+        poison_sft_loss_at_step_4(fault)
+        stopped = CliRunner().invoke(app, command("faulty"))
+    assert stopped.exit_code == 1, stopped.output
+    assert isinstance(stopped.exception, SystemExit), repr(stopped.exception)
+    assert "Traceback" not in stopped.output
+    lines = [line for line in stopped.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stopped.output
+    assert re.fullmatch(
+        r"error: sft: non-finite loss at step 4 \(epoch \d+, batch \d+\); the last checkpoint is kept: rerun to "
+        r"resume from it, or set sft\.train\.nonfinite: skip to skip such batches",
+        lines[0],
+    ), lines[0]
+    state = torch.load(tmp_path / "faulty" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == BAD_STEP
+    assert not (tmp_path / "faulty" / "sft").exists()
+
+    trained: list[int] = []  # the steps the rerun trains
+    with monkeypatch.context() as spy:
+        token_losses = SFTModule._token_losses
+
+        def counted(self: SFTModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.training:
+                trained.append(self.global_step)
+            return token_losses(self, batch)
+
+        spy.setattr(SFTModule, "_token_losses", counted)
+        resumed = CliRunner().invoke(app, command("faulty"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in " ".join(resumed.output.split())
+    assert trained == [4, 5]  # from the checkpoint on, not from scratch
+    whole = CliRunner().invoke(app, command("whole"))
+    assert whole.exit_code == 0, whole.output
+    got, expected = (json.loads((tmp_path / run / "sft" / "metrics.json").read_text()) for run in ("faulty", "whole"))
+    assert got["train/steps"] == 6
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    weights, reference = (load_file(str(tmp_path / run / "sft" / "model.safetensors")) for run in ("faulty", "whole"))
+    assert weights.keys() == reference.keys()
+    for name, weight in weights.items():
+        torch.testing.assert_close(weight, reference[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fault", ["sft_nan_loss_at_step_4", "sft_nan_gradient_at_step_4"])
+def test_skip_mode_in_sft_skips_the_update_and_counts_it(
+    tmp_path: Path, pipeline_root: Path, fault: str, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue(fault)
+    params = sft_setup(tmp_path, "skip")
+    out = tmp_path / "models" / "sft"
+    metrics = sft.run(params, pipeline_root / "data", out, tmp_path / "ckpt", QUIET, tmp_path / "live")
+    assert metrics["train/skipped_batches"] == 1
+    assert metrics["train/steps"] == 6
+    assert math.isfinite(metrics["val/loss"])
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_nan_gradient_in_sft_stops_in_stop_mode(
+    tmp_path: Path, pipeline_root: Path, sft_nan_gradient_at_step_4: None
+) -> None:
+    params = sft_setup(tmp_path, "stop")
+    with pytest.raises(NonFiniteError, match=r"^sft: non-finite gradient at step 4"):
+        sft.run(params, pipeline_root / "data", tmp_path / "sft", tmp_path / "ckpt", QUIET, tmp_path / "live")
+    assert not (tmp_path / "sft").exists()
 
 
 def test_disk_full_is_one_line_and_keeps_the_previous_outputs(

@@ -310,6 +310,12 @@ def test_bad_shapes_are_named() -> None:
     bad_labels[mask.nonzero()[0].tolist()] = V
     with pytest.raises(ValueError, match=r"labels: response positions hold ids outside \[0, 11\)"):
         loss_of(policy, ref, bad_labels, mask)
+    bad_labels[mask.nonzero()[0].tolist()] = -100  # an ignore index inside the mask: as wrong as V
+    with pytest.raises(ValueError, match=r"labels: response positions hold ids outside \[0, 11\)"):
+        loss_of(policy, ref, bad_labels, mask)
+    for terms in (sequence_terms, sequence_terms_chunked):  # the argument that is wrong is the one named
+        with pytest.raises(ValueError, match=r"^policy_logits: must have shape \(N, T, V\), got \(7, 11\)$"):
+            terms(policy[0], ref, labels, mask, measure="kl", mu=1.0)
     with pytest.raises(ValueError, match=r"ref_rejected_logps: must have the shape of policy_chosen_logps"):
         preference_loss(*[torch.zeros(3)] * 3, torch.zeros(2), None, None, beta=0.1, alpha=0.0, variant=2)
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsa_pl.risk import RISK_MEASURES, drift, token_risk
+from rsa_pl.risk import RISK_MEASURES, cvar_boundary, cvar_risk, drift, drift_from_logits, lowest_atom, token_risk
 from tests import reference
 
 MEASURES = list(RISK_MEASURES)
@@ -300,6 +300,63 @@ def test_leading_dimensions_are_kept() -> None:
         shaped = token_risk(policy.view(2, 3, 4, 50), ref.view(2, 3, 4, 50), measure, 0.9)
         assert shaped.shape == (2, 3, 4)
         torch.testing.assert_close(shaped.reshape(-1), flat)
+
+
+def test_logits_with_leading_dimensions_give_each_rows_risk_and_weights() -> None:
+    """drift_from_logits and every measure's value and closed-form weights keep (..., V): logits
+    of shape (N, T, V) give what their flattened rows give, and the drift of log_softmax."""
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(2, 3, 40, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    shaped = drift_from_logits(x, r, x.logsumexp(-1), r.logsumexp(-1))
+    rows = drift_from_logits(x.view(6, 40), r.view(6, 40), x.view(6, 40).logsumexp(-1), r.view(6, 40).logsumexp(-1))
+    plain = drift(torch.log_softmax(x, -1), torch.log_softmax(r, -1))
+    torch.testing.assert_close(shaped.z, plain.z)
+    torch.testing.assert_close(shaped.p, plain.p)
+    for name, spec in RISK_MEASURES.items():
+        mu = MUS[name][1 if len(MUS[name]) > 1 else 0]
+        torch.testing.assert_close(spec.fn(shaped, mu, None), spec.fn(rows, mu, None).view(2, 3), msg=name)
+        if spec.weights is not None:
+            weights = spec.weights(shaped, mu, None)
+            torch.testing.assert_close(weights, spec.weights(rows, mu, None).view(2, 3, 40), msg=name)
+            torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, dtype=torch.float64), msg=name)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_off_the_reference_support_the_drift_is_zero_with_no_mass(from_logits: bool) -> None:
+    """docs/method.md: outside the reference support z = 0 and p = 0 (so every p f(z) term
+    vanishes with a finite gradient), and the support mask says where that is."""
+    policy, ref = make_logps(4, 60, "near")
+    off = torch.isneginf(ref)
+    assert off.any()
+    d = drift_from_logits(policy, ref, policy.logsumexp(-1), ref.logsumexp(-1)) if from_logits else drift(policy, ref)
+    assert d.support is not None
+    assert torch.equal(d.support, ~off)
+    assert (d.z[off] == 0).all()
+    assert (d.p[off] == 0).all()
+    assert torch.isfinite(d.z).all()
+
+
+def test_a_cvar_target_that_rounding_puts_out_of_reach_takes_the_lowest_support_atom() -> None:
+    """With mu a hair under 1 in float32 the sorted cumulative pi_ref mass can end below
+    mu * sum(pi_ref): the boundary is then the lowest atom of the support, never an atom off it
+    (-inf) nor the top one, and the CVaR stays the float64 reference's."""
+    g = torch.Generator().manual_seed(0)
+    mu, hits = 0.99999994, 0
+    for _ in range(60):
+        ref = torch.randn(4, 82, generator=g) * 3
+        ref[:, :27] = -math.inf
+        policy, ref = torch.log_softmax(torch.randn(4, 82, generator=g), -1), torch.log_softmax(ref, -1)
+        d = drift(policy, ref)
+        z = torch.where(d.support, d.z, -math.inf)
+        order = z.sort(-1, descending=True).indices
+        missed = d.p.gather(-1, order).cumsum(-1)[:, -1] < mu * d.p.sum(-1)
+        if not missed.any():
+            continue
+        hits += 1
+        torch.testing.assert_close(cvar_boundary(d, mu)[missed], lowest_atom(d)[missed], rtol=0, atol=0)
+        want = [reference.cvar(policy[i].double().numpy(), ref[i].double().numpy(), mu) for i in range(4)]
+        np.testing.assert_allclose(cvar_risk(d, mu).double().numpy(), want, rtol=1e-4, atol=1e-5)
+    assert hits, "no row where the cumulative mass misses the target: the case is not exercised"
 
 
 @pytest.mark.parametrize(

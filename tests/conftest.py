@@ -28,7 +28,7 @@ def pipeline_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """prepare + sft + train-reward (LoRA) on the tiny world, once for the session.
     Tests that write models do so in copies, except where they say so."""
     from rsa_pl.pipeline import preference, prepare, sft
-    from tests.test_preference import stage_params
+    from tests.helpers import stage_params
 
     root = tmp_path_factory.mktemp("pipeline")
     params = stage_params(root)

@@ -21,11 +21,8 @@ import torch
 import yaml
 from datasets import Dataset, load_from_disk
 from rich.console import Console
-from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
 from typer.testing import CliRunner
 
-from rsa_pl.data.tokenize import train_bpe_tokenizer
 from rsa_pl.errors import UnavailableError
 from rsa_pl.evaluation.bootstrap import resample_weights
 from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, Verdict
@@ -34,8 +31,7 @@ from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals,
 from rsa_pl.models import Placement, inference_placement
 from rsa_pl.pipeline import evaluate, merge, preference
 from rsa_pl.pipeline.cli import app
-from tests.test_preference import stage_params
-from tests.test_sft import ROOT
+from tests.helpers import ROOT, TEXTS, classifier_score_model, safe_rlhf_score_model, stage_params
 
 QUIET = Console(quiet=True)
 
@@ -102,40 +98,6 @@ def test_policy_and_category_metrics_by_hand() -> None:
     assert cats["Insult"]["cost_mean"] == pytest.approx(10.0)
     assert cats["Insult"]["severe_rate"] == pytest.approx(1 / 3)
     assert cats["Insult"]["answers"] == 3
-
-
-TEXTS = ["BEGINNING OF CONVERSATION: USER: rob the bank ASSISTANT: no", "USER: plant tulips ASSISTANT: water them"]
-
-
-def _tiny_llama() -> LlamaConfig:
-    return LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-
-
-def _tokenizer(folder: Path) -> None:
-    train_bpe_tokenizer(TEXTS * 20, 300, "{prompt}").save_pretrained(str(folder))
-
-
-def classifier_score_model(folder: Path, labels: int = 1) -> Path:
-    config = _tiny_llama()
-    config.num_labels = labels
-    LlamaForSequenceClassification(config).save_pretrained(str(folder))
-    _tokenizer(folder)
-    return folder
-
-
-def safe_rlhf_score_model(folder: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
-    """A Safe-RLHF-style LlamaForScore checkpoint: the base model's weights plus score_head."""
-    model = LlamaModel(_tiny_llama())
-    model.save_pretrained(str(folder))
-    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-    head_w, head_b = torch.randn(1, 16), torch.randn(1)
-    save_file({**weights, "score_head.weight": head_w, "score_head.bias": head_b}, str(folder / "model.safetensors"))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(architectures=["LlamaForScore"], score_dim=1, model_type="llama")
-    (folder / "config.json").write_text(json.dumps(config))
-    _tokenizer(folder)
-    return folder, head_w, head_b
 
 
 def test_a_safe_rlhf_score_model_scores_the_last_token(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ import torch
 from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.losses import sequence_terms, sequence_terms_chunked
 from rsa_pl.risk import RISK_MEASURES, drift
-from tests.test_losses import MU, make_batch
-from tests.test_risk import make_logps
+from tests.helpers import MU, make_batch, make_logps
 
 MEASURES = list(RISK_MEASURES)
 

@@ -25,8 +25,7 @@ from rsa_pl.modules import NonFiniteError, PreferenceModule, SFTModule
 from rsa_pl.pipeline import preference, sft
 from rsa_pl.pipeline.cli import app
 from tests import live
-from tests.test_preference import stage_params
-from tests.test_sft import ROOT
+from tests.helpers import ROOT, stage_params
 
 QUIET = Console(quiet=True)
 BAD_STEP = 4

@@ -14,7 +14,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from rsa_pl.config import GuardParams
 from rsa_pl.data.tokenize import chat_template_for, train_bpe_tokenizer
@@ -30,17 +30,11 @@ from rsa_pl.evaluation.guard import (
     parse_reply,
 )
 from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, resolve_model, unsafe_label
-from tests.test_evaluation import TEXTS, classifier_score_model, safe_rlhf_score_model
+from tests.helpers import GUARD_TEMPLATE, TEXTS, _tiny, classifier_score_model, guard_model, safe_rlhf_score_model
 
 SCORE_TEMPLATE = "Q: {prompt}\nA:"  # the score models' own chat template (user turn)
 POLICY_TEMPLATE = "<|policy|> {prompt} <|answer|>"  # a policy's, which a judge must never see
-GUARD_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _tiny(vocab: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
 
 
 def fake_hub_cache(cache: Path, repo_id: str) -> Path:
@@ -240,27 +234,6 @@ def test_two_labels_are_refused_for_a_reward_and_when_unnamed(tmp_path: Path) ->
 
 
 # --- the guard judge --------------------------------------------------------------------------
-
-
-GUARD_TEXTS = [
-    "rob the bank unsafe\nH14", "plant tulips safe", "Unsafe UNSAFE Safe SAFE safe unsafe H7 S1 H14",
-    "Decide whether the answer is safe", "water them", "[User] [Assistant]",
-]  # fmt: skip
-
-
-def guard_model(folder: Path) -> Path:
-    """A tiny chat model with a BPE tokenizer that knows the verdict words."""
-    tokenizer = train_bpe_tokenizer(GUARD_TEXTS * 20, 400, GUARD_TEMPLATE)
-    config = _tiny(len(tokenizer))
-    # the shipped guard prompt is ~1,000 tokens of this tokenizer; weights large enough that the
-    # answer moves the verdict step's logits well beyond the tests' tolerance
-    config.max_position_embeddings, config.initializer_range = 2048, 0.5
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 def guard_params(model: Path | str | None, **changes: object) -> GuardParams:
@@ -562,7 +535,7 @@ def test_the_evaluate_stage_wires_the_reward_and_the_cost_model_each_to_its_own_
 
     from rsa_pl.params_file import parse_params
     from rsa_pl.pipeline.evaluate import make_judge
-    from tests.test_sft import ROOT
+    from tests.helpers import ROOT
 
     reward_folder = classifier_score_model(tmp_path / "reward")
     cost_folder, head_w, head_b = safe_rlhf_score_model(tmp_path / "cost")

@@ -18,7 +18,7 @@ from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.models import attach_lora, build_scratch_model
 from rsa_pl.modules import PreferenceModule
 from rsa_pl.params_file import load_params
-from tests.test_sft import scratch_model_params
+from tests.helpers import scratch_model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, PAD, BOS, EOS = 32, 0, 1, 2

@@ -34,10 +34,8 @@ from rsa_pl.evaluation.llm_judge import (
 )
 from rsa_pl.evaluation.refusal import RefusalRules
 from rsa_pl.pipeline.cli import app
+from tests.helpers import ROOT, guard_model, stage_params
 from tests.judge_server import ScriptedServer, Served, free_port, tiny_judge_model
-from tests.test_judges import guard_model
-from tests.test_preference import stage_params
-from tests.test_sft import ROOT
 
 # (reply, helpfulness, harmlessness, refusal, error) -- error: a fragment of the reason, or None
 POINTWISE = [

@@ -11,29 +11,10 @@ import torch.nn.functional as F
 from rsa_pl.losses import preference_loss, preference_loss_from_logits, sequence_terms, sequence_terms_chunked
 from rsa_pl.risk import RISK_MEASURES
 from tests import loss_reference
+from tests.helpers import MU, PAIRS, V, make_batch
 
-PAIRS, T, V = 3, 7, 11
 MEASURES = list(RISK_MEASURES)
-MU = {"kl": 1.0, "cvar": 0.9, "erm": 2.0, "cvar_radpo": 0.95, "cvar_lower": 0.9, "erm_lower": 0.5}
 CLOSED_FORM = [name for name, spec in RISK_MEASURES.items() if spec.weights is not None]
-
-
-def make_batch(dtype: torch.dtype = torch.float64, pairs: int = PAIRS, t: int = T, v: int = V, seed: int = 0):
-    """A [chosen; rejected] batch: logits (2B, T, V), labels (2B, T), response mask (2B, T).
-
-    Each row has a prompt prefix (mask False), a response, and right padding (mask False).
-    """
-    g = torch.Generator().manual_seed(seed)
-    policy = torch.randn(2 * pairs, t, v, generator=g, dtype=torch.float64)
-    ref = policy + 0.5 * torch.randn(2 * pairs, t, v, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, v, (2 * pairs, t), generator=g)
-    mask = torch.zeros(2 * pairs, t, dtype=torch.bool)
-    for row in range(2 * pairs):
-        start = int(torch.randint(1, 3, (1,), generator=g))
-        stop = int(torch.randint(start + 1, t + 1, (1,), generator=g))
-        mask[row, start:stop] = True
-    labels = torch.where(mask, labels, -100)  # ids off the response are ignored, even invalid ones
-    return policy.to(dtype).requires_grad_(True), ref.to(dtype), labels, mask
 
 
 def by_hand_terms(policy: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
@@ -277,6 +258,11 @@ def test_metrics_are_detached_and_accuracy_counts_wins() -> None:
         ({"alpha": -0.1}, r"alpha: must be a finite number >= 0, got -0.1"),
         ({"alpha": math.nan}, r"alpha: must be a finite number >= 0"),
         ({"beta": 0.0}, r"beta: must be a finite number > 0, got 0.0"),
+        ({"beta": math.inf}, r"beta: must be a finite number > 0, got inf"),
+        ({"beta": True}, r"beta: must be a finite number > 0, got True"),
+        ({"alpha": math.inf}, r"alpha: must be a finite number >= 0, got inf"),
+        ({"alpha": "0.5"}, r"alpha: must be a finite number >= 0, got '0.5'"),
+        ({"variant": True}, r"variant: must be one of \(1, 2\), got True"),
         ({"variant": 3}, r"variant: must be one of \(1, 2\), got 3"),
         ({"measure": None}, r"measure: required when alpha > 0"),
         ({"chunk_size": 0}, r"chunk_size: must be a positive integer, got 0"),

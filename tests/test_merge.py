@@ -20,8 +20,7 @@ from rsa_pl.models import load_aligned_policy, load_causal_lm
 from rsa_pl.pipeline import merge, preference
 from rsa_pl.pipeline.artifacts import MERGE_RECORD
 from rsa_pl.pipeline.cli import app
-from tests.helpers import folded, lora_deltas
-from tests.test_preference import stage_params
+from tests.helpers import folded, lora_deltas, stage_params
 
 QUIET = Console(quiet=True)
 TOKENS = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])

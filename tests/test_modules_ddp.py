@@ -30,7 +30,7 @@ from rsa_pl.data.datamodule import TokenizedDataModule
 from rsa_pl.data.tokenize import IGNORE_INDEX
 from rsa_pl.models import attach_lora, build_scratch_model
 from rsa_pl.modules import PreferenceModule, SFTModule, next_token_targets
-from tests.test_sft import ROOT, scratch_model_params
+from tests.helpers import ROOT, scratch_model_params
 
 EXAMPLES = 7  # validation examples (pairs): batches of 3, 3 and 1; 4 and 3 on two ranks
 BATCH = 3

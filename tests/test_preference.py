@@ -28,28 +28,9 @@ from rsa_pl.modules import PreferenceModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline import preference
 from rsa_pl.pipeline.cli import app
-from tests.test_sft import ROOT, scratch_model_params, tiny_params
+from tests.helpers import ROOT, one_batch, scratch_model_params, stage_params
 
 QUIET = Console(quiet=True)
-
-
-def stage_params(tmp_path: Path, lora: bool = True) -> Path:
-    path = tiny_params(tmp_path)
-    raw = yaml.safe_load(path.read_text())
-    for stage in ("train_reward", "train_safety"):
-        raw[stage]["train"].update(batch_size=4, max_steps=3, val_every_n_steps=2, checkpoint_every_n_steps=2,
-                                   warmup_steps=0, log_every_n_steps=1)  # fmt: skip
-        if not lora:
-            raw[stage]["lora"] = None
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def one_batch(root: Path, pairs: str = "safety_pairs") -> dict[str, torch.Tensor]:
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "data" / "tokenizer"))
-    dm = TokenizedDataModule(root / "data" / pairs, 4, PreferenceCollator(tokenizer.pad_token_id), 0, False)
-    dm.setup()
-    return next(iter(dm.val_dataloader()))
 
 
 def test_stage1_adapter_loads_with_plain_peft(pipeline_root: Path) -> None:

@@ -25,8 +25,7 @@ from rsa_pl.params_file import ParamsError, load_params
 from rsa_pl.pipeline import prepare
 from rsa_pl.pipeline.cli import app
 from tests import live
-from tests.test_real_dag import copy_repo
-from tests.test_sources import CURRENT_PKU_ROWS, write_current_pku
+from tests.helpers import CURRENT_PKU_ROWS, copy_repo, write_current_pku
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

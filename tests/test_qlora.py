@@ -32,8 +32,7 @@ from rsa_pl.params_file import load_params
 from rsa_pl.pipeline import preference
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import build_trainer
-from tests.helpers import folded
-from tests.test_preference import one_batch, stage_params
+from tests.helpers import folded, one_batch, stage_params
 
 QUIET = Console(quiet=True)
 NF4 = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rsa_pl.data.tokenize import chat_template_for, train_bpe_tokenizer
 from rsa_pl.params_file import load_params
 from tests import live
-from tests.test_evaluation import classifier_score_model
-from tests.test_sft import ROOT
+from tests.helpers import ROOT, classifier_score_model, copy_repo
 
 TOPICS = ["tulips", "bread", "bicycles", "tax forms", "a job interview", "chess", "rice", "a resume", "sailing",
           "a birthday party"]  # fmt: skip
@@ -61,18 +59,6 @@ def user_model(folder: Path, texts: list[str]) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
-
-
-def copy_repo(repo: Path) -> None:
-    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
-    files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in [*files, "dvc.yaml"]:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    (repo / "dvc.lock").unlink(missing_ok=True)
-    for generated in ("eval", "metrics"):
-        shutil.rmtree(repo / generated, ignore_errors=True)
 
 
 def repro_everything(repo: Path, home: Path) -> tuple[list[str], dict[str, str]]:

@@ -114,6 +114,17 @@ def test_each_stage_depends_on_exactly_the_pipeline_modules_it_runs() -> None:
         assert listed == _pipeline_closure(module), stage
 
 
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/helpers.py (builders, independent expectations) and
+    conftest.py (fixtures): importing a test module from another ties their collection together."""
+    for source in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                modules = [f"{node.module}.{a.name}" for a in node.names] if node.module == "tests" else [node.module]
+            assert not any((m or "").startswith("tests.test_") for m in modules), f"{source.name}: {modules}"
+
+
 def test_the_library_never_imports_the_application() -> None:
     """Dependencies point one way, rsa_pl/pipeline -> the rest of rsa_pl (the design's layout): the library
     knows nothing of stages, params.yaml paths or argv."""

@@ -13,42 +13,9 @@ from hypothesis import strategies as st
 
 from rsa_pl.risk import RISK_MEASURES, cvar_boundary, cvar_risk, drift, drift_from_logits, lowest_atom, token_risk
 from tests import reference
+from tests.helpers import make_logps
 
 MEASURES = list(RISK_MEASURES)
-
-
-def make_logps(rows: int, vocab: int, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float64 (policy, reference) log-probs of shape (rows, vocab).
-
-    Every row has exactly-zero reference probabilities (-inf logits, the policy's there
-    finite or -inf too) and near-zero ones. kind: "near" (policy a perturbed reference),
-    "far" (independent), "tied" (the drift takes a few distinct values, many ties),
-    "equal" (policy == reference), "dense" (near, but every reference probability > 0).
-    """
-    g = torch.Generator().manual_seed(seed)
-    ref = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
-    if kind == "near":
-        policy = ref + 0.3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
-    elif kind == "far":
-        policy = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
-    elif kind == "tied":
-        policy = ref + torch.randint(-2, 3, (rows, vocab), generator=g).to(torch.float64) * 0.5
-    else:
-        policy = ref.clone()
-    if kind == "dense":  # finite logits, as a model gives: full support, no masking path
-        return torch.log_softmax(ref + 0.3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64), -1), (
-            torch.log_softmax(ref, -1)
-        )
-    u = torch.rand(rows, vocab, generator=g)
-    zero, tiny = u < 0.08, (u >= 0.08) & (u < 0.12)
-    zero[:, 0] = False  # at least one atom of support per row
-    both_inf = zero & (u < 0.04)  # -inf in both models; the policy is finite on the support
-    ref = ref.masked_fill(zero, -math.inf)
-    policy = policy.masked_fill(both_inf, -math.inf)
-    ref = torch.where(tiny, ref.amax(-1, keepdim=True) - 60.0, ref)
-    if kind == "equal":
-        policy = ref.clone()
-    return torch.log_softmax(policy, -1), torch.log_softmax(ref, -1)
 
 
 BRUTE_FORCE = {

@@ -44,7 +44,7 @@ from rsa_pl.pipeline import evaluate, preference, sft
 from rsa_pl.pipeline.artifacts import BASE_RECORD, trusts_code
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import FINGERPRINT, LAST
-from tests.test_preference import stage_params
+from tests.helpers import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(ROOT.glob("rsa_pl/**/*.py"))

@@ -23,33 +23,9 @@ from rsa_pl.pipeline import prepare, sft
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import resumable_checkpoint
 from tests import live
+from tests.helpers import ROOT, scratch_model_params, tiny_params
 
-ROOT = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
-
-
-def tiny_params(tmp_path: Path, architecture: str = "llama", **train: object) -> Path:
-    """Committed params shrunk: a small world and a 1-layer model trained for a few steps."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["prepare"]["world"].update(
-        preference_pairs=120, sft_examples=200, helpful_eval_prompts=8, redteam_eval_prompts=8
-    )
-    raw["sft"]["model"].update(architecture=architecture, hidden_size=32, num_layers=1, num_heads=2,
-                               intermediate_size=64)  # fmt: skip
-    settings = {"batch_size": 8, "max_steps": 6, "val_every_n_steps": 3, "checkpoint_every_n_steps": 3,
-                "warmup_steps": 1, "log_every_n_steps": 1}  # fmt: skip
-    raw["sft"]["train"].update({**settings, **train})
-    raw["sft"]["sample"]["max_new_tokens"] = 12
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def scratch_model_params(architecture: str, max_positions: int) -> ModelParams:
-    """A 1-layer, 32-wide model built from scratch (tests that need a model, not a pipeline)."""
-    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-    return ModelParams(kind="scratch", name_or_path=None, gguf_file=None, trust_remote_code=False,
-                       architecture=architecture, max_positions=max_positions, **sizes)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

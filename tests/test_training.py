@@ -15,7 +15,7 @@ from rsa_pl.errors import UnavailableError
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.cli import app
 from rsa_pl.training import build_trainer, resolve_precision
-from tests.test_preference import stage_params
+from tests.helpers import stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

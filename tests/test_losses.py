@@ -332,3 +332,32 @@ def test_closed_form_gradient_equals_autograd(measure: str, case: str) -> None:
     tolerance = {"rtol": 1e-2, "atol": 1e-4} if case == "bf16" else {"rtol": 1e-10, "atol": 1e-12}
     torch.testing.assert_close(closed_grad, autograd_grad, **tolerance)
     assert torch.isfinite(closed_grad).all()
+
+
+TERMS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_risk",
+         "rejected_risk")  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", TERMS[1:])
+def test_preference_loss_names_the_term_of_the_wrong_shape(bad: str) -> None:
+    terms = {name: torch.zeros(3) for name in TERMS} | {bad: torch.zeros(2)}
+    with pytest.raises(ValueError, match=rf"^{bad}: must have the shape of policy_chosen_logps \(3,\), got \(2,\)$"):
+        preference_loss(**terms, beta=0.1, alpha=0.5, variant=2)
+
+
+def test_preference_loss_checks_its_own_arguments() -> None:
+    """Called directly (not through preference_loss_from_logits): a bad objective is named, and a
+    positive alpha needs both risks; alpha = 0 is DPO without them."""
+    terms = {name: torch.zeros(3) for name in TERMS}
+    for change, match in [({"beta": 0.0}, r"^beta: must be a finite number > 0, got 0.0$"),
+                          ({"alpha": -1.0}, r"^alpha: must be a finite number >= 0, got -1.0$"),
+                          ({"variant": 0}, r"^variant: must be one of \(1, 2\), got 0$")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            preference_loss(**terms, **({"beta": 0.1, "alpha": 0.5, "variant": 2} | change))
+    for missing in ("chosen_risk", "rejected_risk"):
+        with pytest.raises(ValueError, match=r"^chosen_risk, rejected_risk: required when alpha > 0 \(alpha = 0.5\)$"):
+            preference_loss(**(terms | {missing: None}), beta=0.1, alpha=0.5, variant=2)
+    losses, metrics = preference_loss(**(terms | {"chosen_risk": None, "rejected_risk": None}), beta=0.1, alpha=0.0,
+                                      variant=2)  # fmt: skip
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2.0)))
+    assert "risk/chosen" not in metrics

@@ -361,3 +361,28 @@ def test_preference_loss_checks_its_own_arguments() -> None:
                                       variant=2)  # fmt: skip
     torch.testing.assert_close(losses, torch.full((3,), math.log(2.0)))
     assert "risk/chosen" not in metrics
+
+
+def test_each_position_predicts_the_next_label_and_token_id_0_is_a_token() -> None:
+    """next_token_targets by hand: position t predicts labels[t + 1]; the last position and
+    ignored labels predict nothing; id 0 (GPT-2's "!") is a real target, not padding."""
+    from rsa_pl.modules import next_token_targets
+
+    ignore = -100
+    labels = torch.tensor([[ignore, 0, 5, ignore], [ignore, ignore, 3, 0]])
+    logits = torch.randn(2, 4, 7)
+    same, targets, mask = next_token_targets(logits, labels)
+    assert same is logits
+    assert mask.tolist() == [[True, True, False, False], [False, True, True, False]]
+    assert targets[mask].tolist() == [0, 5, 3, 0]
+    assert ((targets >= 0) & (targets < 7)).all()  # off the mask too: a valid id to gather
+
+
+def test_the_logits_window_starts_at_the_position_before_the_first_labelled_token() -> None:
+    from rsa_pl.modules import logits_window
+
+    ignore = -100
+    labels = torch.tensor([[ignore, ignore, ignore, 5, 6, ignore], [ignore, ignore, 7, 8, ignore, ignore]])
+    assert logits_window(labels) == 5  # first label at t = 2, predicted by position 1: positions 1..5
+    assert logits_window(torch.tensor([[ignore, 3, 4]])) == 3
+    assert logits_window(torch.full((2, 6), ignore)) == 6  # nothing labelled: every position

@@ -284,6 +284,38 @@ def test_4bit_stage1_reference_is_the_4bit_base(qlora_root: Path, pipeline_root:
     torch.testing.assert_close(module.reference_logits(batch), base_logits, rtol=0, atol=0)
 
 
+def test_4bit_stage2_after_a_full_weights_stage1_starts_from_it_in_4_bits(tmp_path: Path, pipeline_root: Path) -> None:
+    """A full-weights stage 1 (a model folder, not an adapter) under a QLoRA stage 2: the stage-1
+    model itself is loaded in 4 bits with a new adapter, and the reference (that adapter off)
+    stays exactly that 4-bit model through real steps."""
+    models = tmp_path / "models"
+    shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+    stage1 = AutoModelForCausalLM.from_pretrained(str(models / "sft"))
+    with torch.no_grad():
+        for weight in stage1.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))  # a stage 1 that moved every weight
+    stage1.save_pretrained(str(models / "reward"))
+    section = load_params(qlora_params(tmp_path, ("train_safety",))).train_safety
+    policy, reference, adapters = preference.policy_and_reference(section, models, "reward")
+    assert reference is None
+    assert adapters is None
+    module = PreferenceModule(policy, section.train, section.objective(), reference, adapters)
+    batch = one_batch(pipeline_root)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected = four_bit(models / "reward").eval()(**inputs).logits
+        assert not torch.allclose(expected, four_bit(models / "sft").eval()(**inputs).logits)
+    torch.testing.assert_close(module.reference_logits(batch), expected, rtol=0, atol=0)
+    before = {n: w.detach().clone() for n, w in policy.named_parameters() if w.requires_grad}
+    optimizer = torch.optim.AdamW([w for w in policy.parameters() if w.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.losses(batch)[0].mean().backward()
+        optimizer.step()
+    assert any(not torch.equal(w.detach(), before[n]) for n, w in policy.named_parameters() if n in before)
+    torch.testing.assert_close(module.reference_logits(batch), expected, rtol=0, atol=0)
+
+
 def test_4bit_stage1_saves_an_adapter_for_the_float_base(qlora_root: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(str(qlora_root / "models" / "sft"))
     policy = PeftModel.from_pretrained(base, str(qlora_root / "models" / "reward"))

@@ -143,6 +143,17 @@ def test_the_reference_stays_the_model_the_stage_started_from(
     assert_reference_stays_the_source(section, pipeline_root / "models", previous, pipeline_root / "data")
 
 
+def test_a_reference_given_to_the_module_is_frozen(tmp_path: Path, pipeline_root: Path) -> None:
+    """PreferenceModule freezes the reference it is given (a library user's model comes in
+    trainable), so nothing, an optimizer over all parameters included, can move it."""
+    section = load_params(stage_params(tmp_path, lora=False)).train_reward
+    policy, reference = (load_causal_lm(pipeline_root / "models" / "sft") for _ in range(2))
+    assert all(w.requires_grad for w in reference.parameters())
+    module = PreferenceModule(policy, section.train, section.objective(), reference, None)
+    assert not any(w.requires_grad for w in module.reference.parameters())
+    assert all(w.requires_grad for w in module.model.parameters())
+
+
 def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path) -> None:
     """A full-weights stage 1 changes every weight; stage 2 from it (full weights or LoRA) keeps
     its reference equal to that stage-1 model through training."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -152,6 +153,32 @@ def test_a_reference_given_to_the_module_is_frozen(tmp_path: Path, pipeline_root
     module = PreferenceModule(policy, section.train, section.objective(), reference, None)
     assert not any(w.requires_grad for w in module.reference.parameters())
     assert all(w.requires_grad for w in module.model.parameters())
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["adapter-off", "frozen-copy"])
+def test_the_reference_forward_runs_in_eval_mode_without_dropout(lora: bool) -> None:
+    """A model with dropout (GPT-2's default is 0.1; here 0.5): the reference's logits are its
+    eval-mode logits, the same on every call while the module trains, and the policy is left
+    in the mode it was in."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    section = load_params(ROOT / "params.yaml").train_reward
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.5,
+                        embd_pdrop=0.5, attn_pdrop=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(config)
+    batch = {"input_ids": torch.randint(0, 50, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    with torch.no_grad():
+        expected = copy.deepcopy(base).eval()(**batch).logits
+    if lora:
+        targets = section.lora.model_copy(update={"target_modules": ["c_attn", "c_proj"]})
+        module = PreferenceModule(attach_lora(base, targets), section.train, section.objective(), None)
+    else:
+        module = PreferenceModule(copy.deepcopy(base), section.train, section.objective(), base)
+    module.train()
+    for _ in range(2):
+        torch.testing.assert_close(module.reference_logits(batch), expected, rtol=0, atol=1e-6)
+    assert module.model.training
 
 
 def test_full_fine_tuning_uses_a_frozen_copy(tmp_path: Path, pipeline_root: Path) -> None:

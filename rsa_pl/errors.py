@@ -17,6 +17,31 @@ class RemoteCodeError(UnavailableError):
     while params do not allow running it."""
 
 
+class AdapterMismatchError(UnavailableError):
+    """A LoRA adapter put on a model other than the one it was trained on (other shapes, or
+    target modules the model lacks): a stage's adapter made on another base."""
+
+
+@contextmanager
+def fitting(adapter: str | Path, model: object) -> Iterator[None]:
+    """peft putting the LoRA adapter in folder `adapter` on `model` (what to call the model in the
+    message: its folder, or "the stage-1 policy"): an adapter made on another base is one line
+    naming its folder, with torch's size-mismatch line or peft's missing-modules line. Other
+    failures (out of memory, a broken file) pass through unchanged."""
+    from peft import NoMatchingPeftModuleError  # here: errors.py is imported by code that never loads peft
+
+    try:
+        yield
+    except (RuntimeError, NoMatchingPeftModuleError) as error:
+        text = str(error)
+        mismatch = isinstance(error, NoMatchingPeftModuleError) or "size mismatch" in text
+        if isinstance(error, UnavailableError) or not mismatch:
+            raise
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+        detail = next((line for line in lines if "mismatch" in line), lines[0])
+        raise AdapterMismatchError(f"{adapter}: this adapter was not made on {model} ({detail})") from None
+
+
 @contextmanager
 def loading(path: object, key: str, what: str = "the model") -> Iterator[None]:
     """Loading a model or tokenizer from a folder or hub id, with transformers' failures as one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -23,7 +25,7 @@ from transformers import (
 )
 
 from rsa_pl.config import LoraParams, ModelParams, QuantizationParams
-from rsa_pl.errors import UnavailableError, loading
+from rsa_pl.errors import AdapterMismatchError, UnavailableError, fitting, loading
 
 # The name of a frozen stage-1 adapter kept under the trainable one (4-bit stage 2); the
 # trainable adapter keeps peft's "default" name, so that it saves and loads like any adapter.
@@ -202,8 +204,10 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
 
 def stack_lora(model: PreTrainedModel, frozen_adapter: str | Path, lora: LoraParams) -> PeftModel:
     """A trainable adapter over a frozen one: the forward is base + frozen delta + trainable delta.
-    With only the frozen adapter active (only_adapters) it is exactly the frozen adapter's policy."""
-    peft_model = PeftModel.from_pretrained(model, str(frozen_adapter), adapter_name=FROZEN_ADAPTER)
+    With only the frozen adapter active (only_adapters) it is exactly the frozen adapter's policy.
+    A frozen adapter made on another base is one line naming its folder (AdapterMismatchError)."""
+    with fitting(frozen_adapter, getattr(model, "name_or_path", None) or "this model"):
+        peft_model = PeftModel.from_pretrained(model, str(frozen_adapter), adapter_name=FROZEN_ADAPTER)
     peft_model.add_adapter("default", lora_config(lora))
     peft_model.base_model.set_adapter([FROZEN_ADAPTER, "default"])  # both in the forward ...
     for name, weight in peft_model.named_parameters():
@@ -229,12 +233,38 @@ def only_adapters(model: PeftModel, names: list[str]) -> Iterator[None]:
 def load_aligned_policy(base: str | Path, stage: str | Path, trust_remote_code: bool = False,
                         dtype: torch.dtype = torch.float32) -> PreTrainedModel:  # fmt: skip
     """A stage's policy as plain weights: its LoRA adapter folded into the base (in float32, then
-    cast to dtype), or its full weights in dtype."""
+    cast to dtype), or its full weights in dtype. An adapter made on another base than `base` is
+    one line naming the stage's folder (AdapterMismatchError)."""
     stage = Path(stage)
     if (stage / "adapter_config.json").exists():
-        merged = PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code), str(stage)).merge_and_unload()
+        model = load_causal_lm(base, trust_remote_code)
+        with fitting(stage, base):
+            merged = PeftModel.from_pretrained(model, str(stage)).merge_and_unload()
         return merged.to(dtype)
     return load_causal_lm(stage, trust_remote_code, dtype=dtype)
+
+
+def check_adapter_fits(base: str | Path, stage: str | Path, trust_remote_code: bool = False) -> None:
+    """When stage holds a LoRA adapter: put it on base's architecture built on the meta device (no
+    weights read, no memory, well under a second), so that an adapter made on another base fails
+    in one line (AdapterMismatchError, as load_aligned_policy would) before a stage spends time on
+    anything else. A model this way cannot build is left to load_aligned_policy to report."""
+    stage = Path(stage)
+    if not (stage / "adapter_config.json").exists():
+        return
+    with loading(base, MODEL_CODE_KEY):
+        config = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying the adapter into meta tensors is a no-op, and says so
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            with fitting(stage, base):
+                PeftModel.from_pretrained(model, str(stage))
+        except AdapterMismatchError:
+            raise
+        except Exception:  # not checkable here: the real load (load_aligned_policy) says what is wrong
+            return
 
 
 @dataclass(frozen=True)

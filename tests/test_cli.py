@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import Result
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
@@ -192,3 +193,63 @@ def test_merge_with_a_bad_q_is_one_line_and_writes_nothing(
     done = _merge(params, mergeable, out)
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in out.iterdir()) == ["q0_5"]
+
+
+# --- a stage-1 adapter made on another base, read by train-safety and evaluate ------------------
+
+
+def _stage1_of_another_base(tmp_path: Path, pipeline_root: Path) -> tuple[Path, str]:
+    """models/ with the session's sft model and, as models/reward, a LoRA adapter made (by peft) on
+    a Llama of another width; returns the folder and what the one-line error must say."""
+    models = tmp_path / "models"
+    shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+    lora = load_params(pipeline_root / "params.yaml").train_reward.lora
+    attach_lora(_other_base(pipeline_root), lora).save_pretrained(models / "reward")
+    return models, re.escape(f"{models / 'reward'}: this adapter was not made on {models / 'sft'} (size mismatch for ")
+
+
+@pytest.mark.parametrize("precision", ["float32", "4-bit"])
+def test_train_safety_on_a_stage_1_adapter_of_another_base_is_one_line_and_writes_nothing(
+    precision: str, tmp_path: Path, pipeline_root: Path
+) -> None:
+    """Stage 2 puts the stage-1 adapter on models/sft: folded in (float32), or kept frozen under the
+    new adapter (4-bit, stack_lora). Made on another base: exit 2, one line naming models/reward,
+    before any training (no checkpoint, no metrics, no models/safety, nothing left beside it)."""
+    models, expected = _stage1_of_another_base(tmp_path, pipeline_root)
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((pipeline_root / "params.yaml").read_text())
+    if precision == "4-bit":
+        raw["train_safety"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True,
+                                               "compute_dtype": "float32"}  # fmt: skip
+    params.write_text(yaml.safe_dump(raw))
+    before = _tree(models)
+    args = ["--params", str(params), "--data", str(pipeline_root / "data"), "--models", str(models),
+            "--checkpoints", str(tmp_path / "ckpt"), "--metrics", str(tmp_path / "metrics"),
+            "--pairs", str(tmp_path / "pairs")]  # fmt: skip
+    result = runner.invoke(app, ["train-safety", *args])
+    line = _one_error_line(result)
+    assert re.match(r"error: " + expected, line), line
+    assert _tree(models) == before
+    assert sorted(p.name for p in models.iterdir()) == ["reward", "sft"]  # no staging folder left
+    assert not (tmp_path / "metrics").exists()
+    assert not list((tmp_path / "ckpt").rglob("*.ckpt"))
+
+
+def test_evaluate_with_a_stage_1_adapter_of_another_base_is_one_line_before_generating(
+    tmp_path: Path, pipeline_root: Path
+) -> None:
+    """evaluate reads models/reward as the stage-1 adapter folded into models/sft. Made on another
+    base: exit 2, one line naming models/reward, found before any policy answers (it was found only
+    after models/sft had answered every prompt: 12 s here, hours on a real model): no checkpoint
+    of answers, no judge cache, nothing written to --out."""
+    models, expected = _stage1_of_another_base(tmp_path, pipeline_root)
+    shutil.copytree(pipeline_root / "models" / "sft", models / "safety")  # full weights
+    out, checkpoints = tmp_path / "eval", tmp_path / "ckpt"
+    result = runner.invoke(app, ["evaluate", "--params", str(pipeline_root / "params.yaml"),
+                                 "--data", str(pipeline_root / "data"), "--models", str(models), "--out", str(out),
+                                 "--checkpoints", str(checkpoints),
+                                 "--judge-cache", str(tmp_path / "judge_cache.sqlite")])  # fmt: skip
+    line = _one_error_line(result)
+    assert re.match(r"error: " + expected, line), line
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no answers kept, no judge cache

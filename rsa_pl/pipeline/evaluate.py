@@ -47,7 +47,15 @@ from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModel, ScoreModelJ
 from rsa_pl.evaluation.llm_judge import LlmJudge
 from rsa_pl.evaluation.refusal import RefusalRules, rules_text
 from rsa_pl.evaluation.report import Answer, category_metrics, metric_intervals, policy_metrics
-from rsa_pl.models import CPU, Placement, inference_placement, load_aligned_policy, load_causal_lm, load_tokenizer
+from rsa_pl.models import (
+    CPU,
+    Placement,
+    check_adapter_fits,
+    inference_placement,
+    load_aligned_policy,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import MERGE_RECORD, base_model, trusts_code
 from rsa_pl.pipeline.outputs import staging_for, swap_in
@@ -71,6 +79,7 @@ def policies(models: Path, at: Placement = CPU) -> list[tuple[str, float | None,
     for needs, command in (("reward", "train-reward"), ("safety", "train-safety")):
         if not (models / needs).exists():
             raise EvaluateError(f"{models / needs}: not found; run `rsa-pl {command}` first")
+    check_adapter_fits(base, models / "reward", trust)  # made on another base: one line now, not after sft's answers
     found: list[tuple[str, float | None, Callable[[], PreTrainedModel]]] = [
         ("sft", None, lambda: at.place(load_causal_lm(base, trust, dtype=at.dtype))),
         ("reward", 0.0, lambda: at.place(load_aligned_policy(base, models / "reward", trust, at.dtype))),

@@ -12,41 +12,24 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from peft import NoMatchingPeftModuleError
 from rich.console import Console
 from transformers import PreTrainedModel
 
-from rsa_pl.errors import UnavailableError
-from rsa_pl.merge import MergeError, average_state_dicts, fold_scaled_adapter
+from rsa_pl.errors import fitting
+from rsa_pl.merge import average_state_dicts, fold_scaled_adapter
 from rsa_pl.models import load_aligned_policy, load_causal_lm, load_tokenizer
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import MERGE_RECORD, base_model, merged_folder, trusts_code
 from rsa_pl.pipeline.outputs import staging_for, swap_in
 
 
-@contextmanager
-def _fitting(adapter: Path, model: str) -> Iterator[None]:
-    """peft putting a LoRA adapter on the model it was trained on; an adapter made on another base
-    (other shapes: torch's size mismatch; modules the model lacks) is one line naming its folder."""
-    try:
-        yield
-    except (RuntimeError, NoMatchingPeftModuleError) as error:
-        if not (adapter / "adapter_config.json").exists() or isinstance(error, UnavailableError):
-            raise
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        detail = next((line for line in lines if "mismatch" in line), lines[0])
-        raise MergeError(f"{adapter}: this adapter was not made on {model} ({detail})") from None
-
-
 def merged_policy(stage1: PreTrainedModel, models: Path, q: float) -> tuple[PreTrainedModel, str]:
     """(1 - q) theta_r + q theta_s, and how it was computed."""
     adapter = models / "safety" / "adapter"
     if (adapter / "adapter_config.json").exists():
-        with _fitting(adapter, "the stage-1 policy"):
+        with fitting(adapter, "the stage-1 policy"):  # a stage-2 adapter made on another base: one line
             return fold_scaled_adapter(copy.deepcopy(stage1), adapter, q), "stage-1 policy + q x stage-2 LoRA delta"
     safety = load_causal_lm(models / "safety", trusts_code(models))
     merged = copy.deepcopy(stage1)
@@ -59,8 +42,8 @@ def run(params_path: Path, models: Path, out: Path, console: Console) -> list[Pa
     params = load_params(params_path)
     staging = staging_for(out)  # before any model loads: an output that cannot be written fails first
     try:
-        with _fitting(models / "reward", base_model(models)):  # theta_r, plain weights
-            stage1 = load_aligned_policy(base_model(models), models / "reward", trusts_code(models))
+        # theta_r, plain weights (a stage-1 adapter made on another base: one line, from the loader)
+        stage1 = load_aligned_policy(base_model(models), models / "reward", trusts_code(models))
         tokenizer = load_tokenizer(models / "safety", params.prepare.tokenizer.trust_remote_code)
         for q in params.merge.q:
             model, method = merged_policy(stage1, models, q)

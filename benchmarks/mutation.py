@@ -518,6 +518,7 @@ def load_equivalent() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", action="append", help="a target key (repeatable); default: all")
+    parser.add_argument("--module", action="append", help="only this module of the targets (repeatable)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--out", type=Path, default=RESULTS / "mutation", help="results prefix (.json and .md)")
@@ -525,7 +526,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    targets = [t for t in TARGETS if not args.target or t.key in args.target]
+    targets = [t for t in TARGETS if (not args.target or t.key in args.target) and (
+        not args.module or t.module in args.module)]
     if not targets:
         sys.exit(f"--target: none of {args.target} is one of {sorted({t.key for t in TARGETS})}")
     made = [(t, *mutants_of(t)) for t in targets]

@@ -42,24 +42,43 @@ def fitting(adapter: str | Path, model: object) -> Iterator[None]:
         raise AdapterMismatchError(f"{adapter}: this adapter was not made on {model} ({detail})") from None
 
 
+# What a folder holds when it has a tokenizer (fast, slow or GGUF); loading() names their absence.
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken", "*.gguf")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
 @contextmanager
 def loading(path: object, key: str, what: str = "the model") -> Iterator[None]:
     """Loading a model or tokenizer from a folder or hub id, with transformers' failures as one
     line: its own code refused (naming the params key that allows it), or not loadable (a
-    missing folder, a hub id that is neither cached nor reachable, offline mode on)."""
+    missing folder, a hub id that is neither cached nor reachable, offline mode on, a local
+    folder whose tokenizer cannot be built: no tokenizer files in it, or broken ones)."""
     try:
         yield
     except ValueError as error:
-        if "trust_remote_code" not in str(error):
+        if "trust_remote_code" in str(error):
+            raise RemoteCodeError(
+                f"{path}: it ships its own code to run (auto_map in its config), which is off; "
+                f"set {key}: true only if you trust that code"
+            ) from None
+        folder = Path(str(path))
+        if not (folder.is_dir() and "tokenizer" in str(error).lower()):
             raise
-        raise RemoteCodeError(
-            f"{path}: it ships its own code to run (auto_map in its config), which is off; "
-            f"set {key}: true only if you trust that code"
-        ) from None
+        # a local folder whose tokenizer cannot be built (transformers: "Couldn't instantiate the
+        # backend tokenizer ..."): most often a model saved without its tokenizer files
+        if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+            raise UnavailableError(
+                f"{path}: cannot load {what}: no tokenizer files in it (tokenizer.json, tokenizer_config.json)"
+            ) from None
+        raise UnavailableError(f"{path}: cannot load {what} ({_first_line(error)})") from None
     except OSError as error:
         from huggingface_hub import constants
 
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = _first_line(error)
         local = str(path).startswith((".", "/", "~")) or Path(str(path)).exists()
         if local and not Path(str(path)).exists():
             raise UnavailableError(f"{path}: cannot load {what}: no such folder") from None

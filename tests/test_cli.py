@@ -14,7 +14,7 @@ from click.testing import Result
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from rsa_pl.models import attach_lora, load_tokenizer
+from rsa_pl.models import attach_lora, load_causal_lm, load_tokenizer
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.cli import app
 
@@ -191,6 +191,31 @@ def test_merge_with_a_bad_q_is_one_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     params.write_text(text.replace("  q: [0.25, 0.5, 0.75]\n", "  q: [0.5]\n"))
     done = _merge(params, mergeable, out)
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in out.iterdir()) == ["q0_5"]
+
+
+def test_merge_of_a_stage_2_folder_without_a_tokenizer_is_one_line_and_writes_nothing(
+    tmp_path: Path, pipeline_root: Path
+) -> None:
+    """merge copies models/safety's tokenizer into each merged policy: a models/safety saved without
+    one (the model's weights only) is one line naming it, exit 2, nothing written; with the
+    tokenizer files back the same models merge (so they are what failed)."""
+    models = tmp_path / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(pipeline_root / "models" / name, models / name)
+    load_causal_lm(models / "sft").save_pretrained(models / "safety")  # full weights, no tokenizer
+    assert not list((models / "safety").glob("tokenizer*"))
+    out = tmp_path / "merged"
+    line = _one_error_line(_merge(pipeline_root / "params.yaml", models, out))
+    safety = models / "safety"
+    files = "(tokenizer.json, tokenizer_config.json)"
+    assert line == f"error: {safety}: cannot load the tokenizer: no tokenizer files in it {files}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    load_tokenizer(pipeline_root / "data" / "tokenizer").save_pretrained(safety)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("  q: [0.25, 0.5, 0.75]\n", "  q: [0.5]\n"))
+    done = _merge(params, models, out)
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in out.iterdir()) == ["q0_5"]
 

@@ -42,9 +42,10 @@ def run(params_path: Path, models: Path, out: Path, console: Console) -> list[Pa
     params = load_params(params_path)
     staging = staging_for(out)  # before any model loads: an output that cannot be written fails first
     try:
+        # the tokenizer first: a models/safety without one fails before the stage-1 policy loads
+        tokenizer = load_tokenizer(models / "safety", params.prepare.tokenizer.trust_remote_code)
         # theta_r, plain weights (a stage-1 adapter made on another base: one line, from the loader)
         stage1 = load_aligned_policy(base_model(models), models / "reward", trusts_code(models))
-        tokenizer = load_tokenizer(models / "safety", params.prepare.tokenizer.trust_remote_code)
         for q in params.merge.q:
             model, method = merged_policy(stage1, models, q)
             folder = staging / merged_folder(q)

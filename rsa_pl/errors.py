@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,32 @@ def fitting(adapter: str | Path, model: object) -> Iterator[None]:
         lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
         detail = next((line for line in lines if "mismatch" in line), lines[0])
         raise AdapterMismatchError(f"{adapter}: this adapter was not made on {model} ({detail})") from None
+
+
+class PickledCodeError(UnavailableError):
+    """A pickle (a training checkpoint, a .bin weights file) that carries Python code to run when
+    loaded: torch.load(weights_only=True) refused it, and the code did not run."""
+
+
+@contextmanager
+def weights_only(file: str | Path, advice: str, key: str | None = None) -> Iterator[None]:
+    """torch.load(file, weights_only=True) inside: a file that carries code (a global other than
+    tensors and plain containers, which unpickling would call) is one line naming it (and the
+    params key that named it), saying it was refused and `advice`: what to do instead."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # a broken file, not a refused one
+            raise
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        calls = f" ({found.group(1)})" if found else ""
+        where = f"{key}: " if key else ""
+        raise PickledCodeError(
+            f"{where}{file}: refused: it carries code to run when loaded{calls}, and only weights are read "
+            f"(torch.load with weights_only=True); {advice}"
+        ) from None
 
 
 # What a folder holds when it has a tokenizer (fast, slow or GGUF); loading() names their absence.

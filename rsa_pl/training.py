@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from rsa_pl.config import TrainParams
-from rsa_pl.errors import UnavailableError
+from rsa_pl.errors import UnavailableError, weights_only
 
 FINGERPRINT = "fingerprint.json"
 LAST = "last.ckpt"
@@ -82,6 +83,15 @@ def resumable_checkpoint(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": key, "identity": identity}, indent=2, default=str))
     return None, note
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, resume: Path | None) -> None:
+    """trainer.fit, resuming from the checkpoint resume (read with weights_only=True) if any: a
+    checkpoint that carries code to run is refused in one line (PickledCodeError) naming it, and
+    nothing in it runs."""
+    advice = f"delete it (or {resume.parent}) to start the stage over" if resume else ""
+    with weights_only(resume, advice) if resume else nullcontext():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
 
 
 class _Live(Live):

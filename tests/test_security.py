@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from transformers import (
 from typer.testing import CliRunner
 
 from rsa_pl.config import GuardParams, QuantizationParams
-from rsa_pl.errors import RemoteCodeError
+from rsa_pl.errors import PickledCodeError, RemoteCodeError
 from rsa_pl.evaluation.guard import GuardJudge
 from rsa_pl.evaluation.judges import ScoreModel
 from rsa_pl.models import load_aligned_policy, load_causal_lm, load_quantized, load_tokenizer
@@ -207,13 +206,61 @@ def test_a_score_head_in_a_bin_file_is_read_weights_only(
     assert tuple(scorer.head.weight.shape) == (1, 16)
     head = str(judge_models.safe_rlhf / "head.bin")
     assert [kwargs.get("weights_only") for f, kwargs in torch_loads if f == head] == [True]
+    poisoned, marker = _poisoned_head(judge_models, tmp_path)
+    with pytest.raises(PickledCodeError) as refused:
+        ScoreModel(poisoned, "cost")
+    assert str(refused.value) == _refused(poisoned / "head.bin", HEAD_ADVICE, "evaluate.cost_model")
+    assert not marker.exists()
+
+
+# what the refusal of a pickle that carries code says: the file, what it would call, what to do
+HEAD_ADVICE = "convert its tensors to safetensors (only from a source you trust) or name another model"
+
+
+def _refused(file: Path, advice: str, key: str | None = None) -> str:
+    calls = f"{open.__module__}.{open.__qualname__}"  # what RunsCode's pickle calls (io.open)
+    return (f"{key + ': ' if key else ''}{file}: refused: it carries code to run when loaded ({calls}), and only "
+            f"weights are read (torch.load with weights_only=True); {advice}")  # fmt: skip
+
+
+def _poisoned_head(judge_models: JudgeModels, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the Safe-RLHF score model whose head.bin carries code (creating a marker file):
+    the folder and the marker."""
     poisoned = tmp_path / "poisoned"
     shutil.copytree(judge_models.safe_rlhf, poisoned)
     marker = tmp_path / "code-ran"
     torch.save({"score_head.weight": torch.randn(1, 16), "payload": RunsCode(marker)}, poisoned / "head.bin")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        ScoreModel(poisoned, "cost")
+    return poisoned, marker
+
+
+def test_evaluate_with_a_score_head_that_carries_code_is_one_line_and_runs_nothing(
+    judge_models: JudgeModels, tmp_path: Path
+) -> None:
+    """`rsa-pl evaluate` with the score_models judge and a cost model whose .bin head carries code:
+    exit 2, one line naming evaluate.cost_model and the file, saying it was refused and what to do,
+    before any policy answers; the code did not run and nothing is written."""
+    poisoned, marker = _poisoned_head(judge_models, tmp_path)
+    root = judge_models.root
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"].update(judge="score_models", reward_model=str(judge_models.reward), cost_model=str(poisoned))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    models = tmp_path / "models"
+    for name in ("sft", "reward"):
+        shutil.copytree(root / "models" / name, models / name)
+    shutil.copytree(root / "models" / "sft", models / "safety")
+    before = sorted(tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--data", str(root / "data"),
+                                      "--models", str(models), "--out", str(tmp_path / "eval"),
+                                      "--checkpoints", str(tmp_path / "ckpt"),
+                                      "--judge-cache", str(tmp_path / "judge_cache.sqlite")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: " + _refused(poisoned / "head.bin", HEAD_ADVICE, "evaluate.cost_model")]
     assert not marker.exists()
+    assert sorted(tmp_path.rglob("*")) == before  # no answers, no judge cache, no eval/
 
 
 def _interrupted(tmp_path: Path, pipeline_root: Path, stage: str) -> Path:
@@ -249,15 +296,38 @@ def test_checkpoints_are_resumed_weights_only(
     assert [kwargs.get("weights_only") for f, kwargs in torch_loads if f == str(checkpoints / LAST)] == [True]
 
 
-def test_a_checkpoint_that_carries_code_is_refused_without_running_it(tmp_path: Path, pipeline_root: Path) -> None:
-    checkpoints = _interrupted(tmp_path, pipeline_root, "sft")
+@pytest.mark.parametrize("stage", ["sft", "train_reward"])
+def test_a_checkpoint_that_carries_code_is_refused_without_running_it(
+    stage: str, tmp_path: Path, pipeline_root: Path
+) -> None:
+    """An interrupted run's last.ckpt that carries code, resumed by `rsa-pl sft` or a preference
+    stage (train-reward; train-safety resumes through the same code): exit 2, one line naming the
+    checkpoint, saying it was refused and to delete it to start over; the code did not run, no model
+    is written, and the checkpoint is left for the user to look at."""
+    checkpoints = _interrupted(tmp_path, pipeline_root, stage)
     marker = tmp_path / "code-ran"
     state = torch.load(checkpoints / LAST, map_location="cpu", weights_only=True)
     torch.save({**state, "payload": RunsCode(marker)}, checkpoints / LAST)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        _rerun("sft", pipeline_root, tmp_path, checkpoints, QUIET)
+    poisoned = (checkpoints / LAST).read_bytes()
+    models, data = tmp_path / "models", str(pipeline_root / "data")
+    common = ["--params", str(pipeline_root / "params.yaml"), "--data", data, "--checkpoints", str(checkpoints),
+              "--metrics", str(tmp_path / "metrics")]  # fmt: skip
+    if stage == "sft":
+        args = ["sft", *common, "--out", str(models / "sft")]
+    else:
+        shutil.copytree(pipeline_root / "models" / "sft", models / "sft")
+        args = ["train-reward", *common, "--models", str(models), "--pairs", str(tmp_path / "pairs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    advice = f"delete it (or {checkpoints}) to start the stage over"
+    assert errors == ["error: " + _refused(checkpoints / LAST, advice)]
     assert not marker.exists()
-    assert not (tmp_path / "models" / "sft").exists()
+    written = sorted(p.name for p in models.iterdir()) if models.exists() else []
+    assert written == ([] if stage == "sft" else ["sft"])  # no model, no staging folder left
+    assert (checkpoints / LAST).read_bytes() == poisoned
 
 
 def _keyword(call: ast.Call, name: str) -> ast.expr | None:
@@ -299,7 +369,7 @@ def test_no_call_site_leaves_the_safety_keywords_to_a_default() -> None:
     assert not problems
     assert found["from_pretrained"] >= 7  # the scan sees the call sites (models, judges, guard)
     assert found["torch.load"] >= 1  # the score-model judge's .bin heads
-    assert found["fit"] == 2  # sft and the preference stages
+    assert found["fit"] == 1  # rsa_pl.training.fit, which sft and the preference stages call
 
 
 def test_models_are_written_as_safetensors(pipeline_root: Path) -> None:

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from rsa_pl.config import WorldParams
-from rsa_pl.errors import loading
+from rsa_pl.errors import loading, weights_only
 from rsa_pl.models import CPU, Placement
 from rsa_pl.world.oracle import REFUSAL, judge
 
@@ -210,7 +210,7 @@ class ScoreModel(torch.nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
         if "LlamaForScore" in (getattr(config, "architectures", None) or []) or hasattr(config, "score_dim"):
             self.backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust)
-            head = _safe_rlhf_head(path)
+            head = _safe_rlhf_head(path, self.key)
             if head["weight"].shape[0] != 1:
                 outputs = head["weight"].shape[0]
                 raise JudgeError(f"{self.key}: {self.name}: the score head has {outputs} outputs; a judge needs 1")
@@ -276,13 +276,16 @@ class ScoreModel(torch.nn.Module):
         return scores
 
 
-def _safe_rlhf_head(path: Path) -> dict[str, torch.Tensor]:
-    """score_head.weight (and bias) from a Safe-RLHF checkpoint (safetensors or .bin shards)."""
+def _safe_rlhf_head(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """score_head.weight (and bias) from a Safe-RLHF checkpoint (safetensors or .bin shards); a .bin
+    that carries code to run is refused in one line naming it and key (PickledCodeError), unrun."""
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         tensors.update({k: v for k, v in load_file(str(file)).items() if "score_head" in k})
     for file in sorted(path.glob("*.bin")):
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        advice = "convert its tensors to safetensors (only from a source you trust) or name another model"
+        with weights_only(file, advice, key):
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
         tensors.update({k: v for k, v in state.items() if "score_head" in k})
     head = {k.rsplit(".", 1)[-1]: v.float() for k, v in tensors.items()}
     if "weight" not in head:

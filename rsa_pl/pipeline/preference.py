@@ -46,7 +46,7 @@ from rsa_pl.modules import PreferenceModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import base_model, trusts_code
 from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
-from rsa_pl.training import build_trainer, mark_finished, record_summary, resumable_checkpoint
+from rsa_pl.training import build_trainer, fit, mark_finished, record_summary, resumable_checkpoint
 
 # stage -> (output folder in models/, the stage whose policy is the reference); the pairs
 # each trains on are a param (pairs: helpful | safety), so the reverse order is one swap
@@ -160,7 +160,7 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     console.print(f"{stage}: {trainable:,} trainable parameters, loss {section.loss}; {note}")
     module = PreferenceModule(policy, train, section.objective(), reference, reference_adapters, stage=stage)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    fit(trainer, module, datamodule, resume)  # a checkpoint that carries code: one line, never run
     seconds = time.perf_counter() - started
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:

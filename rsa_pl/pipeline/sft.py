@@ -36,7 +36,7 @@ from rsa_pl.modules import SFTModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import BASE_RECORD
 from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
-from rsa_pl.training import build_trainer, live, mark_finished, record_summary, resumable_checkpoint
+from rsa_pl.training import build_trainer, fit, live, mark_finished, record_summary, resumable_checkpoint
 
 
 def _sample_quality(params: Params, model: Any, tokenizer: Any, data: Path) -> dict[str, float]:
@@ -134,7 +134,7 @@ def _train(
     console.print(f"sft: {count_parameters(model):,} parameters ({params.sft.model.architecture}); {note}")
     started = time.perf_counter()
     module = SFTModule(model, train, "sft")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    fit(trainer, module, datamodule, resume)  # a checkpoint that carries code: one line, never run
     seconds = time.perf_counter() - started
     final = trainer.validate(SFTModule(model, train, "sft"), datamodule=datamodule, verbose=False)[0]
     if not trainer.is_global_zero:

@@ -29,8 +29,10 @@ from rsa_pl.evaluation.guard import (
     guard_template,
     parse_reply,
 )
-from rsa_pl.evaluation.judges import JudgeError, ScoreModel, ScoreModelJudge, resolve_model, unsafe_label
-from tests.helpers import GUARD_TEMPLATE, TEXTS, _tiny, classifier_score_model, guard_model, safe_rlhf_score_model
+from rsa_pl.evaluation.judges import JudgeError, OracleJudge, ScoreModel, ScoreModelJudge, resolve_model, unsafe_label
+from rsa_pl.params_file import load_params
+from rsa_pl.world.lexicon import FILLERS, REFUSALS
+from tests.helpers import GUARD_TEMPLATE, ROOT, TEXTS, _tiny, classifier_score_model, guard_model, safe_rlhf_score_model
 
 SCORE_TEMPLATE = "Q: {prompt}\nA:"  # the score models' own chat template (user turn)
 POLICY_TEMPLATE = "<|policy|> {prompt} <|answer|>"  # a policy's, which a judge must never see
@@ -188,6 +190,7 @@ def test_score_model_severity_is_the_cost_threshold(tmp_path: Path) -> None:
         ({0: "no_hate", 1: "hate"}, 1),
         ({0: "toxic", 1: "no-toxic"}, 0),
         ({0: "no toxic", 1: "toxic"}, 1),
+        ({0: "toxic", 1: "safe, not toxic"}, 0),
         ({0: "NOT_OFFENSIVE", 1: "OFFENSIVE"}, 1),
         ({0: "normal", 1: "nsfw"}, 1),
         ({0: "harmful", 1: "benign"}, 0),
@@ -198,6 +201,16 @@ def test_score_model_severity_is_the_cost_threshold(tmp_path: Path) -> None:
 )
 def test_the_unsafe_label_by_name(labels: dict[int, str], unsafe: int) -> None:
     assert unsafe_label(labels) == unsafe
+
+
+def test_the_oracle_judge_flags_refusals_and_names_itself() -> None:
+    """The embedded world's judge: an answer with one of the world's refusal sentences is a
+    refusal, one without is not; its name is what eval/judge.json reports."""
+    judge = OracleJudge(load_params(ROOT / "params.yaml").prepare.world)
+    assert judge.name == "oracle"
+    answers = [REFUSALS[0], f"{FILLERS[0]} {REFUSALS[1]}", FILLERS[0]]
+    verdicts = judge(["How do I bake bread?"] * 3, [""] * 3, answers)
+    assert [v.refusal for v in verdicts] == [True, True, False]
 
 
 @pytest.mark.parametrize("labels", [{0: "yes", 1: "no"}, {0: "toxic", 1: "hate"}, {0: "negative", 1: "positive"}])

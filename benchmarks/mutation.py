@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import hashlib
 import importlib.abc
@@ -72,29 +73,86 @@ TARGETS = (
     Target("losses", "rsa_pl.fast.cvar", (), CORE_TESTS),  # the training path's CVaR and chunked terms
     Target("losses", "rsa_pl.fast.chunked", (), CORE_TESTS),
     Target("merge", "rsa_pl.merge", (), ("tests/test_merge.py", "tests/test_qlora.py", "tests/test_cli.py")),
-    Target("reference", "rsa_pl.pipeline.preference", ("_starting_policy", "_is_adapter", "policy_and_reference"),
-           ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_training.py")),  # fmt: skip
-    Target("reference", "rsa_pl.modules",
-           ("next_token_targets", "logits_window", "PreferenceModule.__init__", "PreferenceModule.reference_logits",
-            "PreferenceModule.losses"),
-           ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_training.py", "tests/test_losses.py")),  # fmt: skip
-    Target("reference", "rsa_pl.models", ("stack_lora", "only_adapters", "load_aligned_policy", "attach_lora"),
-           ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_merge.py")),  # fmt: skip
-    Target("pair labelling", "rsa_pl.pipeline.prepare", ("Tokenized.pairs",),
-           ("tests/test_prepare.py", "tests/test_world.py", "tests/test_sources.py")),  # fmt: skip
-    Target("pair labelling", "rsa_pl.pipeline.pairs", ("_pairs",), ("tests/test_training.py", "tests/test_preference.py")),
-    Target("judges", "rsa_pl.evaluation.judges",
-           ("OracleJudge", "unsafe_label", "encode", "_pad_id", "ScoreModel", "_safe_rlhf_head", "ScoreModelJudge",
-            "UNSAFE_WORDS", "SAFE_PREFIXES", "SAFE_RLHF_FORMAT"),
-           ("tests/test_judges.py", "tests/test_evaluation.py")),  # fmt: skip
-    Target("judges", "rsa_pl.evaluation.guard",
-           ("parse_reply", "verdict_token_ids", "rating_token_ids", "expected_rating", "verdict_cost",
-            "GuardJudge._cost", "GuardJudge._verdict", "GuardJudge.__call__"),
-           ("tests/test_judges.py",)),  # fmt: skip
-    Target("judges", "rsa_pl.evaluation.llm_judge",
-           ("first_line", "_numbers", "_labelled", "_in_scale", "parse_pointwise", "parse_pair", "pointwise_verdict",
-            "outcome"),
-           ("tests/test_llm_judge.py",)),  # fmt: skip
+    Target(
+        "reference",
+        "rsa_pl.pipeline.preference",
+        ("_starting_policy", "_is_adapter", "policy_and_reference"),
+        ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_training.py"),
+    ),
+    Target(
+        "reference",
+        "rsa_pl.modules",
+        (
+            "next_token_targets",
+            "logits_window",
+            "PreferenceModule.__init__",
+            "PreferenceModule.reference_logits",
+            "PreferenceModule.losses",
+        ),
+        ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_training.py", "tests/test_losses.py"),
+    ),
+    Target(
+        "reference",
+        "rsa_pl.models",
+        ("stack_lora", "only_adapters", "load_aligned_policy", "attach_lora"),
+        ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_merge.py"),
+    ),
+    Target(
+        "pair labelling",
+        "rsa_pl.pipeline.prepare",
+        ("Tokenized.pairs",),
+        ("tests/test_prepare.py", "tests/test_world.py", "tests/test_sources.py"),
+    ),
+    Target(
+        "pair labelling", "rsa_pl.pipeline.pairs", ("_pairs",), ("tests/test_training.py", "tests/test_preference.py")
+    ),
+    Target(
+        "judges",
+        "rsa_pl.evaluation.judges",
+        (
+            "OracleJudge",
+            "unsafe_label",
+            "encode",
+            "_pad_id",
+            "ScoreModel",
+            "_safe_rlhf_head",
+            "ScoreModelJudge",
+            "UNSAFE_WORDS",
+            "SAFE_PREFIXES",
+            "SAFE_RLHF_FORMAT",
+        ),
+        ("tests/test_judges.py", "tests/test_evaluation.py"),
+    ),
+    Target(
+        "judges",
+        "rsa_pl.evaluation.guard",
+        (
+            "parse_reply",
+            "verdict_token_ids",
+            "rating_token_ids",
+            "expected_rating",
+            "verdict_cost",
+            "GuardJudge._cost",
+            "GuardJudge._verdict",
+            "GuardJudge.__call__",
+        ),
+        ("tests/test_judges.py",),
+    ),
+    Target(
+        "judges",
+        "rsa_pl.evaluation.llm_judge",
+        (
+            "first_line",
+            "_numbers",
+            "_labelled",
+            "_in_scale",
+            "parse_pointwise",
+            "parse_pair",
+            "pointwise_verdict",
+            "outcome",
+        ),
+        ("tests/test_llm_judge.py",),
+    ),
     Target("metrics", "rsa_pl.evaluation.metrics", (), ("tests/test_evaluation.py", "tests/test_bootstrap.py")),
     Target("metrics", "rsa_pl.evaluation.bootstrap", (), ("tests/test_bootstrap.py", "tests/test_evaluation.py")),
 )
@@ -123,6 +181,7 @@ class Mutant:
     seconds: float = 0.0
     killed_by: str | None = None
     reason: str | None = None  # for equivalent mutants
+    carried: bool = False  # killed in the --carry run, not run again
     path: tuple = field(default=(), repr=False)  # where in the tree: list of (attribute, index)
 
 
@@ -211,16 +270,18 @@ def _variants(node: ast.AST, parent: ast.AST, name: str, index: int | None, quie
         if _call_name(node) == "detach" and isinstance(node.func, ast.Attribute) and not node.args:
             yield "detach", copy.deepcopy(node.func.value)
         positional = [a for a in node.args if not isinstance(a, ast.Starred)]
-        if (len(positional) >= 2 and _call_name(node) not in COMMUTATIVE and ast.dump(positional[0]) != ast.dump(positional[1])
-                and node.args[:2] == positional[:2]):  # fmt: skip
+        swappable = len(positional) >= 2 and node.args[:2] == positional[:2] and _call_name(node) not in COMMUTATIVE
+        if swappable and ast.dump(positional[0]) != ast.dump(positional[1]):
             new = copy.deepcopy(node)
             new.args[0], new.args[1] = new.args[1], new.args[0]
             yield "swap args", new
-    elif isinstance(node, (ast.If, ast.While, ast.IfExp)) and not isinstance(node.test, (ast.Compare, ast.BoolOp)):
-        if not (isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not)):
-            new = copy.deepcopy(node)
-            new.test = ast.UnaryOp(ast.Not(), new.test)
-            yield "negate", new
+    elif isinstance(node, (ast.If, ast.While, ast.IfExp)) and not (
+        isinstance(node.test, (ast.Compare, ast.BoolOp))
+        or (isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not))
+    ):  # a comparison or a not has its own operators
+        new = copy.deepcopy(node)
+        new.test = ast.UnaryOp(ast.Not(), new.test)
+        yield "negate", new
     if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and _call_name(node.value) not in QUIET_CALLS
             and index is not None):  # fmt: skip
         siblings = getattr(parent, name)
@@ -232,25 +293,33 @@ def _variants(node: ast.AST, parent: ast.AST, name: str, index: int | None, quie
             yield "decorator", new
 
 
-def _walk(tree: ast.Module, scope: tuple[str, ...]) -> Iterator[tuple[tuple, ast.AST, ast.AST, str, int | None, str, bool, bool]]:
+def _walk(
+    tree: ast.Module, scope: tuple[str, ...]
+) -> Iterator[tuple[tuple, ast.AST, ast.AST, str, int | None, str, bool, bool]]:
     """(path, node, parent, field, index, qualname, in_function, quiet) for every node in scope.
     in_function: the node runs when a function is called (not at import: decorators, defaults and
     class bodies run where their def/class is); quiet: inside a message (raise, f-string, print)."""
 
     def visit(node: ast.AST, path: tuple, names: tuple[str, ...], in_function: bool, quiet: bool):
         for name, index, child in _children(node):
-            if name in ("annotation", "returns", "type_comment") or isinstance(child, (ast.Import, ast.ImportFrom)) or (
-                    isinstance(child, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in child.targets)):
+            if (
+                name in ("annotation", "returns", "type_comment")
+                or isinstance(child, (ast.Import, ast.ImportFrom))
+                or (isinstance(child, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in child.targets))
+            ):
                 continue
-            here = path + ((name, index),)
+            here = (*path, (name, index))
             is_def = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            child_names = names + (child.name,) if is_def else names
+            child_names = (*names, child.name) if is_def else names
             if not names and isinstance(child, ast.Assign) and isinstance(child.targets[0], ast.Name):
                 child_names = (child.targets[0].id,)  # a module-level constant, by its name
             runs_inside = in_function or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                                           and name == "body")  # fmt: skip
-            child_quiet = quiet or isinstance(child, (ast.JoinedStr, ast.Raise)) or (
-                isinstance(child, ast.Call) and _call_name(child) in QUIET_CALLS)
+            child_quiet = (
+                quiet
+                or isinstance(child, (ast.JoinedStr, ast.Raise))
+                or (isinstance(child, ast.Call) and _call_name(child) in QUIET_CALLS)
+            )
             qual = ".".join(child_names)
             if not scope or any(qual == s or qual.startswith(s + ".") for s in scope):
                 yield here, child, node, name, index, qual, runs_inside, child_quiet
@@ -274,7 +343,8 @@ def _statement_lines(tree: ast.Module) -> dict[int, tuple[int, int]]:
 
 def source_path(module: str) -> Path:
     spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.origin is not None, module
+    if spec is None or spec.origin is None:
+        sys.exit(f"{module}: not an importable module")
     return Path(spec.origin)
 
 
@@ -292,8 +362,11 @@ def mutants_of(target: Target) -> tuple[ast.Module, list[Mutant]]:
                 before = "\n".join(f"@{ast.unparse(d)}" for d in node.decorator_list) + f"\ndef {node.name}"
                 after = "\n".join(f"@{ast.unparse(d)}" for d in new.decorator_list) + f"\ndef {node.name}"
             else:
-                after = "<deleted>" if new is None or isinstance(new, ast.Pass) and operator == "delete call" else (
-                    ast.unparse(new))
+                after = (
+                    "<deleted>"
+                    if new is None or (isinstance(new, ast.Pass) and operator == "delete call")
+                    else (ast.unparse(new))
+                )
             key = f"{target.module}|{qual}|{operator}|{before}|{after}"
             n = seen[key] = seen.get(key, -1) + 1
             digest = hashlib.sha1(f"{key}#{n}".encode()).hexdigest()[:8]
@@ -332,15 +405,15 @@ class _MutatedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, module: str, code, path: str) -> None:
         self.module, self.code, self.path = module, code, path
 
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
+    def find_spec(self, fullname, path=None, target=None):
         if fullname != self.module:
             return None
         return importlib.util.spec_from_loader(fullname, self, origin=self.path)
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         return None
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         module.__file__ = self.path
         exec(self.code, module.__dict__)
 
@@ -359,7 +432,7 @@ class _Recorder:
     """A pytest plugin: each test's duration and outcome, the first test that failed, and (with
     a coverage.Coverage) the test's name as the coverage context of what it runs."""
 
-    def __init__(self, coverage=None) -> None:  # noqa: ANN001
+    def __init__(self, coverage=None) -> None:
         self.coverage, self.durations, self.outcomes, self.failed = coverage, {}, {}, None
 
     def plugin(self):
@@ -369,14 +442,14 @@ class _Recorder:
 
         class Plugin:
             @pytest.hookimpl(hookwrapper=True)
-            def pytest_runtest_protocol(self, item, nextitem):  # noqa: ANN001
+            def pytest_runtest_protocol(self, item, nextitem):
                 if recorder.coverage is not None:
                     recorder.coverage.switch_context(item.nodeid)  # setup, call and teardown
                 start = time.perf_counter()
                 yield
                 recorder.durations[item.nodeid] = time.perf_counter() - start
 
-            def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001
+            def pytest_runtest_logreport(self, report) -> None:
                 if report.failed and recorder.failed is None:
                     recorder.failed = report.nodeid
                 if report.when == "call" or report.failed:
@@ -397,7 +470,7 @@ def _in_child(run, log: Path, result: Path, timeout: float | None) -> tuple[int,
             os.dup2(fd, 2)
             os.setsid()
             code = run(result)
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:
             print(f"mutation child: {error!r}", file=sys.stderr)
         finally:
             sys.stdout.flush()
@@ -409,10 +482,8 @@ def _in_child(run, log: Path, result: Path, timeout: float | None) -> tuple[int,
         if done:
             return os.waitstatus_to_exitcode(status), time.perf_counter() - start
         if deadline is not None and time.perf_counter() > deadline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             os.waitpid(pid, 0)
             return -9, time.perf_counter() - start
         time.sleep(0.05)
@@ -523,11 +594,14 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--out", type=Path, default=RESULTS / "mutation", help="results prefix (.json and .md)")
     parser.add_argument("--only", action="append", help="run only these mutant ids (repeatable)")
+    parser.add_argument("--carry", type=Path, help="a previous run's .json: its killed mutants (same id: same module, "
+                        "function and change) count as killed without running again; the rest run")  # fmt: skip
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    targets = [t for t in TARGETS if (not args.target or t.key in args.target) and (
-        not args.module or t.module in args.module)]
+    targets = [
+        t for t in TARGETS if (not args.target or t.key in args.target) and (not args.module or t.module in args.module)
+    ]
     if not targets:
         sys.exit(f"--target: none of {args.target} is one of {sorted({t.key for t in TARGETS})}")
     made = [(t, *mutants_of(t)) for t in targets]
@@ -546,13 +620,23 @@ def main() -> None:
     start = time.perf_counter()
     base = baseline(test_files, traced, work)
     failing = [t for t, o in base["outcomes"].items() if o != "passed" and o != "skipped"]
-    print(f"baseline: {len(base['durations'])} tests in {base['seconds']:.0f} s; failing: {failing or 'none'}", flush=True)
+    print(
+        f"baseline: {len(base['durations'])} tests in {base['seconds']:.0f} s; failing: {failing or 'none'}", flush=True
+    )
     equivalent = load_equivalent()
+    carried = {}
+    if args.carry:
+        carried = {
+            m["id"]: m for m in json.loads(args.carry.read_text())["mutants"] if m["status"] in ("killed", "timeout")
+        }
     jobs = []
     for t, tree, mutants in made:
         path = str(source_path(t.module))
         for m in mutants:
             if args.only and m.id not in args.only:
+                continue
+            if m.id in carried:
+                m.status, m.killed_by, m.carried = carried[m.id]["status"], carried[m.id]["killed_by"], True
                 continue
             tests = select(m, base, t, path)
             if not tests:
@@ -608,7 +692,8 @@ def write(made, base: dict, seconds: float, args: argparse.Namespace) -> None:
         by_target.setdefault(m.target, []).append(m)
     scores = {k: _score(v) for k, v in by_target.items()}
     scores["all"] = _score(mutants)
-    record = {"seconds": round(seconds), "workers": args.workers, "baseline_seconds": round(base["seconds"]),
+    record = {"seconds": round(seconds), "workers": args.workers, "carried": sum(m.carried for m in mutants),
+              "carried_from": str(args.carry) if args.carry else None, "baseline_seconds": round(base["seconds"]),
               "scores": scores, "command": " ".join(["python", "benchmarks/mutation.py", *sys.argv[1:]]),
               "mutants": [{k: v for k, v in asdict(m).items() if k != "path"} for m in mutants]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -620,7 +705,9 @@ def write(made, base: dict, seconds: float, args: argparse.Namespace) -> None:
 def render(record: dict) -> str:
     lines = [f"# Mutation run: `{record['command']}`", "",
              f"{record['seconds']} s with {record['workers']} workers (baseline {record['baseline_seconds']} s). "
-             "Score = (killed + timed out) / (mutants - equivalent - invalid).", "",
+             "Score = (killed + timed out) / (mutants - equivalent - invalid)."
+             + (f" {record['carried']} mutants killed in {record['carried_from']} were counted as killed without "
+                "running again (same id: the same change to the same code)." if record.get("carried") else ""), "",
              "| target | mutants | killed | timeout | survived | uncovered | equivalent | score |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key, s in record["scores"].items():

@@ -203,6 +203,22 @@ def test_the_unsafe_label_by_name(labels: dict[int, str], unsafe: int) -> None:
     assert unsafe_label(labels) == unsafe
 
 
+def test_a_text_that_starts_with_the_bos_gets_no_second_one() -> None:
+    """A chat template's output often starts with the BOS; a tokenizer that adds its own would
+    double it, an input the score model never saw."""
+    from tokenizers.processors import TemplateProcessing
+
+    from rsa_pl.evaluation.judges import encode
+
+    tokenizer = train_bpe_tokenizer(TEXTS * 20, 300, "{prompt}")
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    plain = tokenizer("plant tulips")["input_ids"]
+    assert plain[0] == bos  # this tokenizer adds its BOS
+    assert encode(tokenizer, "plant tulips") == plain
+    assert encode(tokenizer, tokenizer.bos_token + "plant tulips") == plain
+
+
 def test_the_oracle_judge_flags_refusals_and_names_itself() -> None:
     """The embedded world's judge: an answer with one of the world's refusal sentences is a
     refusal, one without is not; its name is what eval/judge.json reports."""

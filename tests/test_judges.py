@@ -219,6 +219,17 @@ def test_a_text_that_starts_with_the_bos_gets_no_second_one() -> None:
     assert encode(tokenizer, tokenizer.bos_token + "plant tulips") == plain
 
 
+def test_the_pad_id_of_a_score_batch_is_no_token_of_it() -> None:
+    """Sequence classifiers pool the last token that is not the pad id: the tokenizer's pad id
+    when no row holds it, else the smallest id no row holds (EOS as pad would move the pooled token)."""
+    from rsa_pl.evaluation.judges import _pad_id
+
+    assert _pad_id([[5, 6], [7]], 2) == 2
+    assert _pad_id([[0, 1, 2], [2, 4]], 2) == 3
+    assert _pad_id([[1, 2]], None) == 0
+    assert _pad_id([[0, 1], [2]], None) == 3
+
+
 def test_the_oracle_judge_flags_refusals_and_names_itself() -> None:
     """The embedded world's judge: an answer with one of the world's refusal sentences is a
     refusal, one without is not; its name is what eval/judge.json reports."""

@@ -10,9 +10,9 @@ from benchmarks/mutation_equivalent.toml). Outside the default test run: it is s
 
 Why our own and not mutmut or cosmic-ray (both read, docs/benchmarks.md):
 - mutmut 3 does not mutate decorated functions (file_mutation.py skips any decorator but
-  staticmethod/classmethod), and the CVaR thresholds (`@torch.no_grad()` in rsa_pl/risk.py) and
-  SequenceTerms.margin (`@property`) are such functions; nor does it mutate module-level code such
-  as the risk-measure registry, where swapping two entries is a real bug.
+  staticmethod/classmethod), and the CVaR thresholds (`@torch.no_grad()` in rsa_pl/risk.py)
+  and the reference forward (`@torch.inference_mode()`) are such functions; nor does it mutate
+  module-level code such as the risk-measure registry, where swapping two entries is a real bug.
 - cosmic-ray runs each mutant as a new test process: importing torch, transformers and Lightning
   costs seconds a mutant, over a thousand mutants.
 Here each mutant is a forked child of a process that has those imported: it swaps in the mutated

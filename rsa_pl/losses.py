@@ -44,11 +44,6 @@ class SequenceTerms:
     ref_logps: Tensor  # (N,) sum_t log pi_ref(y_t|s_t)
     risk: Tensor | None  # (N,) D(y) = sum_t Phi_mu(Z_t); None when no measure was asked for
 
-    @property
-    def margin(self) -> Tensor:
-        """M(y) = sum_t m_t, shape (N,)."""
-        return self.policy_logps - self.ref_logps
-
 
 def _check_measure(measure: str | None, mu: float) -> None:
     if measure is None:

@@ -230,6 +230,70 @@ def test_the_pad_id_of_a_score_batch_is_no_token_of_it() -> None:
     assert _pad_id([[0, 1], [2]], None) == 3
 
 
+def _edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("unsafe", [0, 1])
+def test_a_two_label_cost_classifier_scores_log_p_unsafe_minus_log_p_safe(tmp_path: Path, unsafe: int) -> None:
+    """The cost of a safety classifier is logit(unsafe) - logit(safe), whichever index is unsafe,
+    computed by hand from the raw transformers model."""
+    folder = classifier_score_model(tmp_path / "cost", labels=2)
+    names = {unsafe: "unsafe", 1 - unsafe: "safe"}
+    _edit_config(folder, id2label={str(i): n for i, n in names.items()}, label2id={n: i for i, n in names.items()})
+    scorer = ScoreModel(folder, role="cost")
+    raw = LlamaForSequenceClassification.from_pretrained(str(folder)).eval()
+    for text, score in zip(TEXTS, scorer.score(TEXTS), strict=True):
+        with torch.no_grad():
+            logits = raw(input_ids=torch.tensor([scorer.tokenizer(text)["input_ids"]])).logits[0]
+        assert score == pytest.approx(float(logits[unsafe] - logits[1 - unsafe]), abs=1e-5)
+
+
+@pytest.mark.parametrize("keep", ["architectures", "score_dim"])
+def test_a_safe_rlhf_checkpoint_is_known_by_its_architecture_or_its_score_dim(tmp_path: Path, keep: str) -> None:
+    """Safe-RLHF's configs name LlamaForScore, or carry score_dim: either is enough to read the
+    score head (not a classifier), in Safe-RLHF's conversation format ending with the EOS."""
+    folder = safe_rlhf_score_model(tmp_path / "cost")[0]
+    if keep == "architectures":
+        _edit_config(folder, score_dim=None)
+    else:
+        _edit_config(folder, architectures=["LlamaModel"])
+    scorer = ScoreModel(folder, role="cost")
+    assert scorer.format == "safe_rlhf"
+    assert scorer.classifier is None
+    assert scorer.text("rob the bank", "no") == (
+        "BEGINNING OF CONVERSATION: USER: rob the bank ASSISTANT:no" + scorer.tokenizer.eos_token
+    )
+    scorer.tokenizer.eos_token = None
+    assert scorer.text("rob the bank", "no") == "BEGINNING OF CONVERSATION: USER: rob the bank ASSISTANT:no"
+
+
+def test_a_score_model_scores_in_eval_mode_in_the_placement_dtype(tmp_path: Path) -> None:
+    """With dropout in the checkpoint the scores are still the eval-mode ones, the same on every
+    call; a bfloat16 placement casts every weight, the Safe-RLHF head included."""
+    from rsa_pl.models import inference_placement
+
+    folder, head_w, head_b = safe_rlhf_score_model(tmp_path / "cost")
+    _edit_config(folder, attention_dropout=0.5)
+    scorer = ScoreModel(folder)
+    first = scorer.score(TEXTS)
+    assert scorer.score(TEXTS) == first
+    for text, score in zip(TEXTS, first, strict=True):
+        ids = torch.tensor([scorer.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            hidden = scorer.backbone.eval()(input_ids=ids).last_hidden_state[0, -1]
+        assert score == pytest.approx(float(hidden @ head_w[0] + head_b[0]), abs=1e-5)
+    bf16 = ScoreModel(folder, at=inference_placement("cpu", "bfloat16"))
+    assert {w.dtype for w in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.score(TEXTS) == pytest.approx(first, rel=0.05, abs=0.05)
+
+
 def test_the_oracle_judge_flags_refusals_and_names_itself() -> None:
     """The embedded world's judge: an answer with one of the world's refusal sentences is a
     refusal, one without is not; its name is what eval/judge.json reports."""

@@ -11,7 +11,7 @@ import torch
 
 from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.losses import sequence_terms, sequence_terms_chunked
-from rsa_pl.risk import RISK_MEASURES, drift
+from rsa_pl.risk import RISK_MEASURES, drift, drift_from_logits
 from tests.helpers import MU, make_batch, make_logps
 
 MEASURES = list(RISK_MEASURES)
@@ -38,6 +38,25 @@ def test_fast_boundary_in_float32_and_leading_dimensions(measure: str) -> None:
     plain = RISK_MEASURES[measure].threshold(d, 0.9)
     torch.testing.assert_close(FAST_THRESHOLDS[measure](d, 0.9), plain, rtol=0, atol=0)
     assert plain.shape == (2, 3, 4, 1)
+
+
+@pytest.mark.parametrize("measure", list(FAST_THRESHOLDS))
+def test_fast_boundary_when_every_support_atom_ties_above_zero(measure: str) -> None:
+    """The policy is the reference on its support plus mass off it: Z is one value v > 0 on the
+    support (and 0 off it). Every row is tied, and the boundary is v, never an off-support atom."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    ref = logits.clone()
+    ref[:, ::3] = -math.inf
+    d = drift_from_logits(logits, ref, logits.logsumexp(-1), ref.logsumexp(-1))  # as training builds Z
+    v = d.z[:, 1:2]
+    assert (v > 0).all()
+    assert torch.equal(torch.where(d.support, d.z, v), v.expand(4, 30))  # tied to the bit
+    sign = -1.0 if measure.endswith("_lower") else 1.0
+    for mu in (0.1, 0.5, 1.0):
+        fast = FAST_THRESHOLDS[measure](d, mu)
+        torch.testing.assert_close(RISK_MEASURES[measure].threshold(d, mu), sign * v, msg=f"mu={mu}")
+        torch.testing.assert_close(fast, sign * v, rtol=0, atol=0, msg=f"mu={mu}")
 
 
 def _batch(case: str, seed: int = 0):

@@ -43,7 +43,16 @@ from rsa_pl.evaluation.judges import (
 )
 from rsa_pl.params_file import load_params
 from rsa_pl.world.lexicon import FILLERS, REFUSALS
-from tests.helpers import GUARD_TEMPLATE, ROOT, TEXTS, _tiny, classifier_score_model, guard_model, safe_rlhf_score_model
+from tests.helpers import (
+    GUARD_TEMPLATE,
+    GUARD_TEXTS,
+    ROOT,
+    TEXTS,
+    _tiny,
+    classifier_score_model,
+    guard_model,
+    safe_rlhf_score_model,
+)
 
 SCORE_TEMPLATE = "Q: {prompt}\nA:"  # the score models' own chat template (user turn)
 POLICY_TEMPLATE = "<|policy|> {prompt} <|answer|>"  # a policy's, which a judge must never see
@@ -349,6 +358,24 @@ def test_the_guard_verdict_rules() -> None:
     verdicts = GuardJudge.__call__(rated, ["p"] * 3, ["t"] * 3, ["a", "b", "x"])
     assert [v.judge_error for v in verdicts] == [NO_HELPFULNESS, None, "an empty reply"]
     assert [v.reward for v in verdicts] == [None, 0.5, None]
+
+
+def test_verdict_and_rating_tokens_are_the_same_for_a_tokenizer_that_adds_a_bos() -> None:
+    """The guard's verdict words and rating digits are looked up without special tokens: a
+    tokenizer that adds a BOS to every text gives the same first tokens as one that does not."""
+    from tokenizers.processors import TemplateProcessing
+
+    from rsa_pl.evaluation.guard import rating_token_ids, verdict_token_ids
+
+    texts = [*GUARD_TEXTS, "rate it 1 2 3 4 5 6 7 8 9", "9 8 7 6 5 4 3 2 1"]
+    tokenizer = train_bpe_tokenizer(texts * 20, 400, GUARD_TEMPLATE)
+    plain = (verdict_token_ids(tokenizer), rating_token_ids(tokenizer))
+    assert all(plain[0])
+    assert sorted(set(plain[1].values())) == list(range(1, 10))
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tokenizer("safe")["input_ids"][0] == bos
+    assert (verdict_token_ids(tokenizer), rating_token_ids(tokenizer)) == plain
 
 
 def test_the_oracle_judge_flags_refusals_and_names_itself() -> None:

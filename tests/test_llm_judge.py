@@ -45,6 +45,8 @@ POINTWISE = [
     ('{"helpfulness": 6, "harmlessness": 10, "refusal": "no"}', 6, 10, False, None),
     ("7 9", 7, 9, None, None),
     ("\n\n  Helpfulness: 5.5 Harmlessness: 4.5\n", 5.5, 4.5, None, None),
+    ("```\n7 9\n```", 7, 9, None, None),  # a line of Markdown alone is blank
+    ("> **\nHelpfulness: 4; Harmlessness: 6", 4, 6, None, None),
     ("### Helpfulness 10 | Harmlessness 10 | Refusal: No", 10, 10, False, None),
     ("Sure! Here are my grades:\nHelpfulness: 7; Harmlessness: 9", None, None, None, "no scores on the first line"),
     ("I'm sorry, but I cannot evaluate this conversation.", None, None, None, "no scores on the first line"),
@@ -69,7 +71,7 @@ def test_pointwise_replies_parse_or_say_why_not(reply: str, helpful: float | Non
     if error is None:
         assert parsed.error is None
     else:
-        assert error in str(parsed.error)
+        assert str(parsed.error).startswith(error)
 
 
 @pytest.mark.parametrize(

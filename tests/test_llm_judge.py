@@ -44,6 +44,9 @@ POINTWISE = [
     ("helpfulness=3 harmlessness=0 refusal=yes", 3, 0, True, None),
     ('{"helpfulness": 6, "harmlessness": 10, "refusal": "no"}', 6, 10, False, None),
     ("7 9", 7, 9, None, None),
+    ('{"helpfulness": 2, "harmlessness": 1, "refusal": true}', 2, 1, True, None),
+    ("7 9 Refusal: false", 7, 9, False, None),
+    ("7 9 refused: 0", 7, 9, None, None),  # the refusal field's value is no third score
     ("\n\n  Helpfulness: 5.5 Harmlessness: 4.5\n", 5.5, 4.5, None, None),
     ("```\n7 9\n```", 7, 9, None, None),  # a line of Markdown alone is blank
     ("> **\nHelpfulness: 4; Harmlessness: 6", 4, 6, None, None),

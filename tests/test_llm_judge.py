@@ -85,6 +85,8 @@ def test_pointwise_replies_parse_or_say_why_not(reply: str, helpful: float | Non
         ("A: 7, B: 9", (7.0, 9.0)),
         ("Assistant A: 4 Assistant B: 6", (4.0, 6.0)),
         ("Scores: A = 2 ; B = 10", (2.0, 10.0)),
+        ("On 3 points: A: 7, B: 9", (7.0, 9.0)),  # more than two numbers: the labels decide
+        ("On 3 points: A: 7 then 8", "3 numbers, not 2, on the first line"),
         ("7", "1 numbers, not 2, on the first line"),
         ("7 8 9", "3 numbers, not 2, on the first line"),
         ("Both answers are fine.\n7 8", "no scores on the first line"),

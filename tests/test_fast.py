@@ -59,6 +59,24 @@ def test_fast_boundary_when_every_support_atom_ties_above_zero(measure: str) -> 
         torch.testing.assert_close(fast, sign * v, rtol=0, atol=0, msg=f"mu={mu}")
 
 
+@pytest.mark.parametrize("measure", list(FAST_THRESHOLDS))
+def test_fast_boundary_with_more_tied_candidates_than_the_sort_cap(measure: str) -> None:
+    """600 atoms share the boundary value exactly (dyadic logits: no rounding), more than the
+    512 candidates sorted at once: the refinement levels meet a row whose candidates all tie
+    (a zero bin width) and must still return that value."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randint(-40, 40, (3, 2000), generator=g).double() / 8
+    policy = ref + torch.randint(8, 40, (3, 2000), generator=g).double() / 8  # Z <= -1 ...
+    policy[:, :600] = ref[:, :600] - 0.5  # ... but 600 atoms at exactly 0.5 (before the normalisers)
+    d = drift_from_logits(policy, ref, policy.logsumexp(-1), ref.logsumexp(-1))
+    assert (d.z[:, :600] == d.z[:, :1]).all()
+    for mu in (0.05, 0.2, 0.5):
+        plain = RISK_MEASURES[measure].threshold(d, mu)
+        torch.testing.assert_close(FAST_THRESHOLDS[measure](d, mu), plain, rtol=0, atol=0, msg=f"mu={mu}")
+    if measure == "cvar":  # the tied group, the largest Z, holds the boundary of a thin upper tail
+        torch.testing.assert_close(FAST_THRESHOLDS[measure](d, 0.05), d.z[:, :1], rtol=0, atol=0)
+
+
 def _batch(case: str, seed: int = 0):
     policy, ref, labels, mask = make_batch(v=40, t=9, seed=seed)
     if case == "ties":  # integer-valued logits: many atoms share a drift value

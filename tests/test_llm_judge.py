@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from rsa_pl.config import LlmJudgeParams
-from rsa_pl.evaluation.judges import JudgeError
+from rsa_pl.evaluation.judges import JudgeError, Verdict
 from rsa_pl.evaluation.llm_judge import (
     HARMLESSNESS,
     HELPFULNESS,
@@ -96,6 +96,16 @@ def test_pointwise_replies_parse_or_say_why_not(reply: str, helpful: float | Non
 )
 def test_pairwise_replies_parse_or_say_why_not(reply: str, expected: tuple[float, float] | str) -> None:
     assert parse_pair(reply, HELPFULNESS) == expected
+
+
+def test_a_failed_request_is_a_verdict_without_scores_that_says_why() -> None:
+    failed = Verdict(None, None, None, None, None, judge_error="HTTP 503 after 3 tries")
+    assert pointwise_verdict(None, "HTTP 503 after 3 tries") == failed
+    assert pointwise_verdict(None).judge_error == "no reply"
+    unparsed = pointwise_verdict("I cannot grade this. Refusal: yes")
+    assert (unparsed.reward, unparsed.cost, unparsed.refusal) == (None, None, True)
+    assert unparsed.judge_reply == "I cannot grade this. Refusal: yes"
+    assert unparsed.judge_error == "no scores on the first line"
 
 
 def test_scores_map_to_cost_unsafe_and_severe_as_documented() -> None:

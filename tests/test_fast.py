@@ -5,6 +5,7 @@ values and gradients (through both models' logits), ties and a fully tied policy
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,6 +76,23 @@ def test_fast_boundary_with_more_tied_candidates_than_the_sort_cap(measure: str)
         torch.testing.assert_close(FAST_THRESHOLDS[measure](d, mu), plain, rtol=0, atol=0, msg=f"mu={mu}")
     if measure == "cvar":  # the tied group, the largest Z, holds the boundary of a thin upper tail
         torch.testing.assert_close(FAST_THRESHOLDS[measure](d, 0.05), d.z[:, :1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("measure", list(FAST_THRESHOLDS))
+def test_the_chunked_terms_never_sort_for_either_cvar(measure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training's path (sequence_terms_chunked, forward and closed-form backward) takes the
+    sort-free search, value and weights for both CVaRs: with the plain ones made to fail, it
+    still runs. (A wrong key in the fast tables would silently fall back on the sort.)"""
+
+    def plain(*args: object) -> None:
+        raise AssertionError("the plain (sorting) form was called")
+
+    failing = replace(RISK_MEASURES[measure], fn=plain, threshold=plain, weights=plain)
+    monkeypatch.setitem(RISK_MEASURES, measure, failing)
+    policy, ref, labels, mask = _batch("random")
+    terms = sequence_terms_chunked(policy, ref, labels, mask, measure=measure, mu=MU[measure], chunk_size=5)
+    terms.risk.sum().backward()
+    assert torch.isfinite(policy.grad).all()
 
 
 def _batch(case: str, seed: int = 0):

@@ -12,7 +12,7 @@ import torch
 
 from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.losses import sequence_terms, sequence_terms_chunked
-from rsa_pl.risk import RISK_MEASURES, drift, drift_from_logits
+from rsa_pl.risk import RISK_MEASURES, Drift, drift, drift_from_logits
 from tests.helpers import MU, make_batch, make_logps
 
 MEASURES = list(RISK_MEASURES)
@@ -93,6 +93,32 @@ def test_the_chunked_terms_never_sort_for_either_cvar(measure: str, monkeypatch:
     terms = sequence_terms_chunked(policy, ref, labels, mask, measure=measure, mu=MU[measure], chunk_size=5)
     terms.risk.sum().backward()
     assert torch.isfinite(policy.grad).all()
+
+
+def test_fast_boundary_in_the_top_bins_of_the_histogram() -> None:
+    """Atoms placed in the histogram's last three bins (lo = 0, hi = 4096: bin = floor(Z)), two to
+    a bin: the mass above the boundary bin must count the bins above it exactly, for boundaries in
+    bins 4094 and 4093 (the random tests' boundaries rarely land there)."""
+    z = torch.zeros(1, 20, dtype=torch.float64)
+    z[0, :5] = torch.tensor([4096.0, 4094.7, 4094.3, 4093.7, 4093.3], dtype=torch.float64)
+    p = torch.full((1, 20), 0.5 / 15, dtype=torch.float64)
+    p[0, :5] = 0.1
+    d = Drift(z, p, None, p.log())
+    for mu, boundary in ((0.15, 4094.7), (0.25, 4094.3), (0.35, 4093.7)):
+        assert RISK_MEASURES["cvar"].threshold(d, mu).item() == boundary
+        assert FAST_THRESHOLDS["cvar"](d, mu).item() == boundary, f"mu={mu}"
+
+
+@pytest.mark.parametrize("measure", list(FAST_VALUES))
+def test_fast_value_and_weights_keep_leading_dimensions(measure: str) -> None:
+    policy, ref = make_logps(6, 50, "tied", seed=2)
+    flat = drift(policy, ref)
+    shaped = drift(policy.view(2, 3, 50), ref.view(2, 3, 50))
+    threshold = FAST_THRESHOLDS[measure](flat, 0.3)
+    value = FAST_VALUES[measure](shaped, 0.3, threshold.view(2, 3, 1))
+    torch.testing.assert_close(value, FAST_VALUES[measure](flat, 0.3, threshold).view(2, 3), rtol=0, atol=0)
+    weights = FAST_WEIGHTS[measure](shaped, 0.3, threshold.view(2, 3, 1))
+    torch.testing.assert_close(weights, FAST_WEIGHTS[measure](flat, 0.3, threshold).view(2, 3, 50), rtol=0, atol=0)
 
 
 def _batch(case: str, seed: int = 0):

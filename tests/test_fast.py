@@ -121,6 +121,33 @@ def test_fast_value_and_weights_keep_leading_dimensions(measure: str) -> None:
     torch.testing.assert_close(weights, FAST_WEIGHTS[measure](flat, 0.3, threshold).view(2, 3, 50), rtol=0, atol=0)
 
 
+def test_fast_boundary_when_rounding_misses_the_target_or_the_range_is_symmetric() -> None:
+    """Two corners of the histogram search, against the sort: mu a hair under 1 in float32,
+    where the cumulative mass can end below the target (the lowest support atom is then the
+    boundary, never an off-support atom of its bin: here every support atom has Z > 0, as when
+    the policy puts mass off the reference's support, so off-support atoms at 0 fall in the
+    lowest bin), and a drift whose range is symmetric about 0 (lo = -hi)."""
+    exact = {"rtol": 0, "atol": 0}
+    g = torch.Generator().manual_seed(0)
+    mu, missed = 0.99999994, 0
+    for _ in range(80):
+        ref = torch.randn(4, 82, generator=g) * 3
+        policy = ref + 0.01 * torch.randn(4, 82, generator=g)
+        ref[:, :27] = -math.inf
+        policy[:, :27] = ref[:, 27:].amax(-1, keepdim=True)  # mass off the support: Z > 0 on it
+        d = drift_from_logits(policy, ref, policy.logsumexp(-1), ref.logsumexp(-1))
+        assert (d.z[:, 27:] > 0).all()
+        order = torch.where(d.support, d.z, -math.inf).sort(-1, descending=True).indices
+        missed += int((d.p.gather(-1, order).cumsum(-1)[:, -1] < mu * d.p.sum(-1)).sum())
+        torch.testing.assert_close(FAST_THRESHOLDS["cvar"](d, mu), RISK_MEASURES["cvar"].threshold(d, mu), **exact)
+    assert missed
+    z = torch.tensor([[2.0, 1.5, -0.5, -2.0, 0.25, 1.0]], dtype=torch.float64)
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.1, 0.2, 0.1]], dtype=torch.float64)
+    d = Drift(z, p, None, p.log())
+    for mu in (0.1, 0.25, 0.5, 0.9):
+        torch.testing.assert_close(FAST_THRESHOLDS["cvar"](d, mu), RISK_MEASURES["cvar"].threshold(d, mu), **exact)
+
+
 def _batch(case: str, seed: int = 0):
     policy, ref, labels, mask = make_batch(v=40, t=9, seed=seed)
     if case == "ties":  # integer-valued logits: many atoms share a drift value

@@ -595,7 +595,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "mutation", help="results prefix (.json and .md)")
     parser.add_argument("--only", action="append", help="run only these mutant ids (repeatable)")
     parser.add_argument("--carry", type=Path, help="a previous run's .json: its killed mutants (same id: same module, "
-                        "function and change) count as killed without running again; the rest run")  # fmt: skip
+                        "function and change) count as killed without running again, and the equivalent ones listed "
+                        "in benchmarks/mutation_equivalent.toml as survivors; the rest run")  # fmt: skip
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -637,6 +638,9 @@ def main() -> None:
                 continue
             if m.id in carried:
                 m.status, m.killed_by, m.carried = carried[m.id]["status"], carried[m.id]["killed_by"], True
+                continue
+            if args.carry and m.id in equivalent:  # survived the --carry run, and cannot be killed
+                m.status, m.carried = "survived", True
                 continue
             tests = select(m, base, t, path)
             if not tests:
@@ -706,8 +710,9 @@ def render(record: dict) -> str:
     lines = [f"# Mutation run: `{record['command']}`", "",
              f"{record['seconds']} s with {record['workers']} workers (baseline {record['baseline_seconds']} s). "
              "Score = (killed + timed out) / (mutants - equivalent - invalid)."
-             + (f" {record['carried']} mutants killed in {record['carried_from']} were counted as killed without "
-                "running again (same id: the same change to the same code)." if record.get("carried") else ""), "",
+             + (f" {record['carried']} mutants were not run again: those killed in {record['carried_from']} "
+                "(same id: the same change to the same code) count as killed, and the equivalent ones listed in "
+                "benchmarks/mutation_equivalent.toml as survivors." if record.get("carried") else ""), "",
              "| target | mutants | killed | timeout | survived | uncovered | equivalent | score |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key, s in record["scores"].items():

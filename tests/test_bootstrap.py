@@ -257,3 +257,41 @@ def test_coverage_of_correlated_answers_needs_the_prompt_as_unit() -> None:
 def test_bad_input_raises(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_win_rates_by_hand() -> None:
+    """1 for a win, 0.5 for a tie, 0 for a loss, averaged; higher scores win unless told
+    otherwise (harmlessness compares costs, lower is better)."""
+    from rsa_pl.evaluation.metrics import win, win_rate
+
+    policy, baseline = [2.0, 1.0, 3.0, 0.5], [1.0, 1.0, 4.0, 0.25]
+    assert win_rate(policy, baseline) == (1 + 0.5 + 0 + 1) / 4
+    assert win_rate(policy, baseline, higher_is_better=False) == (0 + 0.5 + 1 + 0) / 4
+    assert (win(3.0, 1.0), win(1.0, 1.0), win(1.0, 3.0)) == (1.0, 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"^win_rate: 2 policy scores but 1 baseline scores$"):
+        win_rate([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match=r"^win_rate: no prompts$"):
+        win_rate([], [])
+
+
+def test_metric_inputs_out_of_their_domain_are_named() -> None:
+    from rsa_pl.evaluation.metrics import sampled_kl
+
+    for level in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^upper_cvar: level must be in \(0, 1\], got {level}$"):
+            upper_cvar([1.0, 2.0], level)
+    assert sampled_kl([-1.0, -3.0], [-2.0, -2.0]) == 0.0
+    for policy, reference in (([], []), ([-1.0], [-1.0, -2.0])):
+        with pytest.raises(ValueError, match=r"^sampled_kl: needs as many reference as policy log-probabilities"):
+            sampled_kl(policy, reference)
+
+
+def test_one_bootstrap_draw_is_allowed_and_bad_input_names_its_estimator() -> None:
+    assert resample_weights(5, 1, seed=0).shape == (1, 5)
+    assert resample_weights(5, 1, seed=0).sum() == 5
+    with pytest.raises(ValueError, match=r"^resample_weights: draws must be >= 1, got 0$"):
+        resample_weights(5, 0, seed=0)
+    weights = resample_weights(2, 3, seed=0)
+    for estimator in (weighted_mean, weighted_sum):
+        with pytest.raises(ValueError, match=rf"^{estimator.__name__}: 3 values but 2 unit indices$"):
+            estimator([1.0, 2.0, 3.0], [0, 1], weights)

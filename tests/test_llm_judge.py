@@ -91,6 +91,7 @@ def test_pointwise_replies_parse_or_say_why_not(reply: str, helpful: float | Non
         ("7 8 9", "3 numbers, not 2, on the first line"),
         ("Both answers are fine.\n7 8", "no scores on the first line"),
         ("7 11", "score B 11 is outside 1-10"),
+        ("0 7", "score A 0 is outside 1-10"),
         ("", "empty reply"),
     ],
 )

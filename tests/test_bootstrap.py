@@ -292,6 +292,8 @@ def test_one_bootstrap_draw_is_allowed_and_bad_input_names_its_estimator() -> No
     with pytest.raises(ValueError, match=r"^resample_weights: draws must be >= 1, got 0$"):
         resample_weights(5, 0, seed=0)
     weights = resample_weights(2, 3, seed=0)
-    for estimator in (weighted_mean, weighted_sum):
-        with pytest.raises(ValueError, match=rf"^{estimator.__name__}: 3 values but 2 unit indices$"):
+    estimators = {"weighted_mean": weighted_mean, "weighted_sum": weighted_sum, "weighted_median": weighted_median,
+                  "weighted_upper_cvar": lambda v, u, w: weighted_upper_cvar(v, u, w, 0.5)}  # fmt: skip
+    for name, estimator in estimators.items():
+        with pytest.raises(ValueError, match=rf"^{name}: 3 values but 2 unit indices$"):
             estimator([1.0, 2.0, 3.0], [0, 1], weights)

@@ -297,3 +297,11 @@ def test_one_bootstrap_draw_is_allowed_and_bad_input_names_its_estimator() -> No
     for name, estimator in estimators.items():
         with pytest.raises(ValueError, match=rf"^{name}: 3 values but 2 unit indices$"):
             estimator([1.0, 2.0, 3.0], [0, 1], weights)
+
+
+def test_a_draw_that_picked_one_answer_once_has_that_answers_mean() -> None:
+    weights = np.array([[1, 0, 0], [0, 0, 0], [0, 2, 1]])
+    means = weighted_mean([5.0, 7.0, 1.0], [0, 1, 2], weights)
+    assert means[0] == 5.0
+    assert np.isnan(means[1])
+    assert means[2] == 5.0

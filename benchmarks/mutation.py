@@ -100,12 +100,10 @@ TARGETS = (
     Target(
         "pair labelling",
         "rsa_pl.pipeline.prepare",
-        ("Tokenized.pairs",),
+        ("_Tokenized.pairs",),
         ("tests/test_prepare.py", "tests/test_world.py", "tests/test_sources.py"),
     ),
-    Target(
-        "pair labelling", "rsa_pl.pipeline.pairs", ("_pairs",), ("tests/test_training.py", "tests/test_preference.py")
-    ),
+    Target("pair labelling", "rsa_pl.pipeline.pairs", ("_pairs",), ("tests/test_pairs.py", "tests/test_training.py")),
     Target(
         "judges",
         "rsa_pl.evaluation.judges",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,18 +53,23 @@ def nan_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(PreferenceModule, "losses", poisoned)
 
 
-@pytest.fixture
-def nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A finite loss whose backward gives NaN gradients (as an overflow in a kernel would)."""
-    losses = PreferenceModule.losses
+def poison_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch, module: type, method: str) -> None:
+    """module.method's first output (the losses) keeps its finite values, but its backward gives
+    NaN gradients at BAD_STEP (as an overflow in a kernel would)."""
+    original = getattr(module, method)
 
-    def poisoned(self: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        values, metrics = losses(self, batch)
+    def poisoned(self: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        values, extra = original(self, batch)
         if self.training and self.global_step == BAD_STEP:
             values.register_hook(lambda g: g * math.nan)  # the forward stays finite
-        return values, metrics
+        return values, extra
 
-    monkeypatch.setattr(PreferenceModule, "losses", poisoned)
+    monkeypatch.setattr(module, method, poisoned)
+
+
+@pytest.fixture
+def nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_gradient_at_step_4(monkeypatch, PreferenceModule, "losses")
 
 
 def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_checkpoint(
@@ -131,15 +137,7 @@ def sft_nan_loss_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def sft_nan_gradient_at_step_4(monkeypatch: pytest.MonkeyPatch) -> None:
-    token_losses = SFTModule._token_losses
-
-    def poisoned(self: SFTModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, mask = token_losses(self, batch)
-        if self.training and self.global_step == BAD_STEP:
-            losses.register_hook(lambda g: g * math.nan)  # the forward stays finite
-        return losses, mask
-
-    monkeypatch.setattr(SFTModule, "_token_losses", poisoned)
+    poison_gradient_at_step_4(monkeypatch, SFTModule, "_token_losses")
 
 
 def test_a_nan_loss_in_sft_stops_in_one_line_and_the_rerun_resumes_to_the_same_model(

@@ -233,6 +233,23 @@ def _stage1_of_another_base(tmp_path: Path, pipeline_root: Path) -> tuple[Path, 
     return models, re.escape(f"{models / 'reward'}: this adapter was not made on {models / 'sft'} (size mismatch for ")
 
 
+def test_the_loaders_name_the_adapter_and_the_model_it_does_not_fit(tmp_path: Path, pipeline_root: Path) -> None:
+    """load_aligned_policy (a folded stage 1) and stack_lora (a frozen stage 1 under a new
+    adapter) themselves, not only the stages' early check: the adapter's folder, then the model."""
+    from rsa_pl.errors import AdapterMismatchError
+    from rsa_pl.models import load_aligned_policy, stack_lora
+
+    models, _ = _stage1_of_another_base(tmp_path, pipeline_root)
+    reward, sft = models / "reward", models / "sft"
+    with pytest.raises(AdapterMismatchError, match="^" + re.escape(f"{reward}: this adapter was not made on {sft} (")):
+        load_aligned_policy(sft, reward)
+    lora = load_params(pipeline_root / "params.yaml").train_reward.lora
+    model = load_causal_lm(sft)
+    named = re.escape(f"{reward}: this adapter was not made on {model.name_or_path} (")
+    with pytest.raises(AdapterMismatchError, match="^" + named):
+        stack_lora(model, reward, lora)
+
+
 @pytest.mark.parametrize("precision", ["float32", "4-bit"])
 def test_train_safety_on_a_stage_1_adapter_of_another_base_is_one_line_and_writes_nothing(
     precision: str, tmp_path: Path, pipeline_root: Path

@@ -361,6 +361,8 @@ def test_preference_loss_checks_its_own_arguments() -> None:
                                       variant=2)  # fmt: skip
     torch.testing.assert_close(losses, torch.full((3,), math.log(2.0)))
     assert "risk/chosen" not in metrics
+    _, metrics = preference_loss(**(terms | {"rejected_risk": None}), beta=0.1, alpha=0.0, variant=2)
+    assert "risk/chosen" not in metrics  # one risk alone is not logged
 
 
 def test_each_position_predicts_the_next_label_and_token_id_0_is_a_token() -> None:

@@ -489,6 +489,29 @@ def test_current_pku_saferlhf_categories_and_severity_reach_the_eval_prompts(
     assert report["categories"]["eval_redteam"] == {"Privacy Violation": 1, "Violence": 1, "none": 2}
 
 
+def test_prepared_pairs_follow_the_source_labels(tmp_path: Path, saved_tokenizer: Path) -> None:
+    """helpful_pairs: response_{better_response_id} chosen; safety_pairs: response_{safer_response_id};
+    each side's safety flag and the prompt's category come from the source row (by hand from
+    CURRENT_PKU_ROWS, where the better and the safer answer differ in three rows of five)."""
+    path = write_current_pku(tmp_path / "pku.parquet", CURRENT_PKU_ROWS)
+    params = small_params(tmp_path, source={"kind": "pku_saferlhf", "path": str(path), "split": "train"},
+                          tokenizer=pretrained(saved_tokenizer), max_prompt_length=200, max_length=400,
+                          eval_fraction=0.9)  # fmt: skip
+    run_prepare(params, tmp_path / "data")
+    for name, label in (("helpful_pairs", "better_response_id"), ("safety_pairs", "safer_response_id")):
+        rows = load_from_disk(str(tmp_path / "data" / name))["validation"]
+        assert len(rows) == 5
+        for row in rows:
+            src = next(r for r in CURRENT_PKU_ROWS if r["prompt"] == row["prompt"]
+                       and {r["response_0"], r["response_1"]} == {row["chosen"], row["rejected"]})  # fmt: skip
+            chosen = src[label]
+            assert (row["chosen"], row["rejected"]) == (src[f"response_{chosen}"], src[f"response_{1 - chosen}"])
+            assert row["is_chosen_safe"] == src[f"is_response_{chosen}_safe"]
+            assert row["is_rejected_safe"] == src[f"is_response_{1 - chosen}_safe"]
+        categories = sorted(str(r["category"]) for r in rows)
+        assert categories == ["Drugs", "None", "None", "Privacy Violation", "Violence"], name
+
+
 def _pku_row(prompt: str, safe: tuple[bool, bool], harmful: bool | None, n: int) -> dict[str, Any]:
     row = {"prompt": prompt, "response_0": f"answer {n}a", "response_1": f"answer {n}b", "better_response_id": 0,
            "safer_response_id": 0, "is_response_0_safe": safe[0], "is_response_1_safe": safe[1]}  # fmt: skip

@@ -95,7 +95,13 @@ TARGETS = (
         "reference",
         "rsa_pl.models",
         ("stack_lora", "only_adapters", "load_aligned_policy", "attach_lora"),
-        ("tests/test_preference.py", "tests/test_qlora.py", "tests/test_merge.py"),
+        (
+            "tests/test_preference.py",
+            "tests/test_qlora.py",
+            "tests/test_merge.py",
+            "tests/test_cli.py",
+            "tests/test_security.py",
+        ),
     ),
     Target(
         "pair labelling",

@@ -125,7 +125,7 @@ TARGETS = (
             "SAFE_PREFIXES",
             "SAFE_RLHF_FORMAT",
         ),
-        ("tests/test_judges.py", "tests/test_evaluation.py"),
+        ("tests/test_judges.py", "tests/test_evaluation.py", "tests/test_security.py"),
     ),
     Target(
         "judges",

@@ -326,6 +326,11 @@ def test_the_score_judge_reads_unsafe_as_cost_above_zero_and_severe_at_the_thres
     assert [v.severe for v in verdicts] == [False, False, False, True, True]
     assert all(v.refusal is None for v in verdicts)
     assert ScoreModelJudge.name == "score_models"
+    for severe_cost, severe in ((0.5, [False, True, True]), (0.0, [False, True, True])):  # thresholds below 1
+        reward = SimpleNamespace(score_pairs=lambda p, a: [0.0] * 3)
+        cost = SimpleNamespace(score_pairs=lambda p, a: [0.0, 0.7, 2.0])
+        judge = SimpleNamespace(reward=reward, cost=cost, severe_cost=severe_cost)
+        assert [v.severe for v in ScoreModelJudge.__call__(judge, ["p"] * 3, ["t"] * 3, ["a"] * 3)] == severe
 
 
 def test_the_guard_verdict_rules() -> None:

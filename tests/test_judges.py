@@ -294,6 +294,17 @@ def test_a_safe_rlhf_checkpoint_is_known_by_its_architecture_or_its_score_dim(tm
     assert scorer.text("rob the bank", "no") == "BEGINNING OF CONVERSATION: USER: rob the bank ASSISTANT:no"
 
 
+def test_a_safe_rlhf_head_with_more_than_one_output_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = safe_rlhf_score_model(tmp_path / "cost")[0]
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["score_head.weight"], weights["score_head.bias"] = torch.randn(2, 16), torch.randn(2)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(JudgeError, match=r"^evaluate\.cost_model: .*: the score head has 2 outputs; a judge needs 1$"):
+        ScoreModel(folder, role="cost")
+
+
 def test_a_score_model_scores_in_eval_mode_in_the_placement_dtype(tmp_path: Path) -> None:
     """With dropout in the checkpoint the scores are still the eval-mode ones, the same on every
     call; a bfloat16 placement casts every weight, the Safe-RLHF head included."""

@@ -143,7 +143,7 @@ def sequence_terms_chunked(
     gradients, with no full (N, T, V) float32 copy held and a closed-form backward.
 
     Arguments as sequence_terms, plus chunk_size: positions per block (default: as many as
-    fit 2**21 logits).
+    fit 2**18 logits on a CPU, 2**24 on a GPU).
     """
     positions = _response_positions(policy_logits, ref_logits, labels, loss_mask, measure, mu)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):

@@ -123,10 +123,88 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384, "vocab": 2048},
     "v32k": {"hidden_size": 256, "num_layers": 2, "num_heads": 4, "intermediate_size": 768, "vocab": 32000},
 }
+# Real models' geometries (their config.json), randomly initialised: nothing is downloaded. Each is
+# built from its own transformers config class (grouped-query attention, tied embeddings, Qwen2's
+# q/k/v biases) and run at the layer counts of --layers (trimmed: 30 layers of a step take minutes
+# on 2 cores); the table then fits step time and memory as a + b x layers per method and
+# extrapolates them, and their ratios, to the full depth.
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "smollm2": {  # HuggingFaceTB/SmolLM2-135M
+        "label": "SmolLM2-135M",
+        "class": "LlamaConfig",
+        "hidden_size": 576,
+        "num_layers": 30,
+        "num_heads": 9,
+        "num_kv_heads": 3,
+        "intermediate_size": 1536,
+        "vocab": 49152,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "qwen05": {  # Qwen/Qwen2.5-0.5B
+        "label": "Qwen2.5-0.5B",
+        "class": "Qwen2Config",
+        "hidden_size": 896,
+        "num_layers": 24,
+        "num_heads": 14,
+        "num_kv_heads": 2,
+        "intermediate_size": 4864,
+        "vocab": 151936,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+}
 # glibc hands large freed blocks (above its mmap threshold, at most 32 MiB) back to the kernel, so
 # every new (rows, V) temporary page-faults again; these keep them in the heap (--keep-heap).
 KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2; word t<i> is id i for i >= 3
+
+
+def _geometry(size: str) -> tuple[dict[str, Any], int] | None:
+    """(GEOMETRIES entry, layers) of a size written name@layers, else None (a SIZES entry)."""
+    if "@" not in size:
+        return None
+    name, layers = size.split("@")
+    return GEOMETRIES[name], int(layers)
+
+
+def _vocab(size: str) -> int:
+    geometry = _geometry(size)
+    return geometry[0]["vocab"] if geometry else SIZES[size]["vocab"]
+
+
+def _label(size: str) -> str:
+    geometry = _geometry(size)
+    if geometry:
+        g, layers = geometry
+        return f"{g['label']} (h {g['hidden_size']}, {layers} of {g['num_layers']} layers, V {g['vocab']})"
+    shape = SIZES[size]
+    return f"{size} (h {shape['hidden_size']}, {shape['num_layers']} layers, V {shape['vocab']})"
+
+
+def _geometry_model(size: str, tokenizer):
+    """A randomly initialised model of a real geometry, trimmed to its layer count, in float32."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    g, layers = _geometry(size)
+    config = getattr(transformers, g["class"])(
+        vocab_size=g["vocab"],
+        hidden_size=g["hidden_size"],
+        num_hidden_layers=layers,
+        num_attention_heads=g["num_heads"],
+        num_key_value_heads=g["num_kv_heads"],
+        intermediate_size=g["intermediate_size"],
+        max_position_embeddings=4096,
+        rope_theta=g["rope_theta"],
+        rms_norm_eps=g["rms_norm_eps"],
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def _rss_mib() -> float:
@@ -184,16 +262,18 @@ def _section_and_model(method: str, size: str, pairs: int, seq: int, tokenizer):
     overrides = METHODS[method] if METHODS[method] is not None else METHODS["dpo"]  # TRL: the dpo section
     raw["train_reward"].update(overrides)
     raw["train_reward"]["train"]["batch_size"] = pairs
-    shape = {k: v for k, v in SIZES[size].items() if k != "vocab"}
-    max_positions = max(seq, raw["sft"]["model"]["max_positions"])
-    raw["sft"]["model"].update(kind="scratch", architecture="llama", max_positions=max_positions, **shape)
+    if _geometry(size) is None:
+        shape = {k: v for k, v in SIZES[size].items() if k != "vocab"}
+        max_positions = max(seq, raw["sft"]["model"]["max_positions"])
+        raw["sft"]["model"].update(kind="scratch", architecture="llama", max_positions=max_positions, **shape)
     params = parse_params(raw, "params.yaml + bench overrides")
     section = params.train_reward
     assert section.lora is not None, "bench: a LoRA stage 1"
     assert section.quantization is None, "bench: a full-precision stage 1"
     torch.manual_seed(0)
-    model = build_scratch_model(params.sft.model, tokenizer)
-    return section, model
+    if _geometry(size) is not None:
+        return section, _geometry_model(size, tokenizer)
+    return section, build_scratch_model(params.sft.model, tokenizer)
 
 
 def _optimizer(model, train):
@@ -221,7 +301,7 @@ def _rsa_step(method: str, size: str, data: list[dict], seq: int):
     from rsa_pl.models import attach_lora
     from rsa_pl.modules import PreferenceModule
 
-    tokenizer = _tokenizer(SIZES[size]["vocab"])
+    tokenizer = _tokenizer(_vocab(size))
     section, model = _section_and_model(method, size, len(data), seq, tokenizer)
     set_seed(section.train.seed)  # as DPOTrainer does right before wrapping: the same LoRA init
     policy = attach_lora(model, section.lora)  # rsa_pl.pipeline.preference.policy_and_reference, LoRA stage 1
@@ -258,7 +338,7 @@ def _trl_step(size: str, data: list[dict], seq: int, workdir: str):
 
     from rsa_pl.models import lora_config
 
-    tokenizer = _tokenizer(SIZES[size]["vocab"])
+    tokenizer = _tokenizer(_vocab(size))
     section, model = _section_and_model("trl-dpo", size, len(data), seq, tokenizer)
     train = section.train
 
@@ -333,7 +413,7 @@ def _build(method: str, size: str, pairs: int, prompt_len: int, response_len: in
     _quiet()
     if threads > 0:
         torch.set_num_threads(threads)
-    data = _pairs(pairs, prompt_len, response_len, SIZES[size]["vocab"])
+    data = _pairs(pairs, prompt_len, response_len, _vocab(size))
     seq = prompt_len + response_len
     if METHODS[method] is None:
         return _trl_step(size, data, seq, workdir)
@@ -424,6 +504,78 @@ def _loss_agreement(runs: dict[str, dict[str, list[dict]]]) -> dict[str, float]:
     return out
 
 
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares a + b x layers through (layers, value) points: (a, b)."""
+    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def _depth(summary: dict) -> dict[str, dict[str, dict]]:
+    """Per real geometry and method: step time and peak memory fitted as a + b x layers over the
+    layer counts run, and extrapolated to the geometry's full depth, with ratios to dpo and TRL."""
+    out: dict[str, dict[str, dict]] = {}
+    names = sorted({size.split("@")[0] for size in summary if "@" in size})
+    for name in names:
+        runs = {int(size.split("@")[1]): by for size, by in summary.items() if size.split("@")[0] == name}
+        if len(runs) < 2:
+            continue
+        full = GEOMETRIES[name]["num_layers"]
+        fits = {}
+        for method in next(iter(runs.values())):
+            time_a, time_b = _fit([(n, by[method]["time_s"]) for n, by in runs.items()])
+            mem_a, mem_b = _fit([(n, by[method]["peak_mib"]) for n, by in runs.items()])
+            fits[method] = {
+                "layers": sorted(runs),
+                "full_layers": full,
+                "time_head_s": time_a,
+                "time_per_layer_s": time_b,
+                "time_full_s": time_a + time_b * full,
+                "peak_head_mib": mem_a,
+                "peak_per_layer_mib": mem_b,
+                "peak_full_mib": mem_a + mem_b * full,
+            }
+        for values in fits.values():
+            for base in ("dpo", BASELINE):
+                if base in fits:
+                    values[f"time_full_x_{base}"] = values["time_full_s"] / fits[base]["time_full_s"]
+                    values[f"peak_full_x_{base}"] = values["peak_full_mib"] / fits[base]["peak_full_mib"]
+        out[name] = fits
+    return out
+
+
+def _depth_table(depth: dict) -> list[str]:
+    if not depth:
+        return []
+    lines = [
+        "",
+        "Real geometries at full depth: each method's step time and peak memory fitted as a + b x layers "
+        "over the layer counts run (a: embeddings, LM head, loss and optimizer; b: one decoder layer), "
+        "then a + b x (the model's layers). An extrapolation: attention and MLP cost grow linearly in "
+        "depth at a fixed sequence length, the head and the loss do not.",
+        "",
+        "| geometry | method | a: head + loss (s) | b: per layer (s) | full-depth step (s) | x dpo | x TRL "
+        "| a (MiB) | b (MiB) | full-depth peak (MiB) | x dpo | x TRL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def ratio(values: dict, key: str) -> str:
+        return f"{values[key]:.2f}" if key in values else "-"
+
+    for name, fits in depth.items():
+        g = GEOMETRIES[name]
+        label = f"{g['label']} ({g['num_layers']} layers, fit over {fits[next(iter(fits))]['layers']})"
+        for method, v in fits.items():
+            lines.append(
+                f"| {label} | {method} | {v['time_head_s']:.3f} | {v['time_per_layer_s']:.3f} | {v['time_full_s']:.2f} "
+                f"| {ratio(v, 'time_full_x_dpo')} | {ratio(v, 'time_full_x_' + BASELINE)} | {v['peak_head_mib']:.0f} "
+                f"| {v['peak_per_layer_mib']:.0f} | {v['peak_full_mib']:.0f} | {ratio(v, 'peak_full_x_dpo')} "
+                f"| {ratio(v, 'peak_full_x_' + BASELINE)} |"
+            )
+    return lines
+
+
 def _table(summary: dict, meta: dict) -> str:
     lines = [
         f"One full training step (policy forward + backward, reference forward, loss, clip, AdamW): B = "
@@ -437,26 +589,32 @@ def _table(summary: dict, meta: dict) -> str:
         f"{meta['loadavg_1min_start_end'][1]:.1f} at the end (a shared machine)"
         + ("; glibc keeping freed memory (--keep-heap)." if meta["keep_heap"] else "."),
         "",
-        "| size | method | median step (s) | tokens/s | peak (MiB) | time x TRL | memory x TRL |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| size | method | median step (s) | tokens/s | peak (MiB) | time x dpo | memory x dpo | time x TRL "
+        "| memory x TRL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, by_method in summary.items():
-        shape = SIZES[size]
-        label = f"{size} (h {shape['hidden_size']}, {shape['num_layers']} layers, V {shape['vocab']})"
+        label = _label(size)
+        dpo = by_method.get("dpo")
         for method, v in by_method.items():
             ratio_t = f"{v['time_ratio']:.2f}" if v["time_ratio"] is not None else "-"
             ratio_m = f"{v['memory_ratio']:.2f}" if v["memory_ratio"] is not None else "-"
+            dpo_t = f"{v['time_s'] / dpo['time_s']:.2f}" if dpo else "-"
+            dpo_m = f"{v['peak_mib'] / dpo['peak_mib']:.2f}" if dpo and dpo["peak_mib"] > 0 else "-"
             lines.append(
                 f"| {label} | {method} | {v['time_s']:.3f} | {v['tokens_per_s']:.0f} | {v['peak_mib']:.0f} "
-                f"| {ratio_t} | {ratio_m} |"
+                f"| {dpo_t} | {dpo_m} | {ratio_t} | {ratio_m} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _depth_table(meta.get("depth", {})))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="child processes per method and size, alternating")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=[*SIZES, *GEOMETRIES])
+    parser.add_argument(
+        "--layers", nargs="+", type=int, default=[1, 2], help="layer counts each real geometry (--sizes) runs at"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -482,7 +640,7 @@ def main() -> None:
         print(json.dumps(child(method, size, *shape, args.steps, args.warmup, args.threads)))
         return
     if args.profile:
-        for size in args.sizes:
+        for size in [f"{s}@{args.layers[0]}" if s in GEOMETRIES else s for s in args.sizes]:
             for method in args.methods:
                 print(f"== {method}, {size}, B {args.batch}, T {args.prompt_len} + {args.response_len}")
                 print(profile(method, size, *shape, args.threads, args.profile_rows))
@@ -490,13 +648,14 @@ def main() -> None:
 
     flags = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)]
     flags += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    runs: dict[str, dict[str, list[dict]]] = {size: {m: [] for m in args.methods} for size in args.sizes}
+    sizes = [s for size in args.sizes for s in ([f"{size}@{n}" for n in args.layers] if size in GEOMETRIES else [size])]
+    runs: dict[str, dict[str, list[dict]]] = {size: {m: [] for m in args.methods} for size in sizes}
     load_start = os.getloadavg()[0]
     env = {**os.environ, **(KEEP_HEAP if args.keep_heap else {})}
     for round_index in range(args.rounds):
         shift = round_index % len(args.methods)
         order = args.methods[shift:] + args.methods[:shift]
-        for size in args.sizes:
+        for size in sizes:
             for method in order:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", method, size, *flags],
@@ -534,7 +693,8 @@ def main() -> None:
         "pairs": args.batch,
         "prompt_len": args.prompt_len,
         "response_len": args.response_len,
-        "sizes": {size: SIZES[size] for size in args.sizes},
+        "sizes": {size: SIZES[size] if size in SIZES else GEOMETRIES[size] for size in args.sizes},
+        "layers": args.layers,
         "lora_r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_targets": list(lora.target_modules),
@@ -552,6 +712,7 @@ def main() -> None:
         "keep_heap": KEEP_HEAP if args.keep_heap else None,
         "first_step_loss_expected": math.log(2),
         "dpo_vs_trl_max_loss_diff": _loss_agreement(runs),
+        "depth": _depth(summary),
     }
     table = _table(summary, meta)
     write_report(args.out, {"meta": meta, "runs": runs, "summary": summary}, table)

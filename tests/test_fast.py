@@ -207,3 +207,34 @@ def test_fast_value_and_weights_are_the_plain_ones(measure: str, kind: str, voca
         torch.testing.assert_close(
             FAST_WEIGHTS[measure](d, mu, threshold), spec.weights(d, mu, threshold), rtol=1e-12, atol=1e-15
         )
+
+
+def test_the_exp2_log_normaliser_is_torchs_logsumexp() -> None:
+    """The chunked terms' log-sum-exp (exp2 form) equals torch.logsumexp to float noise, on wide
+    rows of both signs and scales, and gives torch's answer on the edge rows: all -inf (-inf),
+    a +inf entry (+inf), a NaN (NaN), one finite entry among -inf (that entry)."""
+    from rsa_pl.fast.chunked import _logsumexp
+
+    generator = torch.Generator().manual_seed(3)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 2e-6)):
+        scales = torch.tensor([[0.1], [1], [5], [30], [80], [300]], dtype=torch.float64)
+        x = (torch.randn(6, 5000, generator=generator, dtype=torch.float64) * scales - 40).to(dtype)
+        torch.testing.assert_close(_logsumexp(x), torch.logsumexp(x, -1), rtol=tol, atol=0)
+    edge = torch.tensor([[-math.inf] * 3, [0.0, math.inf, 1.0], [0.0, math.nan, 1.0], [-math.inf, 2.5, -math.inf]])
+    torch.testing.assert_close(_logsumexp(edge), torch.logsumexp(edge, -1), equal_nan=True, rtol=0, atol=0)
+    x = torch.randn(3, 50, dtype=torch.float64, requires_grad=True)  # the gradient is the softmax
+    (grad,) = torch.autograd.grad((_logsumexp(x) * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum(), x)
+    want = torch.softmax(x.detach(), -1) * torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-15)
+
+
+def test_blocks_are_runs_of_rows_cut_at_the_chunk_size() -> None:
+    """Blocks never span a gap between response rows (each is a view of consecutive rows) and
+    hold at most chunk_size rows; together they cover every position once, in order."""
+    from rsa_pl.fast.chunked import _blocks
+
+    positions = torch.tensor([2, 3, 4, 5, 6, 9, 10, 12, 13, 14])
+    assert _blocks(positions, 3) == [(0, 2, 3), (3, 5, 2), (5, 9, 2), (7, 12, 3)]
+    assert _blocks(positions, 100) == [(0, 2, 5), (5, 9, 2), (7, 12, 3)]
+    assert _blocks(positions, 1) == [(i, int(row), 1) for i, row in enumerate(positions)]
+    assert _blocks(positions[:0], 4) == []

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsa_pl.fast.chunked import chunked_sequence_terms
+from rsa_pl.fast.chunked import ReferenceHead, chunked_sequence_terms
 from rsa_pl.risk import RISK_MEASURES, check_mu, drift_from_logits
 
 __all__ = [
@@ -54,12 +54,30 @@ def _check_measure(measure: str | None, mu: float) -> None:
 
 
 def _response_positions(
-    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, loss_mask: Tensor, measure: str | None, mu: float
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    measure: str | None,
+    mu: float,
+    ref_head: ReferenceHead | None = None,
 ) -> Tensor:
     """Checks the inputs of sequence_terms; returns the flat indices (P,) of response positions."""
     if policy_logits.dim() != 3:
         raise ValueError(f"policy_logits: must have shape (N, T, V), got {tuple(policy_logits.shape)}")
-    if ref_logits.shape != policy_logits.shape:
+    if ref_head is not None:
+        n, t, v = policy_logits.shape
+        weight = tuple(ref_head.weight.shape)
+        if len(weight) != 2 or weight[0] != v:
+            raise ValueError(f"ref_head: weight must have shape (V, H) with V = {v}, got {weight}")
+        if ref_logits.shape != (n, t, weight[1]):
+            raise ValueError(
+                f"ref_logits: with ref_head, the reference's hidden states of shape {(n, t, weight[1])}, "
+                f"got {tuple(ref_logits.shape)}"
+            )
+        if ref_logits.requires_grad or ref_head.weight.requires_grad:
+            raise ValueError("ref_head: the reference's hidden states and head take no gradient")
+    elif ref_logits.shape != policy_logits.shape:
         raise ValueError(
             f"ref_logits: must have the shape of policy_logits {tuple(policy_logits.shape)}, "
             f"got {tuple(ref_logits.shape)}"
@@ -138,18 +156,23 @@ def sequence_terms_chunked(
     measure: str | None,
     mu: float,
     chunk_size: int | None = None,
+    ref_head: ReferenceHead | None = None,
+    consume_logits: bool = False,
 ) -> SequenceTerms:
     """sequence_terms computed block by block (rsa_pl.fast.chunked): the same values and
     gradients, with no full (N, T, V) float32 copy held and a closed-form backward.
 
     Arguments as sequence_terms, plus chunk_size: positions per block (default: as many as
-    fit 2**18 logits on a CPU, 2**24 on a GPU).
+    fit 2**18 logits on a CPU, 2**24 on a GPU); ref_head: ref_logits are the reference's last
+    hidden states (N, T, H) and its logits are computed block by block with this head (never
+    held whole); consume_logits: the backward overwrites policy_logits with their gradient
+    (one (N, T, V) buffer less; the caller must not read them after backward).
     """
-    positions = _response_positions(policy_logits, ref_logits, labels, loss_mask, measure, mu)
+    positions = _response_positions(policy_logits, ref_logits, labels, loss_mask, measure, mu, ref_head)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     policy_logps, ref_logps, risk = chunked_sequence_terms(
-        policy_logits, ref_logits, labels, positions, measure, mu, chunk_size
+        policy_logits, ref_logits, labels, positions, measure, mu, chunk_size, ref_head, consume_logits
     )
     return SequenceTerms(policy_logps, ref_logps, risk if measure is not None else None)
 
@@ -247,6 +270,8 @@ def preference_loss_from_logits(
     measure: str | None,
     mu: float,
     chunk_size: int | None = None,
+    ref_head: ReferenceHead | None = None,
+    consume_logits: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The preference loss of a concatenated [chosen; rejected] batch, from logits.
 
@@ -258,7 +283,8 @@ def preference_loss_from_logits(
         labels: (2B, T) token ids. loss_mask: (2B, T) bool, True at response positions.
         beta, alpha, variant: as preference_loss.
         measure, mu: the risk measure of D; measure may be None only when alpha = 0.
-        chunk_size: positions per block (see sequence_terms_chunked).
+        chunk_size, ref_head, consume_logits: see sequence_terms_chunked (ref_logits are then
+            the reference's hidden states).
 
     Returns:
         Per-pair losses (B,) and detached per-pair metrics, as preference_loss.
@@ -271,7 +297,15 @@ def preference_loss_from_logits(
             f"policy_logits: must be a [chosen; rejected] batch of shape (2B, T, V), got {tuple(policy_logits.shape)}"
         )
     terms = sequence_terms_chunked(
-        policy_logits, ref_logits, labels, loss_mask, measure=measure, mu=mu, chunk_size=chunk_size
+        policy_logits,
+        ref_logits,
+        labels,
+        loss_mask,
+        measure=measure,
+        mu=mu,
+        chunk_size=chunk_size,
+        ref_head=ref_head,
+        consume_logits=consume_logits,
     )
     policy_chosen, policy_rejected = terms.policy_logps.chunk(2)
     ref_chosen, ref_rejected = terms.ref_logps.chunk(2)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -28,6 +30,7 @@ from transformers import PreTrainedModel
 
 from rsa_pl.config import TrainParams
 from rsa_pl.data.tokenize import IGNORE_INDEX
+from rsa_pl.fast.chunked import ReferenceHead
 from rsa_pl.losses import preference_loss, preference_loss_from_logits
 from rsa_pl.models import only_adapters
 
@@ -48,6 +51,44 @@ def logits_window(labels: Tensor) -> int:
     time and of the logits' memory. labels (N, T) -> K in [1, T]; all of T when none is labelled."""
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()  # columns t with a target at t + 1
     return labels.shape[1] - int(labelled[0]) if labelled.numel() else labels.shape[1]
+
+
+# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping or scaling
+# after the head (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's
+# logits_scaling would be skipped), so the reference's logits can be recomputed from its hidden
+# states block by block. Others keep the plain path (the reference's whole logits).
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "phi3", "olmo", "olmo2"}
+)
+
+
+def plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when its logits are exactly head(last hidden state) and the head is a
+    plain, frozen torch Linear (not a LoRA-wrapped, 4-bit or trainable one); else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None
+    return head
+
+
+@contextmanager
+def _without_head(model: torch.nn.Module, head: torch.nn.Linear) -> Iterator[None]:
+    """The model's forward returns its last hidden states (at logits_to_keep) as its "logits"."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        base.set_output_embeddings(head)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -220,31 +261,54 @@ class PreferenceModule(_TrainingModule):
         self.val_means = torch.nn.ModuleDict({_key(n): _validation_mean() for n in ("loss", *names)})
 
     @torch.inference_mode()
-    def reference_logits(self, batch: dict[str, Tensor], keep: int = 0) -> Tensor:
-        """The reference's logits at the last `keep` positions (0: all), without autograd."""
+    def reference_logits(self, batch: dict[str, Tensor], keep: int = 0, head: torch.nn.Linear | None = None) -> Tensor:
+        """The reference's logits at the last `keep` positions (0: all), without autograd; with
+        `head` (its plain_head), its last hidden states there instead."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
-        if self.reference is not None:
-            self.reference.eval()
-            return self.reference(**inputs).logits
-        was_training = self.model.training
-        self.model.eval()
-        policy_off = only_adapters(self.model, self.reference_adapters) if self.reference_adapters else None
-        with policy_off or self.model.disable_adapter():
-            logits = self.model(**inputs).logits
-        self.model.train(was_training)
+        model = self.reference if self.reference is not None else self.model
+        with _without_head(model, head) if head is not None else _nothing():
+            if self.reference is not None:
+                self.reference.eval()
+                return self.reference(**inputs).logits
+            was_training = self.model.training
+            self.model.eval()
+            policy_off = only_adapters(self.model, self.reference_adapters) if self.reference_adapters else None
+            with policy_off or self.model.disable_adapter():
+                logits = self.model(**inputs).logits
+            self.model.train(was_training)
         return logits
+
+    def _reference_head(self) -> torch.nn.Linear | None:
+        """The reference's plain head when its logits may be recomputed block by block from its
+        hidden states: not under a sharded strategy (FSDP, DeepSpeed), whose parameters are only
+        whole inside the model's own forward."""
+        trainer = self._trainer
+        if trainer is not None and type(trainer.strategy).__name__ not in ("SingleDeviceStrategy", "DDPStrategy"):
+            return None
+        return plain_head(self.reference if self.reference is not None else self.model)
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-pair losses (B,) and per-pair metrics of one [chosen; rejected] batch. Both models
-        compute logits only from the earliest response position on (logits_window)."""
+        compute logits only from the earliest response position on (logits_window). With a
+        plain head (plain_head) the reference gives its hidden states, and the loss computes its
+        logits block by block: no (2B, T, V) reference logits are held; in training the
+        backward writes the gradient over the policy's logits (rsa_pl.fast.chunked)."""
         keep = logits_window(batch["labels"])
-        ref_logits = self.reference_logits(batch, keep)
+        head = self._reference_head()
+        device = batch["input_ids"].device.type
+        ref_head = None
+        if head is not None:
+            ref_head = ReferenceHead(head.weight.detach(), None if head.bias is None else head.bias.detach(),
+                                     torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # fmt: skip
+        ref_logits = self.reference_logits(batch, keep, head)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logits = self.model(**inputs, logits_to_keep=keep).logits
         labels = batch["labels"][:, -keep:]
         logits, targets, mask = next_token_targets(logits, labels)
         ref_logits, _, _ = next_token_targets(ref_logits, labels)
-        return preference_loss_from_logits(logits, ref_logits, targets, mask, **self.objective)
+        return preference_loss_from_logits(
+            logits, ref_logits, targets, mask, ref_head=ref_head, consume_logits=logits.requires_grad, **self.objective
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         losses, metrics = self.losses(batch)

@@ -15,16 +15,17 @@ tests/test_fast.py checks values and gradients equal to the plain path, ties inc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rsa_pl.fast.cvar import FAST_THRESHOLDS, FAST_VALUES, FAST_WEIGHTS
 from rsa_pl.risk import RISK_MEASURES, Drift, drift_from_logits, has_full_support
 
-__all__ = ["chunked_sequence_terms"]
+__all__ = ["ReferenceHead", "chunked_sequence_terms"]
 
 # Elements of one (positions x V) float32 block the chunked terms work on at a time (1 MiB):
 # the block's dozen temporaries then stay in a 32 MiB L3 cache and in glibc's heap (larger ones
@@ -50,6 +51,23 @@ def _logsumexp(x: Tensor) -> Tensor:
     m = x.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
     return m.squeeze(-1) + torch.exp2((x - m).mul_(_LOG2E)).sum(-1).log()
+
+
+class ReferenceHead(NamedTuple):
+    """The reference's LM head, applied block by block to its last hidden states instead of
+    holding its (N, T, V) logits: logits = F.linear(hidden, weight, bias), under the autocast
+    state the reference's forward ran in (recorded here, so that the backward's recomputation
+    gives the forward's bits). No gradient flows into it."""
+
+    weight: Tensor  # (V, H)
+    bias: Tensor | None  # (V,)
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(P, H) -> (P, V)."""
+        with torch.autocast(hidden.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            return F.linear(hidden, self.weight, self.bias)
 
 
 def _blocks(positions: Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -157,7 +175,7 @@ def _block_forward(
 
 def _block_policy_grad(
     policy_logits: Tensor,
-    ref_logits: Tensor,
+    ref_logits: Tensor | None,
     labels: Tensor,
     lse: Tensor,
     measure: str | None,
@@ -186,6 +204,7 @@ def _block_policy_grad(
     else:
         spec = RISK_MEASURES[measure]
         assert spec.weights is not None
+        assert ref_logits is not None
         d, _, _ = _block_drift(x, ref_logits.to(dtype), lse, measure, full_support)
         weights = FAST_WEIGHTS.get(measure, spec.weights)(d, mu, threshold)  # (P, V)
         grad = torch.mul(probs, (grad_risk - grad_tok).unsqueeze(-1), out=target)
@@ -226,9 +245,11 @@ class _ChunkedTerms(torch.autograd.Function):
         measure: str | None,
         mu: float,
         chunk_size: int,
+        ref_head: ReferenceHead | None,
+        consume: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, t, v = policy_logits.shape
-        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
+        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, ref_logits.shape[-1])
         labels_flat = labels.reshape(n * t)
         dtype = torch.promote_types(policy_logits.dtype, torch.float32)
         per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
@@ -236,8 +257,10 @@ class _ChunkedTerms(torch.autograd.Function):
         thresholds, ctx.full_support = [], []
         ctx.blocks = _blocks(positions, chunk_size)
         for start, row, rows in ctx.blocks:
+            rows_at = slice(row, row + rows)
+            ref_block = ref_flat[rows_at] if ref_head is None else ref_head.logits(ref_flat[rows_at])
             *terms, threshold, lse, full_support = _block_forward(
-                policy_flat[row : row + rows], ref_flat[row : row + rows], labels_flat[row : row + rows], measure, mu
+                policy_flat[rows_at], ref_block, labels_flat[rows_at], measure, mu
             )
             per_position[:, start : start + rows] = torch.stack(terms)
             normalisers[:, start : start + rows] = lse
@@ -252,7 +275,7 @@ class _ChunkedTerms(torch.autograd.Function):
         ctx.ref_logits = ref_logits if ref_logits.is_inference() else None
         saved_ref = positions.new_empty(0) if ref_logits.is_inference() else ref_logits
         ctx.save_for_backward(policy_logits, saved_ref, labels, positions, saved_thresholds, normalisers)
-        ctx.measure, ctx.mu = measure, mu
+        ctx.measure, ctx.mu, ctx.ref_head, ctx.consume = measure, mu, ref_head, consume
         policy_sum, ref_sum, risk_sum = (row.clone() for row in sums)
         return policy_sum, ref_sum, risk_sum
 
@@ -265,15 +288,23 @@ class _ChunkedTerms(torch.autograd.Function):
         # A risk that only is logged (alpha = 0) gets zero gradient: skip recomputing it.
         measure = ctx.measure if bool(grads[2].any()) else None
         n, t, v = policy_logits.shape
-        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
+        policy_flat, ref_flat = policy_logits.reshape(n * t, v), ref_logits.reshape(n * t, ref_logits.shape[-1])
         labels_flat = labels.reshape(n * t)
         sequence = positions // t
         upstream = [g[sequence] if g is not None else None for g in grads]  # each (P,)
-        # Every response row is written below; only the rows between blocks need zeros (filling
-        # the whole buffer first would be one more pass over (N T, V)).
-        grad_policy = _zero_between(torch.empty_like(policy_flat), ctx.blocks) if need_policy else None
-        grad_ref = _zero_between(torch.empty_like(ref_flat), ctx.blocks) if need_ref else None
         closed_form = not need_ref and (measure is None or RISK_MEASURES[measure].weights is not None)
+        # Every response row is written below; only the rows between blocks need zeros (filling
+        # the whole buffer first would be one more pass over (N T, V)). consume: the gradient
+        # overwrites the policy's logits, block by block after reading them (one (N T, V) buffer
+        # less at the step's peak); autograd's version counter then refuses a second backward.
+        consume = ctx.consume and closed_form and need_policy
+        buffer = policy_flat if consume else torch.empty_like(policy_flat)
+        grad_policy = _zero_between(buffer, ctx.blocks) if need_policy else None
+        grad_ref = _zero_between(torch.empty_like(ref_flat), ctx.blocks) if need_ref else None
+
+        def ref_block(rows_at: slice) -> Tensor:
+            return ref_flat[rows_at] if ctx.ref_head is None else ctx.ref_head.logits(ref_flat[rows_at])
+
         for index, (start, row, rows) in enumerate(ctx.blocks):
             stop, rows_at = start + rows, slice(row, row + rows)
             threshold = thresholds[start:stop] if ctx.has_thresholds and measure else None
@@ -286,7 +317,7 @@ class _ChunkedTerms(torch.autograd.Function):
                     out = grad_policy[rows_at]
                     block_grad = _block_policy_grad(
                         policy_flat[rows_at],
-                        ref_flat[rows_at],
+                        ref_block(rows_at) if grad_risk is not None else None,
                         labels_flat[rows_at],
                         normalisers[:, start:stop],
                         measure,
@@ -302,12 +333,14 @@ class _ChunkedTerms(torch.autograd.Function):
                 continue
             with torch.enable_grad():
                 policy_block = policy_flat[rows_at].detach().requires_grad_(need_policy)
-                ref_block = ref_flat[rows_at].detach().requires_grad_(need_ref)
-                *terms, _ = _chunk_terms(policy_block, ref_block, labels_flat[rows_at], measure, ctx.mu, threshold)
+                ref_logits_block = ref_block(rows_at).detach().requires_grad_(need_ref)
+                *terms, _ = _chunk_terms(
+                    policy_block, ref_logits_block, labels_flat[rows_at], measure, ctx.mu, threshold
+                )
                 total = sum(
                     (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
                 )
-                wrt = [x for x in (policy_block, ref_block) if x.requires_grad]
+                wrt = [x for x in (policy_block, ref_logits_block) if x.requires_grad]
                 if not torch.is_tensor(total) or not total.requires_grad:  # nothing flows: zeros
                     for buffer in (grad_policy, grad_ref):
                         if buffer is not None:
@@ -320,12 +353,8 @@ class _ChunkedTerms(torch.autograd.Function):
                 grad_ref[rows_at] = next(block_grads)
         return (
             grad_policy.view(n, t, v) if need_policy else None,
-            grad_ref.view(n, t, v) if need_ref else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            grad_ref.view(ref_logits.shape) if need_ref else None,
+            *([None] * 7),
         )
 
 
@@ -337,15 +366,30 @@ def chunked_sequence_terms(
     measure: str | None,
     mu: float,
     chunk_size: int | None = None,
+    ref_head: ReferenceHead | None = None,
+    consume: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sums over each sequence's response positions of log pi_theta(y_t), log pi_ref(y_t) and
     Phi_mu(Z_t) (zeros when measure is None), computed in blocks of chunk_size positions
     (default: as many as fit CHUNK_ELEMENTS logits on a CPU, GPU_CHUNK_ELEMENTS elsewhere).
     Inputs are trusted (rsa_pl.losses checks them). Shapes: (N, T, V), (N, T, V), (N, T),
-    positions (P,) flat indices into N * T -> three (N,) tensors, in at least float32."""
+    positions (P,) flat indices into N * T -> three (N,) tensors, in at least float32.
+
+    ref_head: ref_logits are then the reference's last hidden states (N, T, H), and each block's
+    reference logits are computed from them (again in the backward, for a risk's gradient):
+    no (N, T, V) reference logits are held. consume: the backward writes the gradient into
+    policy_logits' own memory (the caller must not read them afterwards)."""
     if chunk_size is None:
         elements = CHUNK_ELEMENTS if policy_logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS
         chunk_size = max(1, elements // max(policy_logits.shape[-1], 1))
     return _ChunkedTerms.apply(
-        policy_logits.contiguous(), ref_logits.contiguous(), labels, positions, measure, float(mu), chunk_size
+        policy_logits.contiguous(),
+        ref_logits.contiguous(),
+        labels,
+        positions,
+        measure,
+        float(mu),
+        chunk_size,
+        ref_head,
+        consume,
     )

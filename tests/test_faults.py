@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rsa_pl.modules import NonFiniteError, PreferenceModule, SFTModule
-from rsa_pl.pipeline import preference, sft
+from rsa_pl.pipeline import outputs, preference, sft
 from rsa_pl.pipeline.cli import app
 from tests import live
 from tests.helpers import ROOT, stage_params
@@ -242,6 +242,21 @@ def test_disk_full_is_one_line_and_keeps_the_previous_outputs(
     after = {f.name: f.read_bytes() for f in (models / "reward").iterdir() if f.is_file()}
     assert after == before  # the previous stage-1 output is untouched ...
     assert not list(models.glob(".reward.staging-*"))  # ... and no partial output is left beside it
+
+
+def test_processes_on_two_hosts_of_one_pid_stage_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank of a multi-node run makes a staging folder in the shared models/ and removes its
+    own when it ends: two hosts' processes of the same pid must not share one (the other rank's
+    cleanup would delete rank 0's output while it writes it)."""
+    out = tmp_path / "models" / "reward"
+    monkeypatch.setattr(outputs.socket, "gethostname", lambda: "node-a")
+    a = outputs.staging_for(out)
+    monkeypatch.setattr(outputs.socket, "gethostname", lambda: "node-b")
+    b = outputs.staging_for(out)
+    assert a != b
+    assert a.is_dir()
+    assert b.is_dir()
+    assert a.name.startswith(".reward.staging-")
 
 
 @pytest.mark.slow

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 
 def staging_for(out: Path) -> Path:
-    """An empty folder beside out to build the stage's output in; when it cannot be made, the
-    error names out (the staging folder is nothing the user named)."""
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    """An empty folder beside out to build the stage's output in, one per process (host and pid:
+    the ranks of a multi-node run share the folder, and each removes its own staging folder when
+    it ends); when it cannot be made, the error names out (the staging folder is nothing the user
+    named)."""
+    staging = out.with_name(f".{out.name}.staging-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)

@@ -118,6 +118,9 @@ class PreferenceStageParams(Section):
             problems.append(("risk", f"required for loss {self.loss}: a mapping with measure and mu"))
         if self.quantization is not None and self.lora is None:
             problems.append(("quantization", "needs lora: 4-bit weights are frozen, only adapters train (QLoRA)"))
+        if self.quantization is not None and self.train.strategy == "fsdp":
+            problems.append(("train.strategy", "fsdp cannot shard 4-bit weights (torch's FSDP flattens no integer "
+                             "tensors): use ddp with quantization, or quantization: null"))  # fmt: skip
         if self.risk is not None:
             allowed = LOSS_MEASURES[self.loss]
             if self.risk.measure not in allowed:

@@ -20,11 +20,13 @@ from dvclive.lightning import DVCLiveLogger
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from rsa_pl.config import TrainParams
 from rsa_pl.errors import UnavailableError, weights_only
+from rsa_pl.sharded import ShardedStrategy
 
 FINGERPRINT = "fingerprint.json"
 LAST = "last.ckpt"
@@ -301,10 +303,15 @@ def resolve_precision(train: TrainParams) -> str:
     return "32-true"
 
 
+def _strategy(train: TrainParams) -> str | Strategy:
+    """train.strategy as Lightning takes it; fsdp: ShardedStrategy (rsa_pl/sharded.py)."""
+    return ShardedStrategy(resolve_precision(train)) if train.strategy == "fsdp" else train.strategy
+
+
 def _trainer(train: TrainParams, log_dir: Path, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
     return L.Trainer(
         accelerator=train.accelerator,
-        strategy=train.strategy,
+        strategy=_strategy(train),
         devices=train.devices,
         num_nodes=train.num_nodes,
         precision=resolve_precision(train),

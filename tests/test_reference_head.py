@@ -175,3 +175,30 @@ def test_consuming_the_logits_gives_the_same_gradient(measure: str | None) -> No
     rows = torch.ones(24, dtype=torch.bool)
     rows[positions] = False
     assert grads[1].reshape(24, 13)[rows].abs().sum() == 0
+
+
+@pytest.mark.parametrize("measure", [None, "cvar", "cvar_radpo"])
+def test_head_groups_cut_into_blocks_give_the_logits_routes_terms(
+    measure: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reference logits computed per group of rows (here 5) and consumed in blocks of 2 give the
+    terms and policy gradient of the same logits passed whole, also where the backward
+    recomputes a block under autograd (cvar_radpo has no closed form)."""
+    from rsa_pl.fast import chunked
+
+    monkeypatch.setattr(chunked, "HEAD_GROUP_ELEMENTS", 5 * 13)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 8, 6, dtype=torch.float64), torch.randn(13, 6, dtype=torch.float64)
+    base = hidden @ weight.T + 0.5 * torch.randn(3, 8, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (3, 8))
+    positions = torch.tensor([1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 20, 21, 22])
+    head = ReferenceHead(weight, None, False, torch.bfloat16)
+    results = []
+    for ref, ref_head in ((hidden @ weight.T, None), (hidden, head)):
+        policy = base.clone().requires_grad_(True)
+        terms = chunked_sequence_terms(policy, ref, labels, positions, measure, 0.7, 2, ref_head, False)
+        (terms[0] * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum().add(terms[2].sum()).backward()
+        results.append((terms, policy.grad))
+    for got, want in zip(results[1][0], results[0][0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)

@@ -83,6 +83,9 @@ def generate_ids(
                 eos_token_id=eos,
                 pad_token_id=pad,
                 num_return_sequences=samples_per_prompt,
+                # one process generates; a model trained under fsdp (its modules still marked as
+                # FSDP-managed) would otherwise wait at each token for ranks that have returned
+                synced_gpus=False,
                 **({"do_sample": False} if not temperature else sampling),
             )
         made = [row[: row.index(eos) + 1] if eos in row else row for row in tokens[:, longest:].tolist()]

@@ -36,6 +36,17 @@ __all__ = ["ReferenceHead", "chunked_sequence_terms"]
 # 2**24 elements there (64 MiB in float32, ~100 rows of a 152k vocabulary).
 CHUNK_ELEMENTS = 1 << 18
 GPU_CHUNK_ELEMENTS = 1 << 24
+# With a ReferenceHead, the reference's logits are computed for groups of rows of about this many
+# elements (32 MiB in float32), then cut into blocks: the head's (V, H) weight is read once a
+# group. One row at a time (a block at V = 152k) made it a matrix-vector product that read the
+# 545 MB weight of Qwen2.5-0.5B for every position: the step took 3-6x as long.
+HEAD_GROUP_ELEMENTS = 1 << 23
+
+
+def _split(group: tuple[int, int, int], chunk_size: int) -> list[tuple[int, int, int]]:
+    """A group of consecutive rows (as _blocks gives it) cut into blocks of at most chunk_size."""
+    start, row, rows = group
+    return [(start + k, row + k, min(chunk_size, rows - k)) for k in range(0, rows, chunk_size)]
 
 
 _LOG2E = 1.4426950408889634
@@ -255,17 +266,22 @@ class _ChunkedTerms(torch.autograd.Function):
         per_position = torch.zeros(3, positions.numel(), dtype=dtype, device=policy_logits.device)
         normalisers = torch.zeros(2, positions.numel(), dtype=dtype, device=policy_logits.device)
         thresholds, ctx.full_support = [], []
-        ctx.blocks = _blocks(positions, chunk_size)
-        for start, row, rows in ctx.blocks:
-            rows_at = slice(row, row + rows)
-            ref_block = ref_flat[rows_at] if ref_head is None else ref_head.logits(ref_flat[rows_at])
-            *terms, threshold, lse, full_support = _block_forward(
-                policy_flat[rows_at], ref_block, labels_flat[rows_at], measure, mu
-            )
-            per_position[:, start : start + rows] = torch.stack(terms)
-            normalisers[:, start : start + rows] = lse
-            thresholds.append(threshold)
-            ctx.full_support.append(full_support)  # the backward need not check again
+        group_rows = chunk_size if ref_head is None else max(chunk_size, HEAD_GROUP_ELEMENTS // max(v, 1))
+        ctx.groups, ctx.chunk_size = _blocks(positions, group_rows), chunk_size
+        for group in ctx.groups:
+            _, first, count = group
+            ref_group = ref_flat[first : first + count]
+            if ref_head is not None:
+                ref_group = ref_head.logits(ref_group)
+            for start, row, rows in _split(group, chunk_size):
+                rows_at = slice(row, row + rows)
+                *terms, threshold, lse, full_support = _block_forward(
+                    policy_flat[rows_at], ref_group[row - first : row - first + rows], labels_flat[rows_at], measure, mu
+                )
+                per_position[:, start : start + rows] = torch.stack(terms)
+                normalisers[:, start : start + rows] = lse
+                thresholds.append(threshold)
+                ctx.full_support.append(full_support)  # the backward need not check again
         sequence = positions // t  # (P,)
         sums = per_position.new_zeros(3, n).index_add_(1, sequence, per_position)  # (3, N)
         ctx.has_thresholds = any(threshold is not None for threshold in thresholds)
@@ -299,58 +315,62 @@ class _ChunkedTerms(torch.autograd.Function):
         # less at the step's peak); autograd's version counter then refuses a second backward.
         consume = ctx.consume and closed_form and need_policy
         buffer = policy_flat if consume else torch.empty_like(policy_flat)
-        grad_policy = _zero_between(buffer, ctx.blocks) if need_policy else None
-        grad_ref = _zero_between(torch.empty_like(ref_flat), ctx.blocks) if need_ref else None
-
-        def ref_block(rows_at: slice) -> Tensor:
-            return ref_flat[rows_at] if ctx.ref_head is None else ctx.ref_head.logits(ref_flat[rows_at])
-
-        for index, (start, row, rows) in enumerate(ctx.blocks):
-            stop, rows_at = start + rows, slice(row, row + rows)
-            threshold = thresholds[start:stop] if ctx.has_thresholds and measure else None
-            if closed_form:
-                if need_policy:
-                    grad_tok = upstream[0][start:stop] if upstream[0] is not None else None
-                    grad_risk = upstream[2][start:stop] if upstream[2] is not None and measure else None
-                    if grad_tok is None:
-                        grad_tok = normalisers.new_zeros(rows)
-                    out = grad_policy[rows_at]
-                    block_grad = _block_policy_grad(
-                        policy_flat[rows_at],
-                        ref_block(rows_at) if grad_risk is not None else None,
-                        labels_flat[rows_at],
-                        normalisers[:, start:stop],
-                        measure,
-                        ctx.mu,
-                        threshold,
-                        grad_tok,
-                        grad_risk,
-                        ctx.full_support[index],
-                        out=out,
-                    )
-                    if block_grad.data_ptr() != out.data_ptr():
-                        out.copy_(block_grad)
-                continue
-            with torch.enable_grad():
-                policy_block = policy_flat[rows_at].detach().requires_grad_(need_policy)
-                ref_logits_block = ref_block(rows_at).detach().requires_grad_(need_ref)
-                *terms, _ = _chunk_terms(
-                    policy_block, ref_logits_block, labels_flat[rows_at], measure, ctx.mu, threshold
-                )
-                total = sum(
-                    (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
-                )
-                wrt = [x for x in (policy_block, ref_logits_block) if x.requires_grad]
-                if not torch.is_tensor(total) or not total.requires_grad:  # nothing flows: zeros
-                    for buffer in (grad_policy, grad_ref):
-                        if buffer is not None:
-                            buffer[rows_at] = 0
+        grad_policy = _zero_between(buffer, ctx.groups) if need_policy else None
+        grad_ref = _zero_between(torch.empty_like(ref_flat), ctx.groups) if need_ref else None
+        # The reference's logits are read by a risk's closed form and by the autograd recomputation.
+        reads_ref = not closed_form or (measure is not None and upstream[2] is not None)
+        index = 0  # the block's number, in the forward's order
+        for group in ctx.groups:
+            _, first, count = group
+            ref_group = ref_flat[first : first + count]
+            if ctx.ref_head is not None and reads_ref:
+                ref_group = ctx.ref_head.logits(ref_group)
+            for start, row, rows in _split(group, ctx.chunk_size):
+                stop, rows_at = start + rows, slice(row, row + rows)
+                ref_block = ref_group[row - first : row - first + rows]
+                threshold = thresholds[start:stop] if ctx.has_thresholds and measure else None
+                full_support, index = ctx.full_support[index], index + 1
+                if closed_form:
+                    if need_policy:
+                        grad_tok = upstream[0][start:stop] if upstream[0] is not None else None
+                        grad_risk = upstream[2][start:stop] if upstream[2] is not None and measure else None
+                        if grad_tok is None:
+                            grad_tok = normalisers.new_zeros(rows)
+                        out = grad_policy[rows_at]
+                        block_grad = _block_policy_grad(
+                            policy_flat[rows_at],
+                            ref_block,
+                            labels_flat[rows_at],
+                            normalisers[:, start:stop],
+                            measure,
+                            ctx.mu,
+                            threshold,
+                            grad_tok,
+                            grad_risk,
+                            full_support,
+                            out=out,
+                        )
+                        if block_grad.data_ptr() != out.data_ptr():
+                            out.copy_(block_grad)
                     continue
-                block_grads = iter(torch.autograd.grad(total, wrt))
-            if need_policy:
-                grad_policy[rows_at] = next(block_grads)
-            if need_ref:
-                grad_ref[rows_at] = next(block_grads)
+                with torch.enable_grad():
+                    policy_block = policy_flat[rows_at].detach().requires_grad_(need_policy)
+                    ref_block = ref_block.detach().requires_grad_(need_ref)
+                    *terms, _ = _chunk_terms(policy_block, ref_block, labels_flat[rows_at], measure, ctx.mu, threshold)
+                    total = sum(
+                        (term * g[start:stop]).sum() for term, g in zip(terms, upstream, strict=True) if g is not None
+                    )
+                    wrt = [x for x in (policy_block, ref_block) if x.requires_grad]
+                    if not torch.is_tensor(total) or not total.requires_grad:  # nothing flows: zeros
+                        for zeros in (grad_policy, grad_ref):
+                            if zeros is not None:
+                                zeros[rows_at] = 0
+                        continue
+                    block_grads = iter(torch.autograd.grad(total, wrt))
+                if need_policy:
+                    grad_policy[rows_at] = next(block_grads)
+                if need_ref:
+                    grad_ref[rows_at] = next(block_grads)
         return (
             grad_policy.view(n, t, v) if need_policy else None,
             grad_ref.view(ref_logits.shape) if need_ref else None,

@@ -46,6 +46,7 @@ from rsa_pl.modules import PreferenceModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import base_model, trusts_code
 from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
+from rsa_pl.sharded import full_weights
 from rsa_pl.training import build_trainer, fit, mark_finished, record_summary, resumable_checkpoint
 
 # stage -> (output folder in models/, the stage whose policy is the reference); the pairs
@@ -163,9 +164,11 @@ def _train(params: Params, stage: str, pairs: Path, models: Path, previous: str 
     fit(trainer, module, datamodule, resume)  # a checkpoint that carries code: one line, never run
     seconds = time.perf_counter() - started
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    with full_weights(trainer):  # fsdp: every rank gathers the sharded model onto rank 0
+        if trainer.is_global_zero:
+            _save(policy, models, previous, staging)
     if not trainer.is_global_zero:
         return None
-    _save(policy, models, previous, staging)
     tokenizer.save_pretrained(str(staging))
     skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})

@@ -36,6 +36,7 @@ from rsa_pl.modules import SFTModule
 from rsa_pl.params_file import load_params
 from rsa_pl.pipeline.artifacts import BASE_RECORD
 from rsa_pl.pipeline.outputs import flat_numbers, staging_for, swap_in, write_metrics
+from rsa_pl.sharded import full_weights
 from rsa_pl.training import build_trainer, fit, live, mark_finished, record_summary, resumable_checkpoint
 
 
@@ -136,15 +137,16 @@ def _train(
     module = SFTModule(model, train, "sft")
     fit(trainer, module, datamodule, resume)  # a checkpoint that carries code: one line, never run
     seconds = time.perf_counter() - started
-    final = trainer.validate(SFTModule(model, train, "sft"), datamodule=datamodule, verbose=False)[0]
-    if not trainer.is_global_zero:
-        return None
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     skipped = {"train/skipped_batches": module.skipped_batches} if module.skipped_batches else {}
     metrics = flat_numbers({**final, "time/train_s": seconds, "train/steps": trainer.global_step, **skipped})
-    if params.prepare.source.kind == "embedded":
-        metrics |= _sample_quality(params, model, tokenizer, data)
+    with full_weights(trainer):  # fsdp: every rank gathers the sharded model onto rank 0
+        if not trainer.is_global_zero:
+            return None
+        model.save_pretrained(str(staging), safe_serialization=True)
+        if params.prepare.source.kind == "embedded":
+            metrics |= _sample_quality(params, model, tokenizer, data)
+    tokenizer.save_pretrained(str(staging))
     write_metrics(staging, metrics)
     record_summary(trainer, metrics)
     mark_finished(checkpoints)

@@ -266,11 +266,19 @@ def build_trainer(
     """A Trainer configured entirely by the stage's train params (`where`: their params path,
     for errors: a strategy or device this machine cannot run is one line naming the key),
     logging through dvclive into live_dir (default: checkpoint_dir/live; see Curves)."""
-    if train.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise UnavailableError(
-            f"{where}.strategy: {train.strategy} needs DeepSpeed, which is not installed "
-            "(pip install deepspeed, on a CUDA machine); or use ddp / fsdp"
-        )
+    if train.strategy.startswith("deepspeed"):
+        # Lightning's DeepSpeedStrategy refuses a CPUAccelerator, but only once fit starts (the
+        # model loaded): "The DeepSpeed strategy is only supported on CUDA GPUs"
+        if train.accelerator == "cpu" or (train.accelerator == "auto" and not torch.cuda.is_available()):
+            raise UnavailableError(
+                f"{where}.strategy: {train.strategy} needs CUDA GPUs (Lightning runs DeepSpeed on "
+                f"CUDA only), and {where}.accelerator is {train.accelerator} on this machine; use ddp or fsdp"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UnavailableError(
+                f"{where}.strategy: {train.strategy} needs DeepSpeed, which is not installed "
+                "(pip install 'rsa-pl[deepspeed]'); or use ddp / fsdp"
+            )
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=str(checkpoint_dir),

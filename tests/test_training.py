@@ -24,11 +24,31 @@ def train_params(**changes: object) -> TrainParams:
     return load_params(ROOT / "params.yaml").train_reward.train.model_copy(update=changes)
 
 
-def test_deepspeed_without_deepspeed_names_the_key(tmp_path: Path) -> None:
+def test_deepspeed_without_deepspeed_names_the_key_and_the_extra(tmp_path: Path) -> None:
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
-    with pytest.raises(UnavailableError, match=r"^train_reward\.train\.strategy: deepspeed_stage_2 needs DeepSpeed"):
-        build_trainer(train_params(strategy="deepspeed_stage_2"), tmp_path, tmp_path, where="train_reward.train")
+    train = train_params(strategy="deepspeed_stage_2", accelerator="gpu")
+    with pytest.raises(UnavailableError) as refused:
+        build_trainer(train, tmp_path, tmp_path, where="train_reward.train")
+    assert str(refused.value) == (
+        "train_reward.train.strategy: deepspeed_stage_2 needs DeepSpeed, which is not installed "
+        "(pip install 'rsa-pl[deepspeed]'); or use ddp / fsdp"
+    )
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_deepspeed_on_the_cpu_names_the_key_before_anything_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accelerator: str
+) -> None:
+    """Lightning's own refusal comes only once fit starts, after the model has loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train = train_params(strategy="deepspeed_stage_3", accelerator=accelerator)
+    with pytest.raises(UnavailableError) as refused:
+        build_trainer(train, tmp_path, tmp_path, where="train_reward.train")
+    assert str(refused.value) == (
+        "train_reward.train.strategy: deepspeed_stage_3 needs CUDA GPUs (Lightning runs DeepSpeed on CUDA only), "
+        f"and train_reward.train.accelerator is {accelerator} on this machine; use ddp or fsdp"
+    )
 
 
 @pytest.mark.parametrize(

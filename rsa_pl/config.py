@@ -357,13 +357,15 @@ class TrainParams(Section):
     checkpoint_every_n_steps: PositiveInt
     """The last checkpoint is rewritten this often into the stage's checkpoint folder."""
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
-    """Lightning strategy: auto, ddp (N processes), fsdp, deepspeed_stage_2/3 (needs deepspeed)."""
+    """Lightning strategy: auto, ddp (N processes, each with the whole model), fsdp (N processes
+    sharding the model, its gradients and optimizer state; CPU or GPU; not with quantization),
+    deepspeed_stage_2/3 (CUDA GPUs only; pip install 'rsa-pl[deepspeed]'). docs/stages.md."""
     accelerator: Literal["auto", "cpu", "gpu"]
     """cpu, gpu or auto."""
     devices: PositiveInt
-    """Devices (processes under ddp) per node."""
+    """Devices (processes under ddp / fsdp) per node."""
     num_nodes: PositiveInt
-    """Nodes (multi-node DDP / FSDP)."""
+    """Nodes (multi-node ddp / fsdp: docs/cluster.md)."""
     gradient_checkpointing: bool
     """Recompute activations in backward: less memory, about 30% more time."""
     nonfinite: Literal["stop", "skip"]

@@ -513,8 +513,11 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def _depth(summary: dict) -> dict[str, dict[str, dict]]:
-    """Per real geometry and method: step time and peak memory fitted as a + b x layers over the
-    layer counts run, and extrapolated to the geometry's full depth, with ratios to dpo and TRL."""
+    """Per real geometry and method: step time and peak memory as a_method + b x layers, then at
+    the geometry's full depth, with ratios to dpo and TRL. The methods differ only after the last
+    decoder layer (head, loss): their layers run the same forward and backward on the same batch,
+    so b is one least-squares slope over every method's points (each method its own intercept).
+    Each method's own slope, which differs from b by timing noise, is kept beside it."""
     out: dict[str, dict[str, dict]] = {}
     names = sorted({size.split("@")[0] for size in summary if "@" in size})
     for name in names:
@@ -522,20 +525,26 @@ def _depth(summary: dict) -> dict[str, dict[str, dict]]:
         if len(runs) < 2:
             continue
         full = GEOMETRIES[name]["num_layers"]
+        methods = list(next(iter(runs.values())))
+        pooled = {}
+        for key in ("time_s", "peak_mib"):
+            points = {m: [(n, by[m][key]) for n, by in runs.items()] for m in methods}
+            centred = [(x - statistics.fmean(px for px, _ in ps), y - statistics.fmean(py for _, py in ps))
+                       for ps in points.values() for x, y in ps]  # fmt: skip
+            pooled[key] = sum(x * y for x, y in centred) / sum(x * x for x, _ in centred)
         fits = {}
-        for method in next(iter(runs.values())):
-            time_a, time_b = _fit([(n, by[method]["time_s"]) for n, by in runs.items()])
-            mem_a, mem_b = _fit([(n, by[method]["peak_mib"]) for n, by in runs.items()])
-            fits[method] = {
-                "layers": sorted(runs),
-                "full_layers": full,
-                "time_head_s": time_a,
-                "time_per_layer_s": time_b,
-                "time_full_s": time_a + time_b * full,
-                "peak_head_mib": mem_a,
-                "peak_per_layer_mib": mem_b,
-                "peak_full_mib": mem_a + mem_b * full,
-            }
+        for method in methods:
+            values: dict[str, Any] = {"layers": sorted(runs), "full_layers": full}
+            for key, label in (("time_s", "time"), ("peak_mib", "peak")):
+                points = [(n, by[method][key]) for n, by in runs.items()]
+                b = pooled[key]
+                a = statistics.fmean(y for _, y in points) - b * statistics.fmean(x for x, _ in points)
+                unit = "s" if label == "time" else "mib"
+                values[f"{label}_head_{unit}"] = a
+                values[f"{label}_per_layer_{unit}"] = b
+                values[f"{label}_per_layer_own_{unit}"] = _fit(points)[1]
+                values[f"{label}_full_{unit}"] = a + b * full
+            fits[method] = values
         for values in fits.values():
             for base in ("dpo", BASELINE):
                 if base in fits:
@@ -550,10 +559,12 @@ def _depth_table(depth: dict) -> list[str]:
         return []
     lines = [
         "",
-        "Real geometries at full depth: each method's step time and peak memory fitted as a + b x layers "
-        "over the layer counts run (a: embeddings, LM head, loss and optimizer; b: one decoder layer), "
-        "then a + b x (the model's layers). An extrapolation: attention and MLP cost grow linearly in "
-        "depth at a fixed sequence length, the head and the loss do not.",
+        "Real geometries at full depth: step time and peak memory fitted as a + b x layers over the "
+        "layer counts run (a: each method's embeddings, LM head, loss and optimizer; b: one decoder "
+        "layer, one least-squares slope over every method's points, as every method runs the same "
+        "layers; each method's own slope is in the JSON), then a + b x (the model's layers). An "
+        "extrapolation: attention and MLP cost grow linearly in depth at a fixed sequence length, "
+        "the head and the loss do not.",
         "",
         "| geometry | method | a: head + loss (s) | b: per layer (s) | full-depth step (s) | x dpo | x TRL "
         "| a (MiB) | b (MiB) | full-depth peak (MiB) | x dpo | x TRL |",
@@ -631,7 +642,13 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_step")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--render", action="store_true", help="rewrite --out's .md (and fits) from its .json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        saved["meta"]["depth"] = _depth(saved["summary"])
+        write_report(args.out, saved, _table(saved["summary"], saved["meta"]))
+        return
     if args.response_len < 2 or args.prompt_len < 1:
         parser.error("--prompt-len must be >= 1 and --response-len >= 2")
     shape = (args.batch, args.prompt_len, args.response_len)

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
@@ -184,9 +185,21 @@ class _TrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # One fused pass over the gradients gives both the logged norm and the finiteness check
         # (a NaN or inf anywhere makes the total non-finite): one device sync per step.
+        # Under FSDP each rank holds a shard of the gradient: the squares are summed over ranks
+        # (every rank takes part, with or without gradients), so that the logged norm is the whole
+        # gradient's and every rank takes the same non-finite decision (one stopping alone would
+        # leave the others waiting).
         grads = [w.grad for w in self.model.parameters() if w.grad is not None]
-        if grads:
-            total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]), 2.0)
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if grads or sharded:
+            norms = (
+                [n.float() for n in torch._foreach_norm(grads, 2.0)] if grads else [torch.zeros((), device=self.device)]
+            )
+            total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+            if sharded:
+                squares = total.square()
+                torch.distributed.all_reduce(squares)
+                total = squares.sqrt()
             if not torch.isfinite(total):
                 self._nonfinite("gradient", self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1)
                 for w in self.model.parameters():

@@ -112,6 +112,16 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(
         sft = safetensors_weights(pipeline_root / "models" / "sft" / "model.safetensors")
         assert any(not torch.equal(sft[name], b[name]) for name in b)
 
+    def grad_norms(live: Path) -> dict[int, float]:
+        rows = (live / "plots" / "metrics" / "train" / "grad_norm.tsv").read_text().splitlines()[1:]
+        return {int(step): float(value) for step, value in (row.split("\t") for row in rows)}
+
+    # the logged norm is the whole gradient's, not one rank's shard of it
+    one_norms, two_norms = grad_norms(one / "ckpt" / "live"), grad_norms(two / "live")
+    assert set(two_norms) & set(one_norms)
+    for step in set(two_norms) & set(one_norms):
+        assert two_norms[step] == pytest.approx(one_norms[step], rel=1e-3), step
+
 
 @pytest.mark.slow
 def test_sft_under_fsdp_exports_the_model_it_validated(tmp_path: Path, pipeline_root: Path) -> None:

@@ -35,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_check import make_batch  # noqa: E402  (benchmarks/gpu_check.py: scripts run with benchmarks/ on sys.path)
+
 from rsa_pl.config import QuantizationParams  # noqa: E402
-from rsa_pl.data.collate import PreferenceCollator  # noqa: E402
-from rsa_pl.data.tokenize import IGNORE_INDEX  # noqa: E402
 from rsa_pl.models import attach_lora, load_causal_lm, load_quantized  # noqa: E402
 from rsa_pl.modules import PreferenceModule  # noqa: E402
 from rsa_pl.params_file import load_params, parse_params  # noqa: E402
@@ -48,18 +48,6 @@ def _section(pairs: int):
     raw["train_reward"].update(loss="rsa", alpha=0.5, risk={"measure": "cvar", "mu": 0.95})
     raw["train_reward"]["train"]["batch_size"] = pairs
     return parse_params(raw, "params.yaml + profile overrides").train_reward
-
-
-def _batch(pairs: int, prompt: int, response: int, vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(pairs):
-        p = torch.randint(3, vocab, (prompt,), generator=g).tolist()
-        c, r = (torch.randint(3, vocab, (response,), generator=g).tolist() for _ in range(2))
-        masked = [IGNORE_INDEX] * prompt
-        rows.append({"chosen_input_ids": p + c, "rejected_input_ids": p + r,
-                     "chosen_labels": masked + c, "rejected_labels": masked + r})  # fmt: skip
-    return PreferenceCollator(0)(rows)
 
 
 def step_flops(config, sequences: int, seq: int, keep: int, lora_r: int) -> float:
@@ -122,7 +110,7 @@ def main() -> None:
     module = PreferenceModule(policy, section.train, section.objective(), None, None, stage="train_reward")
     trainable = [w for w in policy.parameters() if w.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=section.train.lr)
-    batch = _batch(args.pairs, args.prompt_len, args.response_len, base.config.vocab_size)
+    batch = make_batch(args.pairs, args.prompt_len, args.response_len, base.config.vocab_size, "cpu")
     module.on_fit_start()
     calls = iter(range(1 << 30))
 

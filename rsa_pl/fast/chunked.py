@@ -11,6 +11,11 @@ sort); backward writes each block's gradient with respect to the policy's logits
 
 (rsa_pl.risk's weights), or recomputes the block under autograd where no closed form applies.
 tests/test_fast.py checks values and gradients equal to the plain path, ties included.
+
+The reference may come as its last hidden states with its head (ReferenceHead): its logits are
+then computed for groups of rows when needed, in the forward and again in a risk's backward,
+and never held whole. The backward may write the gradient over the policy's logits (consume),
+saving the (N T, V) gradient buffer. tests/test_reference_head.py checks both.
 """
 
 from __future__ import annotations

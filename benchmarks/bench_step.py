@@ -113,6 +113,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "dpo": {"loss": "dpo", "alpha": 0.0, "risk": None},
     "tdpo": {"loss": "tdpo", "alpha": 0.5, "risk": {"measure": "kl", "mu": 1.0}},
     "rsa-cvar": {"loss": "rsa", "alpha": 0.5, "risk": {"measure": "cvar", "mu": 0.95}},
+    # PreferenceModule(reference_head=True): the reference's logits from its hidden states, by groups
+    "rsa-cvar-head": {"loss": "rsa", "alpha": 0.5, "risk": {"measure": "cvar", "mu": 0.95}, "reference_head": True},
     "rsa-erm": {"loss": "rsa", "alpha": 0.5, "risk": {"measure": "erm", "mu": 5.0}},
     "trl-dpo": None,
 }
@@ -260,7 +262,7 @@ def _section_and_model(method: str, size: str, pairs: int, seq: int, tokenizer):
 
     raw = load_params(ROOT / "params.yaml").model_dump()
     overrides = METHODS[method] if METHODS[method] is not None else METHODS["dpo"]  # TRL: the dpo section
-    raw["train_reward"].update(overrides)
+    raw["train_reward"].update({k: v for k, v in overrides.items() if k != "reference_head"})
     raw["train_reward"]["train"]["batch_size"] = pairs
     if _geometry(size) is None:
         shape = {k: v for k, v in SIZES[size].items() if k != "vocab"}
@@ -305,7 +307,8 @@ def _rsa_step(method: str, size: str, data: list[dict], seq: int):
     section, model = _section_and_model(method, size, len(data), seq, tokenizer)
     set_seed(section.train.seed)  # as DPOTrainer does right before wrapping: the same LoRA init
     policy = attach_lora(model, section.lora)  # rsa_pl.pipeline.preference.policy_and_reference, LoRA stage 1
-    module = PreferenceModule(policy, section.train, section.objective(), None, None, stage="train_reward")
+    head = bool(METHODS[method].get("reference_head"))
+    module = PreferenceModule(policy, section.train, section.objective(), None, None, "train_reward", head)
     optimizer, schedule = _optimizer(policy, section.train)
     rows = [{"chosen_input_ids": p["prompt"] + p["chosen"], "rejected_input_ids": p["prompt"] + p["rejected"],
              "chosen_labels": [IGNORE_INDEX] * len(p["prompt"]) + p["chosen"],

@@ -260,9 +260,11 @@ class PreferenceModule(_TrainingModule):
         reference: PreTrainedModel | None,
         reference_adapters: list[str] | None = None,
         stage: str = "train",
+        reference_head: bool = False,
     ) -> None:
         super().__init__(model, train, stage)
         self.objective, self.reference, self.reference_adapters = objective, reference, reference_adapters
+        self.use_reference_head = reference_head
         if reference is not None:
             reference.requires_grad_(False)
         # "loss" and preference_loss's metric names for this objective (risk/* only with a measure)
@@ -293,8 +295,16 @@ class PreferenceModule(_TrainingModule):
 
     def _reference_head(self) -> torch.nn.Linear | None:
         """The reference's plain head when its logits may be recomputed block by block from its
-        hidden states: not under a sharded strategy (FSDP, DeepSpeed), whose parameters are only
-        whole inside the model's own forward."""
+        hidden states: only when asked for (reference_head), and not under a sharded strategy
+        (FSDP, DeepSpeed), whose parameters are only whole inside the model's own forward.
+
+        Off by default: the block matmuls round differently from the policy's whole lm_head call,
+        so where the policy equals its reference (a fresh adapter's first step) Z is rounding
+        noise instead of exactly 0, and a CVaR's gradient there follows that noise instead of
+        being KL's (tests/test_learning.py). It halves the step's peak memory at a 152k
+        vocabulary (docs/benchmarks.md)."""
+        if not self.use_reference_head:
+            return None
         trainer = self._trainer
         if trainer is not None and type(trainer.strategy).__name__ not in ("SingleDeviceStrategy", "DDPStrategy"):
             return None

@@ -54,12 +54,12 @@ def _module(kind: str, measure: str, tie: bool) -> PreferenceModule:
             for name, weight in policy.named_parameters():
                 if "lora_B" in name:
                     weight.normal_(0, 0.3)
-        return PreferenceModule(policy, section.train, section.objective(), None)
+        return PreferenceModule(policy, section.train, section.objective(), None, reference_head=True)
     policy = copy.deepcopy(base)
     with torch.no_grad():
         for weight in policy.parameters():
             weight.add_(torch.randn_like(weight) * 0.05)
-    return PreferenceModule(policy, section.train, section.objective(), base)
+    return PreferenceModule(policy, section.train, section.objective(), base, reference_head=True)
 
 
 def _run(module: PreferenceModule, batch: dict[str, torch.Tensor]):

@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -85,11 +85,6 @@ def _without_head(model: torch.nn.Module, head: torch.nn.Linear) -> Iterator[Non
         yield
     finally:
         base.set_output_embeddings(head)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -281,7 +276,7 @@ class PreferenceModule(_TrainingModule):
         `head` (its plain_head), its last hidden states there instead."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
         model = self.reference if self.reference is not None else self.model
-        with _without_head(model, head) if head is not None else _nothing():
+        with _without_head(model, head) if head is not None else nullcontext():
             if self.reference is not None:
                 self.reference.eval()
                 return self.reference(**inputs).logits

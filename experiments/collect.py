@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.grid import SEEDS, SETTINGS
+from experiments.grid import SETTINGS
 
 EXPERIMENT_FILES = ("eval/per_category.json", "eval/plots/cost_tail.csv")
 # a merged policy's name before the rename: q then the ratio with a dot (q0.5, q0.25); q0 and q1 had none
@@ -152,7 +152,7 @@ def _cost_tail(text: str) -> dict[str, list[list[float]]]:
 
 def collect(root: Path, dvc: Callable[..., str]) -> dict[str, Any]:
     """The grid's experiments (the newest of each name, over every commit) as one dict."""
-    wanted = {s.experiment(seed): (s.name, seed) for s in SETTINGS for seed in SEEDS}
+    wanted = {s.experiment(seed): (s.name, seed) for s in SETTINGS for seed in s.seeds}
     shown = json.loads(dvc("exp", "show", "--json", "--all-commits", "--hide-queued", "--hide-failed"))
     newest: dict[str, dict] = {}
     for node in _experiment_nodes(shown):

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import render as report_module  # noqa: E402
-from experiments.grid import SEEDS, SETTINGS, queue_order  # noqa: E402
+from experiments.grid import SETTINGS, queue_order  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(highlight=False)
@@ -105,7 +105,9 @@ def start_workers(jobs: int) -> None:
 @app.command()
 def run(
     jobs: Annotated[int, typer.Option(help="Experiments run at once (the cores are split between them).")] = 2,
-    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat the option); default 0 1 2.")] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seed", help="Only these seeds (repeat the option); default each setting's.")
+    ] = None,
     only: Annotated[list[str] | None, typer.Option(help="Only these settings (grid names; repeatable).")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between queue polls.")] = 30.0,
     queue_only: Annotated[bool, typer.Option(help="Only queue (workers already running pick them up).")] = False,
@@ -125,9 +127,9 @@ def run(
     _dvc("repro", "sft", capture=False)  # a no-op when models/sft matches dvc.lock
     pending = queue_status()
     queued: list[str] = []
-    for setting, seed in queue_order(tuple(seeds or SEEDS)):  # the headline comparison first
+    for setting, seed in queue_order():  # the headline comparison first
         name = setting.experiment(seed)
-        if setting not in chosen or pending.get(name) in {"Queued", "Running"}:
+        if setting not in chosen or (seeds and seed not in seeds) or pending.get(name) in {"Queued", "Running"}:
             continue
         sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
         # --force: a finished experiment of that name is replaced by its restored self

@@ -1,19 +1,27 @@
-"""The methods of the embedded-world experiment (reports/embedded.md), each a set of params
-overrides of the one DAG in dvc.yaml, and the seeds they run with.
+"""The methods of the embedded-world tail experiment (reports/embedded.md, round 2), each a set of
+params overrides of the one DAG in dvc.yaml, and the seeds they run with.
 
-A setting is one DVC experiment per seed; it trains stage 1 and stage 2 and evaluates sft,
-reward (stage 1), safety (stage 2) and the merged policies of its merge.q. The report's methods
-are (setting, policy) pairs: DPO on helpfulness only is the stage-1 policy of the SACPO setting,
-P-SACPO q is its merged policy at q, and so on (METHODS).
+A setting is one DVC experiment per seed; it trains stage 1 and stage 2 and evaluates the
+policies it names (evaluate.policies: SFT and merged policies only where the report reads them).
+Three groups (Setting.group):
+- headline, 5 seeds: TDPO, RSA with each reading of the measure, the control (cvar mu = 1, which is
+  the KL and must equal TDPO), and the reverse order;
+- anchoring, 3 seeds: stage 2's alpha swept with stage 1 fixed at the method's headline stage 1 (DVC's
+  run-cache restores it), for the tail against stage 2's KL to the stage-1 policy;
+- sharp, 3 seeds: the headline methods on configs/sharp.yaml's world (its own SFT model).
+The report's methods are (setting, policy) pairs (METHODS).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-SEEDS = (0, 1, 2)
-Q_PATH = (0.25, 0.5, 0.75)  # P-SACPO's ratios; RSA(P) uses the same
+SEEDS = (0, 1, 2, 3, 4)  # the headline's; the anchoring and sharp groups run the first three
+SHORT_SEEDS = SEEDS[:3]
 EVAL_SEED_STRIDE = 1000  # evaluate.seed = 1000 x seed: each batch is seeded seed + index, so no overlap
+ROUND = "r2"  # experiment names: r2-<setting>-s<seed> (round 1's emb-* ran before the CVaR tie fix)
+# configs/sharp.yaml's world as overrides of params.yaml's (tests/test_experiments.py checks they agree)
+SHARP_WORLD = (("prepare.world.harmful.catastrophe", "0.02"), ("prepare.world.reward.catastrophe_helpful", "false"))
 
 
 @dataclass(frozen=True)
@@ -43,19 +51,24 @@ class Stage:
 
 @dataclass(frozen=True)
 class Setting:
-    """One experiment per seed: stage 1, stage 2 and the merge ratios."""
+    """One experiment per seed: stage 1, stage 2, the merge ratios and the policies evaluated."""
 
     name: str
     stage1: Stage
     stage2: Stage
+    group: str = "headline"  # headline | anchoring | sharp
+    policies: tuple[str, ...] = ("reward", "safety")
     q: tuple[float, ...] = (0.5,)
-    priority: int = 1  # queue order: 0 the headline comparison, 1 the sensitivity sweeps, 2 the rest
+    world: tuple[tuple[str, str], ...] = ()
+    seeds: tuple[int, ...] = field(default=SEEDS)
 
     def overrides(self, seed: int) -> dict[str, str]:
         return {
+            **dict(self.world),
             **self.stage1.overrides("train_reward"),
             **self.stage2.overrides("train_safety"),
             "merge.q": "[" + ",".join(f"{q:g}" for q in self.q) + "]",
+            "evaluate.policies": "[" + ",".join(self.policies) + "]",
             "train_reward.train.seed": str(seed),
             "train_safety.train.seed": str(seed),
             "evaluate.seed": str(EVAL_SEED_STRIDE * seed),
@@ -63,70 +76,74 @@ class Setting:
 
     def experiment(self, seed: int) -> str:
         """The DVC experiment's name."""
-        return f"emb-{self.name}-s{seed}"
+        return f"{ROUND}-{self.name}-s{seed}"
 
 
 BETA_HELPFUL, BETA_SAFETY = 0.1, 0.05  # params.yaml's beta_1 and beta_2 (SACPO: 0.1; 0.05 of its grid)
 ALPHA = 0.5  # params.yaml's risk weight (Ra-DPO explored 0.3-0.9)
 
 
-def _pair(
-    loss: str, alpha: float = 0.0, measure: str = "kl", mu: float = 1.0, lr: float | None = None
-) -> tuple[Stage, Stage]:
+def _stages(loss: str, measure: str, mu: float, alpha: float = ALPHA) -> tuple[Stage, Stage]:
     return (
-        Stage("helpful", loss, BETA_HELPFUL, alpha, measure, mu, lr),
-        Stage("safety", loss, BETA_SAFETY, alpha, measure, mu, lr),
+        Stage("helpful", loss, BETA_HELPFUL, ALPHA, measure, mu),
+        Stage("safety", loss, BETA_SAFETY, alpha, measure, mu),
     )
 
 
-def _rsa(
-    measure: str, mu: float, alpha: float = ALPHA, q: tuple[float, ...] = (0.5,), suffix: str = "", priority: int = 1
-) -> Setting:
-    return Setting(f"rsa-{measure}-{mu:g}{suffix}", *_pair("rsa", alpha, measure, mu), q=q, priority=priority)
+def _rsa(measure: str, mu: float) -> tuple[Stage, Stage]:
+    return _stages("rsa", measure, mu)
 
 
-REVERSE = "rsa-cvar-0.95-safety-first"
-SETTINGS: tuple[Setting, ...] = (
-    # dpo logs the cvar 0.95 risk of its drift (not optimised), comparable with RSA's
-    Setting("sacpo", *_pair("dpo", 0.0, "cvar", 0.95), q=Q_PATH, priority=2),
-    # added after the first runs: at params.yaml's lr (2e-3, set for the token-level losses) DPO
-    # drifts far from SFT (KL ~50 after stage 1) and degenerates (long answers, negative reward);
-    # a 4x smaller step is the SACPO baseline a careful user would tune to
-    Setting("sacpo-lr5e-4", *_pair("dpo", 0.0, "cvar", 0.95, lr=5e-4), q=Q_PATH, priority=0),
-    # added with the last seeds: at lr 5e-4 DPO's stage 2 (beta_2 0.05) collapsed on one seed and hardly moved
-    # on another; beta_2 = beta_1 = 0.1, the weakest realignment of SACPO's grid (0.01-0.1), anchors it twice
-    # as hard to the stage-1 model (stage 1 unchanged)
-    Setting(
-        "sacpo-lr5e-4-b0.1",
-        Stage("helpful", "dpo", BETA_HELPFUL, 0.0, "cvar", 0.95, 5e-4),
-        Stage("safety", "dpo", BETA_HELPFUL, 0.0, "cvar", 0.95, 5e-4),
-        priority=2,
-    ),
-    Setting("tdpo", *_pair("tdpo", ALPHA, "kl", 1.0), priority=0),
-    _rsa("cvar", 0.95, q=Q_PATH, priority=0),
-    _rsa("cvar", 0.9),
-    _rsa("cvar", 0.99),
-    _rsa("erm", 1.0),
-    _rsa("erm", 2.0),
-    _rsa("erm", 5.0),
-    _rsa("cvar", 0.95, alpha=0.25, suffix="-a0.25"),
-    _rsa("cvar", 0.95, alpha=1.0, suffix="-a1"),
-    # the reverse order: safety first (beta_2 with the safety pairs), then helpfulness (beta_1)
-    Setting(
-        REVERSE,
-        Stage("safety", "rsa", BETA_SAFETY, ALPHA, "cvar", 0.95),
-        Stage("helpful", "rsa", BETA_HELPFUL, ALPHA, "cvar", 0.95),
-        priority=0,
-    ),
+TDPO = _stages("tdpo", "kl", 1.0)
+REVERSE = (  # safety first (beta_2 with the safety pairs), then helpfulness (beta_1)
+    Stage("safety", "rsa", BETA_SAFETY, ALPHA, "cvar", 0.95),
+    Stage("helpful", "rsa", BETA_HELPFUL, ALPHA, "cvar", 0.95),
+)
+HEADLINE: tuple[Setting, ...] = (
+    Setting("tdpo", *TDPO, policies=("sft", "reward", "safety")),  # sft once per seed: its row and the baseline
+    Setting("rsa-cvar-0.95", *_rsa("cvar", 0.95), policies=("reward", "safety", "q0_5")),
+    Setting("rsa-cvar-1", *_rsa("cvar", 1.0)),  # the control: CVaR at mu = 1 is the KL, so this is TDPO
+    Setting("rsa-cvar_lower-0.9", *_rsa("cvar_lower", 0.9)),
+    Setting("rsa-cvar_lower-0.95", *_rsa("cvar_lower", 0.95)),
+    Setting("rsa-erm_lower-0.5", *_rsa("erm_lower", 0.5)),
+    Setting("rsa-cvar_radpo-0.95", *_rsa("cvar_radpo", 0.95)),
+    Setting("rsa-cvar-0.95-safety-first", *REVERSE, policies=("reward", "safety", "q0_5")),
 )
 
 
-def queue_order(seeds: tuple[int, ...] = SEEDS) -> list[tuple[Setting, int]]:
-    """(setting, seed) in the order to run them: the headline comparison for every seed first,
-    then the sweeps seed by seed, so that a queue cut short loses the least."""
+def _anchoring(name: str, stages: tuple[Stage, Stage], alpha: float) -> Setting:
+    """stage 2's alpha changed, stage 1 the headline's (the same params: DVC's run-cache restores it)."""
+    first, second = stages
+    return Setting(
+        f"{name}-a{alpha:g}", first, Stage(second.pairs, second.loss, second.beta, alpha, second.measure, second.mu),
+        group="anchoring", policies=("safety",), seeds=SHORT_SEEDS,
+    )  # fmt: skip
+
+
+ANCHORING: tuple[Setting, ...] = (
+    *(_anchoring("tdpo", TDPO, a) for a in (0.75, 1.0, 1.5)),
+    *(_anchoring("rsa-cvar-0.95", _rsa("cvar", 0.95), a) for a in (0.25, 0.35)),
+    _anchoring("rsa-cvar_lower-0.95", _rsa("cvar_lower", 0.95), 1.0),
+)
+# the sharp world: the headline methods but the control (a check of the loss, not of the world)
+SHARP: tuple[Setting, ...] = tuple(
+    Setting(
+        f"sharp-{s.name}", s.stage1, s.stage2, group="sharp", policies=s.policies, world=SHARP_WORLD, seeds=SHORT_SEEDS
+    )
+    for s in HEADLINE
+    if s.name != "rsa-cvar-1"
+)
+SETTINGS: tuple[Setting, ...] = HEADLINE + ANCHORING + SHARP
+GROUP_ORDER = {"headline": 0, "anchoring": 1, "sharp": 2}
+
+
+def queue_order() -> list[tuple[Setting, int]]:
+    """(setting, seed) in the order to run them: the headline seed by seed (so that a queue cut short
+    loses whole seeds, not methods), then the anchoring curves, then the sharp world; within a seed
+    the settings in SETTINGS' order, so a stage 1 that several share runs once and is restored."""
     index = {s.name: i for i, s in enumerate(SETTINGS)}
-    pairs = [(setting, seed) for setting in SETTINGS for seed in seeds]
-    return sorted(pairs, key=lambda p: (p[0].priority, p[1], index[p[0].name]))
+    pairs = [(setting, seed) for setting in SETTINGS for seed in setting.seeds]
+    return sorted(pairs, key=lambda p: (GROUP_ORDER[p[0].group], p[1], index[p[0].name]))
 
 
 def _merged(q: float) -> str:
@@ -142,35 +159,51 @@ class Method:
     label: str
     setting: str
     policy: str
-    group: str
+    group: str  # headline | anchoring | sharp
+
+
+HEADLINE_LABELS = {
+    "tdpo": "TDPO then TDPO",
+    "rsa-cvar-0.95": "RSA cvar 0.95 (upper tail)",
+    "rsa-cvar-1": "control: RSA cvar mu=1 (= KL)",
+    "rsa-cvar_lower-0.9": "RSA cvar_lower 0.9 (lower tail)",
+    "rsa-cvar_lower-0.95": "RSA cvar_lower 0.95 (lower tail)",
+    "rsa-erm_lower-0.5": "RSA erm_lower 0.5 (lower tail)",
+    "rsa-cvar_radpo-0.95": "RSA cvar_radpo 0.95 (Ra-DPO's estimator)",
+    "rsa-cvar-0.95-safety-first": "RSA cvar 0.95, safety first",
+}
 
 
 def _methods() -> tuple[Method, ...]:
-    rows = [
-        Method("SFT", "tdpo", "sft", "baselines"),  # every experiment evaluates SFT; tdpo runs first for each seed
-        Method("DPO (helpfulness only)", "sacpo", "reward", "baselines"),
-        Method("SACPO (DPO then DPO)", "sacpo", "safety", "baselines"),
-        *(Method(f"P-SACPO q={q:g}", "sacpo", _merged(q), "baselines") for q in Q_PATH),
-        Method("DPO lr 5e-4 (helpfulness only)", "sacpo-lr5e-4", "reward", "baselines"),
-        Method("SACPO lr 5e-4", "sacpo-lr5e-4", "safety", "baselines"),
-        *(Method(f"P-SACPO lr 5e-4 q={q:g}", "sacpo-lr5e-4", _merged(q), "baselines") for q in Q_PATH),
-        Method("SACPO lr 5e-4 beta_2 0.1", "sacpo-lr5e-4-b0.1", "safety", "baselines"),
-        Method("P-SACPO lr 5e-4 beta_2 0.1 q=0.5", "sacpo-lr5e-4-b0.1", _merged(0.5), "baselines"),
-        Method("TDPO (helpfulness only)", "tdpo", "reward", "baselines"),
-        Method("TDPO then TDPO", "tdpo", "safety", "baselines"),
-        Method("RSA stage 1 (cvar 0.95, helpfulness only)", "rsa-cvar-0.95", "reward", "RSA"),
-    ]
-    rows += [Method(f"RSA cvar mu={mu:g}", f"rsa-cvar-{mu:g}", "safety", "RSA") for mu in (0.9, 0.95, 0.99)]
-    rows += [Method(f"RSA(P) cvar 0.95 q={q:g}", "rsa-cvar-0.95", _merged(q), "RSA") for q in Q_PATH]
-    rows += [Method(f"RSA erm mu={mu:g}", f"rsa-erm-{mu:g}", "safety", "RSA") for mu in (1, 2, 5)]
-    rows += [
-        Method("RSA cvar 0.95 alpha=0.25", "rsa-cvar-0.95-a0.25", "safety", "RSA"),
-        Method("RSA cvar 0.95 alpha=1", "rsa-cvar-0.95-a1", "safety", "RSA"),
-        Method("RSA cvar 0.95 safety only (stage 1 of the reverse order)", REVERSE, "reward", "RSA"),
-        Method("RSA cvar 0.95 safety first, then helpfulness", REVERSE, "safety", "RSA"),
-        Method("RSA(P) cvar 0.95 safety first, q=0.5", REVERSE, _merged(0.5), "RSA"),
-    ]
+    rows: list[Method] = []
+    for prefix, group in (("", "headline"), ("sharp-", "sharp")):
+        rows += [
+            Method("SFT", f"{prefix}tdpo", "sft", group),
+            Method("TDPO (helpfulness only)", f"{prefix}tdpo", "reward", group),
+            Method("RSA cvar 0.95 stage 1 (helpfulness only)", f"{prefix}rsa-cvar-0.95", "reward", group),
+        ]
+        rows += [
+            Method(label, prefix + name, "safety", group)
+            for name, label in HEADLINE_LABELS.items()
+            if not (prefix and name == "rsa-cvar-1")
+        ]
+        rows += [
+            Method("RSA(P) cvar 0.95 q=0.5", f"{prefix}rsa-cvar-0.95", _merged(0.5), group),
+            Method("RSA cvar 0.95 safety only (stage 1 of the reverse order)", f"{prefix}{REVERSE_NAME}", "reward",
+                   group),
+            Method("RSA(P) cvar 0.95 safety first, q=0.5", f"{prefix}{REVERSE_NAME}", _merged(0.5), group),
+        ]  # fmt: skip
+    rows += [Method(_anchor_label(s), s.name, "safety", "anchoring") for s in ANCHORING]
     return tuple(rows)
+
+
+REVERSE_NAME = "rsa-cvar-0.95-safety-first"
+ANCHOR_BASES = {"tdpo": "tdpo", "rsa-cvar-0.95": "rsa-cvar-0.95", "rsa-cvar_lower-0.95": "rsa-cvar_lower-0.95"}
+
+
+def _anchor_label(setting: Setting) -> str:
+    base = setting.name.rsplit("-a", 1)[0]
+    return f"{HEADLINE_LABELS[base].split(' (')[0]}, stage 2 alpha={setting.stage2.alpha:g}"
 
 
 METHODS = _methods()

@@ -202,6 +202,10 @@ class RewardParams(Section):
     """Per irrelevant sentence (filler, off-topic or repeated step)."""
     unparseable: float
     """Per span the oracle cannot parse (malformed text)."""
+    catastrophe_helpful: bool
+    """Does a catastrophic step count as a relevant (helpful) step of a harmful prompt, as every
+    other harmful step does (PKU-SafeRLHF's labels: compliance is helpful)? false: it adds its cost
+    and no reward (configs/sharp.yaml's world)."""
 
 
 class LabelParams(Section):
@@ -609,6 +613,10 @@ class EvaluateParams(Section):
     """Seeds the sampling (per batch: results do not depend on what ran before)."""
     tail_levels: Annotated[list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]], Field(min_length=1)]
     """CVaR of the cost over all sampled red-team answers at these upper-tail fractions (0.1: worst 10%)."""
+    policies: Annotated[list[str], Field(min_length=1)] | None
+    """The policies to evaluate and report (sft, reward, safety, q0_5, ...); null: every one. SFT's
+    greedy answers are made either way (the win rates' baseline), its samples only when listed:
+    an experiment that needs only the stage-2 policy evaluates just that."""
     batch_size: PositiveInt
     """Prompts x samples per generation batch."""
     device: Literal["auto", "cpu", "cuda"]

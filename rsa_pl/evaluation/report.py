@@ -33,6 +33,7 @@ class Answer:
     verdict: Verdict
     logp: float | None = None  # log pi_policy(response | prompt), samples only
     sft_logp: float | None = None  # log pi_sft(response | prompt), samples only
+    stage1_logp: float | None = None  # log pi_stage1(response | prompt): the stage-2 policy's samples only
     win: float | None = None  # pairwise judge: the win against SFT's greedy answer (1, 0.5, 0, mean of 2 orders)
     pairwise_replies: list[str | None] | None = None  # pairwise judge: its raw replies (policy as A, then as B)
 
@@ -98,7 +99,8 @@ def policy_metrics(answers: list[Answer], sft: list[Answer], tail_levels: list[f
     helpfulness by reward on the benign prompts, harmlessness by cost (lower wins) on the
     red-team prompts, or by a pairwise judge's comparisons. The rest is over sampled answers:
     mean reward (benign), mean cost, unsafe rate, CVaR of the cost at each tail level and the
-    severe rate (red team); needless refusals (benign); response length; the sampled KL to SFT.
+    severe rate (red team); needless refusals (benign); response length; the sampled KL to SFT
+    and, for the stage-2 policy, to the stage-1 policy (its training reference).
     Scores a judge did not give are left out (a metric with none at all is absent) and counted
     in judge_failures, with the prompts a pairwise comparison could not settle.
     """
@@ -129,6 +131,9 @@ def policy_metrics(answers: list[Answer], sft: list[Answer], tail_levels: list[f
     sampled = [a for a in helpful + redteam if a.logp is not None and a.sft_logp is not None]
     if sampled:
         out["kl_to_sft"] = sampled_kl([a.logp for a in sampled], [a.sft_logp for a in sampled])  # type: ignore[misc]
+    anchored = [a for a in helpful + redteam if a.logp is not None and a.stage1_logp is not None]
+    if anchored:  # the stage-2 policy's drift from its training reference
+        out["kl_to_stage1"] = sampled_kl([a.logp for a in anchored], [a.stage1_logp for a in anchored])  # type: ignore[misc]
     return out
 
 
@@ -172,6 +177,8 @@ def metric_intervals(answers: list[Answer], sft: list[Answer], tail_levels: list
         ("length_mean", helpful + redteam, lambda a: a.length),
         ("kl_to_sft", helpful + redteam,
          lambda a: a.logp - a.sft_logp if a.logp is not None and a.sft_logp is not None else None),
+        ("kl_to_stage1", helpful + redteam,
+         lambda a: a.logp - a.stage1_logp if a.logp is not None and a.stage1_logp is not None else None),
     ):  # fmt: skip
         columns[name] = (*of(group, value), "mean")
     costs = of(redteam, lambda a: a.verdict.cost)

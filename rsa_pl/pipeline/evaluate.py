@@ -40,7 +40,7 @@ from rsa_pl.config import EvaluateParams, Params, PromptSetParams
 from rsa_pl.data.sources import DataError, Reject, load_prompts
 from rsa_pl.data.tokenize import PromptFormat, PromptTooLongError, encode_prompt
 from rsa_pl.errors import UnavailableError
-from rsa_pl.evaluation import plots
+from rsa_pl.evaluation import decisions, plots
 from rsa_pl.evaluation.generation import generate_ids, response_logps
 from rsa_pl.evaluation.guard import GuardJudge
 from rsa_pl.evaluation.judges import Judge, OracleJudge, ScoreModel, ScoreModelJudge, Verdict
@@ -65,7 +65,8 @@ SETS = {"helpful": "eval_helpful", "redteam": "eval_redteam"}
 # metric -> its short column title in the summary table (fits an 80-column log)
 SUMMARY = {"helpful_win_rate": "help win", "harmless_win_rate": "harmless win", "reward_mean": "reward",
            "cost_mean": "cost", "unsafe_rate": "unsafe", "severe_rate": "severe", "needless_refusal_rate": "refusal",
-           "kl_to_sft": "KL sft", "judge_failures": "unjudged"}  # fmt: skip
+           "kl_to_sft": "KL sft", "kl_to_stage1": "KL st1", "catastrophe_prob": "P(cat)",
+           "judge_failures": "unjudged"}  # fmt: skip
 
 
 class EvaluateError(ValueError):
@@ -289,17 +290,34 @@ class Pace:
         print(line, file=sys.stderr, flush=True)
 
 
+def _decision_points(params: Params, prompt_sets: PromptSets, tokenizer, data: Path) -> list[decisions.DecisionPoint]:
+    """The embedded world's decision points (rsa_pl/evaluation/decisions.py) in its own red-team
+    prompts under the oracle judge; none otherwise (no world knows where a catastrophe is decided)."""
+    p = params.prepare
+    if params.evaluate.judge != "oracle" or p.world is None or params.evaluate.prompt_sets.redteam is not None:
+        return []
+    fmt = PromptFormat(tokenizer, p.prompt_format, p.prompt_template, p.system_prompt, str(data / "tokenizer"))
+    red = prompt_sets.sets["redteam"]
+    try:
+        return decisions.decision_points(red["prompt"], red["prompt_text"], red["prompt_input_ids"], fmt)
+    except decisions.DecisionError as error:
+        raise EvaluateError(f"{data / SETS['redteam']}: {error}") from None
+
+
 def _count(sets: dict, e: EvaluateParams) -> int:
     """Answers one policy gives: a greedy one and samples_per_prompt samples per prompt."""
     return sum(len(p["prompt_input_ids"]) for p in sets.values()) * (1 + e.samples_per_prompt)
 
 
 def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer, sets: dict, e: EvaluateParams,
-             judging: Judging, sft_answers: list[Answer] | None, pace: Pace) -> list[Answer]:  # fmt: skip
+             judging: Judging, sft_answers: list[Answer] | None, pace: Pace, sample: bool = True,
+             stage1: PreTrainedModel | None = None) -> list[Answer]:  # fmt: skip
+    """The policy's judged answers: greedy, and (sample) samples_per_prompt samples per prompt with
+    their log-probabilities under the policy, SFT and (stage1, for the stage-2 policy) stage 1."""
     answers: list[Answer] = []
     for set_name, prompts in sets.items():
         ids = prompts["prompt_input_ids"]
-        for decoding in ("greedy", "sample"):
+        for decoding in ("greedy", "sample") if sample else ("greedy",):
             n = 1 if decoding == "greedy" else e.samples_per_prompt
             responses = generate_ids(
                 model, tokenizer, ids, temperature=None if decoding == "greedy" else e.temperature,
@@ -310,12 +328,14 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
             texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
             raw_prompts = [prompts["prompt"][i] for i in index]
             verdicts = judging.verdicts(raw_prompts, [prompts["prompt_text"][i] for i in index], texts)
-            logps = sft_logps = [None] * len(index)
+            logps = sft_logps = stage1_logps = [None] * len(index)
             if decoding == "sample":
                 prompt_ids = [ids[i] for i in index]
                 # both under the distribution that sampled (pi_T, pi_sft,T): kl_to_sft is KL(pi_T || pi_sft,T)
                 logps = response_logps(model, prompt_ids, responses, e.batch_size, e.temperature)
                 sft_logps = response_logps(sft, prompt_ids, responses, e.batch_size, e.temperature)
+                if stage1 is not None:
+                    stage1_logps = response_logps(stage1, prompt_ids, responses, e.batch_size, e.temperature)
             compared: list[tuple[float | None, list[str | None] | None]] = [(None, None)] * len(index)
             aspect = "helpful" if set_name == "helpful" else "harmless"
             if decoding == "greedy" and judging.pairwise is not None and aspect in judging.aspects:
@@ -328,10 +348,10 @@ def _answers(name: str, model: PreTrainedModel, sft: PreTrainedModel, tokenizer,
             answers += [
                 Answer(
                     name, set_name, decoding, i, prompts["prompt"][i], prompts["category"][i], text, len(r), v, lp, sp,
-                    win, replies,
+                    s1, win, replies,
                 )
-                for i, text, r, v, lp, sp, (win, replies) in zip(
-                    index, texts, responses, verdicts, logps, sft_logps, compared, strict=True
+                for i, text, r, v, lp, sp, s1, (win, replies) in zip(
+                    index, texts, responses, verdicts, logps, sft_logps, stage1_logps, compared, strict=True
                 )
             ]  # fmt: skip
     return answers
@@ -406,6 +426,12 @@ def run(
     staging_for(out).rmdir()  # out can be written: known before every policy is generated and judged
     at = inference_placement(params.evaluate.device, params.evaluate.dtype)
     found = policies(models, at)
+    chosen = params.evaluate.policies
+    if chosen is not None:
+        unknown = sorted(set(chosen) - {name for name, _, _ in found})
+        if unknown:
+            names = ", ".join(name for name, _, _ in found)
+            raise EvaluateError(f"evaluate.policies: no policy {', '.join(unknown)} in {models} (there are: {names})")
     tokenizer = load_tokenizer(data / "tokenizer", params.prepare.tokenizer.trust_remote_code)
     sets = load_prompt_sets(params, data, tokenizer)
     if judge_cache is None:
@@ -434,36 +460,57 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
         done = checkpoints / "answers"
         done.mkdir(exist_ok=True)
     sft = found[0][2]()
+    reported = [name for name, _, _ in found if e.policies is None or name in e.policies]
+    evaluated = [p for p in found if p[0] == "sft" or p[0] in reported]  # sft's greedy answers: the baseline
+    points = _decision_points(params, prompt_sets, tokenizer, data)
     answers: dict[str, list[Answer]] = {}
+    decided: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
-    pace = Pace(_count(sets, e) * len(found))
+    greedy_only = _count(sets, e) // (1 + e.samples_per_prompt)  # an unreported sft's answers
+    pace = Pace(_count(sets, e) * len(reported) + greedy_only * (len(evaluated) - len(reported)))
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("evaluate", total=len(found))
-        for name, _, load in found:
+        task = progress.add_task("evaluate", total=len(evaluated))
+        for name, _, load in evaluated:
             kept = done / f"{name}.jsonl" if done is not None else None
+            sample = name in reported
+            count = _count(sets, e) if sample else greedy_only
             if kept is not None and kept.exists():
                 progress.update(task, description=f"resumed: {name}")
                 answers[name] = _load_answers(kept)
-                pace.skip(_count(sets, e))
+                if sample and points:
+                    decided[name] = json.loads(kept.with_suffix(".decisions.json").read_text())
+                pace.skip(count)
             else:
                 progress.update(task, description=f"generating and judging: {name}")
                 if not console.is_terminal:  # a log: one line per policy, with the time so far
-                    console.print(f"evaluate: generating and judging {name} ({len(answers) + 1}/{len(found)}), "
+                    console.print(f"evaluate: generating and judging {name} ({len(answers) + 1}/{len(evaluated)}), "
                                   f"{time.perf_counter() - started:.0f} s so far")  # fmt: skip
                 model = sft if name == "sft" else load()
-                pace.start(name, _count(sets, e))
-                answers[name] = _answers(name, model, sft, tokenizer, sets, e, judging, answers.get("sft"), pace)
-                if kept is not None:
+                # the stage-2 policy's drift from its training reference, the stage-1 policy (kl_to_stage1)
+                stage1 = next(lo for n, _, lo in found if n == "reward")() if name == "safety" else None
+                pace.start(name, count)
+                answers[name] = _answers(
+                    name, model, sft, tokenizer, sets, e, judging, answers.get("sft"), pace, sample, stage1
+                )
+                del stage1
+                if sample and points:
+                    probs = decisions.probabilities(model, points, e.batch_size)
+                    decided[name] = decisions.metrics(points, probs, e.seed)
+                if kept is not None:  # the decisions first: answers on disk mean the policy is done
+                    if name in decided:
+                        kept.with_suffix(".decisions.json").write_text(json.dumps(decided[name]))
                     _save_answers(answers[name], kept)
             progress.advance(task)
-    per_policy = {name: policy_metrics(a, answers["sft"], list(e.tail_levels)) for name, a in answers.items()}
-    per_category = {name: category_metrics(a, list(e.tail_levels)) for name, a in answers.items()}
+    per_policy = {name: policy_metrics(answers[name], answers["sft"], list(e.tail_levels)) for name in reported}
+    per_category = {name: category_metrics(answers[name], list(e.tail_levels)) for name in reported}
     flat: dict[str, float] = {}
     for policy, metrics in per_policy.items():  # each metric, then its n and 95% interval beside it
         intervals = metric_intervals(answers[policy], answers["sft"], list(e.tail_levels), e.seed)
         for key, value in metrics.items():
             flat[f"{policy}.{key}"] = float(value)
             flat |= {f"{policy}.{key}.{stat}": x for stat, x in intervals.get(key, {}).items()}
+        flat |= {f"{policy}.{key}": x for key, x in decided.get(policy, {}).items()}
+        per_policy[policy] |= {k: x for k, x in decided.get(policy, {}).items() if k.count(".") == 0}
     stats = judging.stats()
 
     staging = staging_for(out)
@@ -476,11 +523,11 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
             for reject in prompt_sets.rejects:
                 file.write(json.dumps(asdict(reject)) + "\n")
         with (staging / "samples.jsonl").open("w") as file:
-            for group in answers.values():
+            for group in answers.values():  # sft's greedy answers too when unreported: the win rates' baseline
                 for answer in group:
                     file.write(json.dumps(answer.row()) + "\n")
         (staging / "plots").mkdir()
-        q_of = {name: q for name, q, _ in found if q is not None}
+        q_of = {name: q for name, q, _ in found if q is not None and name in per_policy}
         plots.frontier(per_policy, q_of, staging / "plots")
         plots.cost_per_category(per_category, staging / "plots")
         costs = {
@@ -490,6 +537,7 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
                 if a.set == "redteam" and a.decoding == "sample" and a.verdict.cost is not None
             ]
             for p, g in answers.items()
+            if p in per_policy
         }
         plots.cost_tail(costs, staging / "plots")
         swap_in(staging, out)

@@ -32,7 +32,6 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments import render as report_module  # noqa: E402
 from experiments.grid import SETTINGS, queue_order  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -190,6 +189,8 @@ def report(
     collect: Annotated[bool, typer.Option(help="Read the experiments (dvc exp show) into runs.json first.")] = True,
 ) -> None:
     """Write reports/embedded.md (and its figures) from reports/embedded/runs.json."""
+    from experiments import render as report_module  # matplotlib only for the report
+
     if collect:
         runs = report_module.collect(ROOT, _dvc)
         RUNS.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,14 @@
 """reports/embedded.md and its figures from runs.json (experiments/embedded.py `report`).
 
 write: runs.json (collect's dict) -> reports/embedded.md and reports/embedded/*.png, with nothing
-but runs.json, experiments/discussion.md and benchmarks/results/ as input, so it regenerates
-exactly. Every number the prose states about the runs (betas, alpha, lr, batch, seeds, the t rule)
-is read from the runs' params and metrics (experiments/stats.py); method labels are grid.py's names.
+but runs.json and experiments/discussion.md as input, so it regenerates exactly. Every number the
+prose states about the runs (betas, alpha, lr, seeds, the t rule, the worlds) is read from the
+runs' params and metrics (experiments/stats.py); method labels are grid.py's.
+
+The questions, each a section and a figure: the headline (each reading of the measure against
+TDPO, paired by seed, and the control), the anchoring curves (the tail against stage 2's KL to
+the stage-1 policy, and the tail at matched drift), the decision-point probabilities, and the
+sharp world.
 
 The report's public surface is this module's collect (experiments/collect.py's) and write.
 """
@@ -13,31 +18,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
 
-from experiments.collect import collect, cvar_key, merged_policy, normalise, policy_name, train_metric
-from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, Method
-from experiments.stats import (
-    LEVEL,
-    Runs,
-    classify,
-    lower_is_better,
-    mean_sd,
-    paired_ci,
-    resolvable_effect,
-    tail_verdict,
-)
+from experiments.collect import collect, cvar_key, normalise, policy_name, train_metric
+from experiments.grid import ANCHORING, HEADLINE, HEADLINE_LABELS, METHODS, SETTINGS, Method
+from experiments.stats import LEVEL, Runs, classify, lower_is_better, mean_sd, paired_ci, resolvable_effect
 
 __all__ = ["collect", "write"]
 
+STAGES = ("train_reward", "train_safety")
+TAIL_LEVEL = 0.05  # the CVaR the figures and the verdict read (the table has every level)
 # (key in eval/metrics.json after "<policy>.", column, format); cost CVaR columns are added per tail level
 BASE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("helpful_win_rate", "helpful win", ".3f"),
@@ -47,12 +45,17 @@ BASE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("unsafe_rate", "unsafe", ".3f"),
 )
 TRAILING_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("severe_rate", "catastrophic", ".3f"),
+    ("severe_rate", "catastrophic", ".4f"),
+    ("catastrophe_prob", "P(catastrophe) at decision points", ".2e"),
     ("needless_refusal_rate", "needless refusal", ".3f"),
     ("length_mean", "length", ".1f"),
     ("kl_to_sft", "KL to SFT", ".2f"),
+    ("kl_to_stage1", "KL to stage 1", ".2f"),
 )
-STAGES = ("train_reward", "train_safety")
+TDPO_LABEL = HEADLINE_LABELS["tdpo"]
+CONTROL_LABEL = HEADLINE_LABELS["rsa-cvar-1"]
+TAIL_KEYS = ("severe_rate", "catastrophe_prob")  # with the CVaRs: what "the tail" means in the verdict
+DRIFT = "kl_to_stage1"
 
 
 def _metrics(runs: Runs) -> list[tuple[str, str, str]]:
@@ -67,25 +70,22 @@ def _name(key: str, runs: Runs) -> str:
     return next(column for k, column, _ in _metrics(runs) if k == key)
 
 
+def _fmt(key: str, runs: Runs) -> str:
+    return next(fmt for k, _, fmt in _metrics(runs) if k == key)
+
+
 def _tail_keys(runs: Runs) -> list[str]:
-    return [cvar_key(t) for t in runs.tail_levels]
+    return [*(cvar_key(t) for t in runs.tail_levels), *TAIL_KEYS]
 
 
-def _sci(x: float | None) -> str:
-    """0.002 -> 2e-3, 0.0005 -> 5e-4 (the grid's spelling of a learning rate)."""
-    if not isinstance(x, int | float):
-        return "n/a"
-    mantissa, exponent = f"{x:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+def _cvar(runs: Runs) -> str:
+    """The CVaR the figures read: TAIL_LEVEL's, or the smallest level the runs have."""
+    levels = runs.tail_levels
+    return cvar_key(TAIL_LEVEL if TAIL_LEVEL in levels else (levels[-1] if levels else TAIL_LEVEL))
 
 
 def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
-
-
-def _values(values: Iterable[Any]) -> str:
-    """The distinct values, in order ("0.5", or "0.25/0.5/1" where runs differ)."""
-    return "/".join(dict.fromkeys(_num(v) for v in values if v is not None)) or "n/a"
 
 
 def _cell(values: Sequence[float], fmt: str) -> str:
@@ -104,8 +104,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "l
     return "\n".join(lines)
 
 
-def _method(label: str) -> Method:
-    return next(m for m in METHODS if m.label == label)
+def _method(label: str, group: str = "headline") -> Method:
+    return next(m for m in METHODS if m.label == label and m.group == group)
+
+
+def _group(group: str) -> list[Method]:
+    return [m for m in METHODS if m.group == group]
+
+
+def _stage2(group: str) -> list[Method]:
+    """The stage-2 policies of the group's headline settings, TDPO first."""
+    return [m for m in _group(group) if m.policy == "safety" and m.label in HEADLINE_LABELS.values()]
 
 
 def method_table(runs: Runs, methods: Sequence[Method]) -> str:
@@ -118,16 +127,9 @@ def method_table(runs: Runs, methods: Sequence[Method]) -> str:
             *(_cell(runs.values(m, key), fmt) for key, _, fmt in metrics),
         ]
         for m in methods
+        if runs.values(m, "unsafe_rate")
     ]
     return _table(header, rows, align="r")
-
-
-# The comparisons the verdict rests on: (RSA method, its risk-neutral counterpart)
-SACPO = "SACPO (DPO then DPO)"
-SACPO_TUNED = "SACPO lr 5e-4"
-SACPO_ANCHORED = "SACPO lr 5e-4 beta_2 0.1"  # DPO at lr 5e-4 with stage 2 anchored as hard as stage 1
-TDPO = "TDPO then TDPO"
-COMPARED_METRICS = ("helpful_win_rate", "harmless_win_rate", "unsafe_rate", "severe_rate")
 
 
 def _difference_cell(diffs: Sequence[float], fmt: str, lower: bool) -> str:
@@ -139,9 +141,16 @@ def _difference_cell(diffs: Sequence[float], fmt: str, lower: bool) -> str:
     return f"{mean:+{fmt}}{ci} ({better}/{len(diffs)})"
 
 
+COMPARED = ("helpful_win_rate", "harmless_win_rate", "unsafe_rate", DRIFT)
+
+
+def _compared(runs: Runs) -> list[tuple[str, str, str]]:
+    keys = {*COMPARED, *_tail_keys(runs)}
+    return [m for m in _metrics(runs) if m[0] in keys]
+
+
 def comparison_table(runs: Runs, pairs: Sequence[tuple[Method, Method]]) -> str:
-    keys = {*COMPARED_METRICS, *_tail_keys(runs), "reward_mean", "cost_mean"}
-    metrics = [m for m in _metrics(runs) if m[0] in keys]
+    metrics = _compared(runs)
     header = ["A", "B", *(f"Δ {column}" for _, column, _ in metrics)]
     rows = [
         [
@@ -150,126 +159,264 @@ def comparison_table(runs: Runs, pairs: Sequence[tuple[Method, Method]]) -> str:
             *(_difference_cell(runs.paired(a, b, key), fmt, lower_is_better(key)) for key, _, fmt in metrics),
         ]
         for a, b in pairs
+        if runs.paired(a, b, "unsafe_rate")
     ]
     return _table(header, rows, align="r")
 
 
-def verdict_lines(runs: Runs, reference: str = SACPO) -> list[str]:
-    """One line per RSA method against the reference, from the paired intervals alone."""
-    other = _method(reference)
-    short = reference.split(" (")[0]
+def _classes(diffs_of: dict[str, list[float]]) -> dict[str, str]:
+    return {key: classify(diffs, key) for key, diffs in diffs_of.items()}
+
+
+def _verdict_words(classes: dict[str, str], tail: Sequence[str], n: int, against: str) -> str:
+    """One clause from the classes of the tail metrics and of the helpful win rate."""
+    better = [k for k in tail if classes.get(k) == "better"]
+    worse = [k for k in tail if classes.get(k) == "worse"]
+    helpful = classes.get("helpful_win_rate", "unclear")
+    cost = {"better": ", and **more helpful**", "worse": ", but **less helpful**"}.get(helpful, "")
+    if better and not worse:
+        return f"**lighter tail than {against}**{cost}"
+    if worse and not better:
+        return f"**heavier tail than {against}**{cost}"
+    if better and worse:
+        return f"mixed: lighter on some tail metrics, heavier on others{cost}"
+    return f"no tail difference from {against} that {n} seeds can resolve{cost}"
+
+
+def verdict_lines(runs: Runs, group: str) -> list[str]:
+    """Each stage-2 RSA method of the group against TDPO at equal alpha, from the paired intervals."""
+    tdpo = _method(TDPO_LABEL, group)
     tail = _tail_keys(runs)
-    summaries = {
-        "beats": f"**beats {short} on the tail** at no clear cost in helpfulness",
-        "lower-but-less-helpful": f"lower tail than {short}, but **less helpful** (not a matched comparison)",
-        "heavier-but-more-helpful": f"heavier tail than {short}, but **more helpful** (not a matched comparison)",
-        "worse": f"**worse tail than {short}**",
-    }
     lines = []
-    for method in METHODS:
-        if method.group != "RSA" or method.policy not in {"safety"} or "safety first" in method.label:
+    for method in _stage2(group):
+        if method.label == TDPO_LABEL:
             continue
-        pairs = len(runs.paired(method, other, "unsafe_rate"))
-        if pairs < 2:
-            lines.append(f"- {method.label}: {pairs} seed(s) paired with {short} so far; no verdict.")
+        n = len(runs.paired(method, tdpo, "unsafe_rate"))
+        if n < 2:
+            lines.append(f"- {method.label}: {n} seed(s) paired with TDPO so far; no verdict.")
             continue
-        verdicts = {
-            key: classify(runs.paired(method, other, key), key)
-            for key in (*tail, "severe_rate", "unsafe_rate", "helpful_win_rate")
-        }
-        kind = tail_verdict((verdicts[k] for k in (*tail, "severe_rate")), verdicts["helpful_win_rate"])
-        summary = summaries.get(kind, f"no tail difference from {short} that {pairs} seeds can resolve")
-        parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in verdicts.items())
-        lines.append(f"- {method.label}: {summary} ({parts}).")
+        classes = _classes({key: runs.paired(method, tdpo, key) for key in (*tail, "unsafe_rate", "helpful_win_rate")})
+        drift = paired_ci(runs.paired(method, tdpo, DRIFT))[0]
+        anchors = "" if math.isnan(drift) else f"; stage 2's KL to stage 1 {drift:+.2f} against TDPO's"
+        parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in classes.items())
+        lines.append(f"- {method.label}: {_verdict_words(classes, tail, n, 'TDPO')} ({parts}{anchors}).")
     return lines
 
 
-def q_path_table(runs: Runs, lr: str = "") -> str:
-    """P-SACPO against RSA(P) at each q, paired by seed (the frontier at matched q)."""
-    pairs = [(_method(f"RSA(P) cvar 0.95 q={q:g}"), _method(f"P-SACPO{lr} q={q:g}")) for q in Q_PATH]
-    dpo = f"DPO{lr} (helpfulness only)"
-    pairs.insert(0, (_method("RSA stage 1 (cvar 0.95, helpfulness only)"), _method(dpo)))
-    pairs.append((_method("RSA cvar mu=0.95"), _method(SACPO_TUNED if lr else SACPO)))
-    return comparison_table(runs, pairs)
-
-
-def frontier_figure(runs: Runs, path: Path) -> None:
-    """Helpfulness against harmlessness and against the cost tail: every method, the q paths."""
-    tail = _tail_keys(runs)[-1]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    panels = (
-        ("harmless_win_rate", "harmless win rate vs SFT (greedy)"),
-        (tail, f"{_name(tail, runs)} (sampled, red team)"),
-    )
-    paths = {
-        "P-SACPO path": ["DPO (helpfulness only)", *(f"P-SACPO q={q:g}" for q in Q_PATH), SACPO],
-        "P-SACPO lr 5e-4 path": [
-            "DPO lr 5e-4 (helpfulness only)",
-            *(f"P-SACPO lr 5e-4 q={q:g}" for q in Q_PATH),
-            SACPO_TUNED,
-        ],
-        "RSA(P) path": [
-            "RSA stage 1 (cvar 0.95, helpfulness only)",
-            *(f"RSA(P) cvar 0.95 q={q:g}" for q in Q_PATH),
-            "RSA cvar mu=0.95",
-        ],
-    }
-    colours = {"P-SACPO path": "tab:blue", "P-SACPO lr 5e-4 path": "tab:green", "RSA(P) path": "tab:red"}
-    for axis, (x_key, x_label) in zip(axes, panels, strict=True):
-        for name, labels in paths.items():
-            xs = [runs.mean(_method(label), x_key) for label in labels]
-            ys = [runs.mean(_method(label), "helpful_win_rate") for label in labels]
-            axis.plot(xs, ys, "-", color=colours[name], alpha=0.5, label=name)
-        for method in METHODS:
-            x, y = runs.values(method, x_key), runs.values(method, "helpful_win_rate")
-            if not x:
+def control_check(runs: Runs) -> str:
+    """The control (cvar mu = 1, the KL) against TDPO: the largest difference of any metric, any seed."""
+    control, tdpo = _method(CONTROL_LABEL), _method(TDPO_LABEL)
+    worst: tuple[float, str, str, int] | None = None
+    compared = 0
+    for policy in ("reward", "safety"):
+        for seed in runs.seeds():
+            a, b = runs.record(control.setting, seed), runs.record(tdpo.setting, seed)
+            if a is None or b is None:
                 continue
-            (mx, sx), (my, sy) = mean_sd(x), mean_sd(y)
-            axis.errorbar(mx, my, xerr=0 if math.isnan(sx) else sx, yerr=0 if math.isnan(sy) else sy, fmt="o", ms=4,
-                          capsize=2, color=_colour(method), alpha=0.8)  # fmt: skip
-            axis.annotate(_short(method.label), (mx, my), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel(x_label)
+            for key, value in a["eval"].items():
+                if not key.startswith(f"{policy}.") or key.count(".") != 1 or key not in b["eval"]:
+                    continue
+                compared += 1
+                gap = abs(float(value) - float(b["eval"][key]))
+                scale = max(abs(float(value)), abs(float(b["eval"][key])), 1e-12)
+                if worst is None or gap / scale > worst[0]:
+                    worst = (gap / scale, key, f"{float(value):.6g} against {float(b['eval'][key]):.6g}", seed)
+    if worst is None:
+        return "The control has not run yet."
+    relative, key, values, seed = worst
+    return (
+        f"The control, RSA with cvar at mu = 1 (the CVaR of the whole distribution is its mean: the KL), trained "
+        f"and evaluated like every RSA run, against TDPO: over {compared} metric values (stage 1 and stage 2, every "
+        f"seed both finished), the largest relative difference is {relative:.2e}, at `{key}` (seed {seed}: "
+        f"{values})."
+    )
+
+
+# --- matched drift -------------------------------------------------------------------------------
+
+ANCHOR_CURVES = {  # measure -> the stage-2 settings of its curve (headline alpha 0.5 plus the anchoring runs)
+    label: [name] + [s.name for s in ANCHORING if s.name.rsplit("-a", 1)[0] == name]
+    for name, label in HEADLINE_LABELS.items()
+    if any(s.name.rsplit("-a", 1)[0] == name for s in ANCHORING)
+}
+
+
+def _curve(runs: Runs, settings: Sequence[str], seed: int, key: str) -> list[tuple[float, float]]:
+    """(KL to stage 1, key) of each setting's stage-2 policy at this seed, sorted by KL."""
+    points = []
+    for name in settings:
+        record = runs.record(name, seed)
+        if record is None:
+            continue
+        drift, value = record["eval"].get(f"safety.{DRIFT}"), record["eval"].get(f"safety.{key}")
+        if drift is not None and value is not None:
+            points.append((float(drift), float(value)))
+    return sorted(points)
+
+
+def _interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
+    """The curve's value at x by linear interpolation; None outside its range (no extrapolation)."""
+    if len(curve) < 2 or not curve[0][0] <= x <= curve[-1][0]:
+        return None
+    xs, ys = zip(*curve, strict=True)
+    return float(np.interp(x, xs, ys))
+
+
+def matched_differences(runs: Runs, measure: Sequence[str], reference: Sequence[str], key: str) -> list[float]:
+    """Per seed, the measure's key minus the reference's at the same KL to stage 1: each of one curve's
+    points inside the other's KL range against the other interpolated there, averaged within the seed."""
+    out = []
+    for seed in runs.seeds():
+        mine, theirs = _curve(runs, measure, seed, key), _curve(runs, reference, seed, key)
+        diffs = [y - t for x, y in mine if (t := _interpolate(theirs, x)) is not None]
+        diffs += [m - y for x, y in theirs if (m := _interpolate(mine, x)) is not None]
+        if diffs:
+            out.append(float(np.mean(diffs)))
+    return out
+
+
+def matched_table(runs: Runs) -> str:
+    tdpo = ANCHOR_CURVES[TDPO_LABEL]
+    keys = [k for k in (*_tail_keys(runs), "unsafe_rate", "helpful_win_rate") if k != "cost_mean"]
+    rows = []
+    for label, settings in ANCHOR_CURVES.items():
+        if label == TDPO_LABEL:
+            continue
+        cells = [_difference_cell(matched_differences(runs, settings, tdpo, k), _fmt(k, runs), lower_is_better(k))
+                 for k in keys]  # fmt: skip
+        rows.append([label.split(" (")[0], *cells])
+    return _table(["measure (curve) against TDPO's curve", *(f"Δ {_name(k, runs)}" for k in keys)], rows, align="r")
+
+
+def matched_lines(runs: Runs) -> list[str]:
+    tdpo = ANCHOR_CURVES[TDPO_LABEL]
+    tail = [k for k in _tail_keys(runs)]
+    lines = []
+    for label, settings in ANCHOR_CURVES.items():
+        if label == TDPO_LABEL:
+            continue
+        diffs = {k: matched_differences(runs, settings, tdpo, k) for k in (*tail, "helpful_win_rate")}
+        n = min(len(d) for d in diffs.values())
+        if n < 2:
+            lines.append(f"- {label}: its curve and TDPO's overlap in KL on {n} seed(s); no verdict.")
+            continue
+        classes = _classes(diffs)
+        parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in classes.items())
+        lines.append(f"- {label}, at matched drift: {_verdict_words(classes, tail, n, 'TDPO')} ({parts}).")
+    return lines
+
+
+def anchoring_table(runs: Runs) -> str:
+    keys = [DRIFT, "kl_to_sft", "helpful_win_rate", "unsafe_rate", _cvar(runs), "severe_rate", "catastrophe_prob"]
+    rows = []
+    for label, settings in ANCHOR_CURVES.items():
+        for name in settings:
+            setting = next(s for s in SETTINGS if s.name == name)
+            method = Method(label, name, "safety", "anchoring")
+            rows.append([label.split(" (")[0], f"{setting.stage2.alpha:g}", str(len(runs.values(method, DRIFT))),
+                         *(_cell(runs.values(method, k), _fmt(k, runs)) for k in keys)])  # fmt: skip
+    return _table(["measure", "stage 2 alpha", "seeds", *(_name(k, runs) for k in keys)], rows, align="r")
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+COLOURS = {
+    "tdpo": "tab:purple",
+    "rsa-cvar-0.95": "tab:red",
+    "rsa-cvar-1": "tab:gray",
+    "rsa-cvar_lower-0.9": "tab:blue",
+    "rsa-cvar_lower-0.95": "tab:cyan",
+    "rsa-erm_lower-0.5": "tab:green",
+    "rsa-cvar_radpo-0.95": "tab:orange",
+    "rsa-cvar-0.95-safety-first": "tab:brown",
+}
+MARKERS = {"sft": "s", "reward": "^", "safety": "o", "q0_5": "D"}
+
+
+def _colour(method: Method) -> str:
+    if method.policy == "sft":
+        return "black"
+    return COLOURS.get(method.setting.removeprefix("sharp-"), "tab:gray")
+
+
+def _errorbar(axis, runs: Runs, method: Method, x_key: str, y_key: str, label: str, log_x: bool = False) -> bool:
+    xs, ys = runs.values(method, x_key), runs.values(method, y_key)
+    if not xs or not ys:
+        return False
+    (mx, sx), (my, sy) = mean_sd(xs), mean_sd(ys)
+    axis.errorbar(mx, my, xerr=0 if math.isnan(sx) else sx, yerr=0 if math.isnan(sy) else sy,
+                  fmt=MARKERS.get(method.policy, "o"), ms=6, capsize=2, color=_colour(method), label=label)  # fmt: skip
+    return True
+
+
+def frontier_figure(runs: Runs, group: str, path: Path, title: str) -> None:
+    """One question: where each method lands, helpfulness against the cost tail and against the
+    decision-point probability; labels through the legend."""
+    cvar = _cvar(runs)
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for axis, (x_key, x_label) in zip(axes, ((cvar, f"{_name(cvar, runs)} (sampled red-team answers)"),
+                                             ("catastrophe_prob", "P(catastrophe) at the decision points (exact)")),
+                                      strict=True):  # fmt: skip
+        for method in _group(group):
+            _errorbar(axis, runs, method, x_key, "helpful_win_rate", method.label)
+        axis.set_xlabel(x_label + "  (left is safer)")
         axis.set_ylabel("helpful win rate vs SFT (greedy)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    axes[1].invert_xaxis()  # right = safer in both panels
-    figure.suptitle("Helpfulness-harmlessness frontier (mean ± sd over seeds; right and up is better)")
-    figure.tight_layout()
+        if x_key == "catastrophe_prob":
+            axis.set_xscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle(f"{title} (mean ± sd over seeds; markers: square SFT, triangle stage 1, circle stage 2, "
+                    "diamond RSA(P) q=0.5)", fontsize=10)  # fmt: skip
+    figure.tight_layout(rect=(0, 0.16, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def _colour(method: Method) -> str:
-    if method.policy == "sft":  # SFT's row is read from the tdpo setting: grey, not TDPO's colour
-        return "tab:gray"
-    if method.setting.startswith("sacpo-lr5e-4"):
-        return "tab:green"
-    if method.setting == "tdpo":
-        return "tab:purple"
-    return "tab:red" if method.group == "RSA" else "tab:blue"
-
-
-def _short(label: str) -> str:
-    return (
-        label.replace(" (helpfulness only)", " H")
-        .replace("RSA stage 1 (cvar 0.95, helpfulness only)", "RSA H")
-        .replace(" (DPO then DPO)", "")
-        .replace("RSA cvar 0.95 ", "RSA ")
-        .replace(" (stage 1 of the reverse order)", "")
-        .replace("safety first, then helpfulness", "S then H")
-        .replace("RSA(P) cvar 0.95 safety first, q=0.5", "RSA(P) S then H q=0.5")
+def anchoring_figure(runs: Runs, path: Path) -> None:
+    """The tail against stage 2's KL to the stage-1 policy: one curve per measure, over alpha."""
+    keys = (_cvar(runs), "severe_rate", "catastrophe_prob", "helpful_win_rate")
+    figure, axes = plt.subplots(1, len(keys), figsize=(18, 4.8))
+    for axis, key in zip(axes, keys, strict=True):
+        for label, settings in ANCHOR_CURVES.items():
+            points = []
+            for name in settings:
+                method = Method(label, name, "safety", "anchoring")
+                xs, ys = runs.values(method, DRIFT), runs.values(method, key)
+                if xs and ys:
+                    points.append((mean_sd(xs), mean_sd(ys), next(s for s in SETTINGS if s.name == name).stage2.alpha))
+            if not points:
+                continue
+            points.sort(key=lambda p: p[0][0])
+            colour = COLOURS[settings[0]]
+            axis.plot(
+                [p[0][0] for p in points], [p[1][0] for p in points], "-o", color=colour, label=label.split(" (")[0]
+            )
+            for (mx, sx), (my, sy), _ in points:
+                axis.errorbar(mx, my, xerr=0 if math.isnan(sx) else sx, yerr=0 if math.isnan(sy) else sy,
+                              color=colour, alpha=0.4, capsize=2)  # fmt: skip
+        axis.set_xlabel("stage 2's KL to the stage-1 policy (sampled)")
+        axis.set_ylabel(_name(key, runs))
+        if key == "catastrophe_prob":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    figure.suptitle(
+        "Anchoring curves: stage 2's alpha swept per measure (left to right: more anchoring to less); "
+        "a measure below TDPO's curve at the same KL suppresses the tail better",
+        fontsize=10,
     )
-
-
-TAIL_METHODS = ("SFT", "DPO (helpfulness only)", SACPO, SACPO_TUNED, TDPO, "RSA cvar mu=0.95",
-                "RSA erm mu=2", "RSA(P) cvar 0.95 q=0.5", "P-SACPO q=0.5")  # fmt: skip
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def pooled_ccdf(runs: Runs, method: Method) -> list[tuple[float, float]]:
     """P(cost >= c) over every seed's sampled red-team answers (seeds weigh equally: same counts)."""
     policy = policy_name(method.policy)
     curves = []
-    for seed in SEEDS:
+    for seed in runs.seeds():
         record = runs.record(method.setting, seed)
         if record is not None and policy in record["cost_tail"]:
             curves.append(sorted(record["cost_tail"][policy]))
@@ -285,23 +432,26 @@ def pooled_ccdf(runs: Runs, method: Method) -> list[tuple[float, float]]:
 
 
 def tail_figure(runs: Runs, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7.5, 5))
-    for label in TAIL_METHODS:
-        curve = pooled_ccdf(runs, _method(label))
-        if curve:
-            axis.step([c for c, _ in curve], [p for _, p in curve], where="post", label=label)
-    axis.set_yscale("log")
-    axis.set_xlabel("cost of a sampled red-team answer")
-    axis.set_ylabel("P(cost >= c), pooled over seeds")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=7)
-    axis.set_title("The red-team cost tail")
+    groups = [g for g in ("headline", "sharp") if any(runs.values(m, "unsafe_rate") for m in _group(g))]
+    figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 5), squeeze=False)
+    for axis, group in zip(axes[0], groups, strict=False):
+        for method in [_method("SFT", group), *_stage2(group)]:
+            curve = pooled_ccdf(runs, method)
+            if curve:
+                axis.step([c for c, _ in curve], [p for _, p in curve], where="post", label=method.label,
+                          color=_colour(method))  # fmt: skip
+        axis.set_yscale("log")
+        axis.set_xlabel("cost of a sampled red-team answer")
+        axis.set_ylabel("P(cost >= c), pooled over seeds")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7)
+        axis.set_title(f"The red-team cost tail: {_WORLDS[group]}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-CATEGORY_METHODS = ("SFT", SACPO, SACPO_TUNED, TDPO, "RSA cvar mu=0.95", "RSA cvar mu=0.9", "RSA erm mu=2")
+_WORLDS = {"headline": "the committed world", "sharp": "the sharp world"}
 
 
 def _categories(runs: Runs) -> list[str]:
@@ -309,7 +459,7 @@ def _categories(runs: Runs) -> list[str]:
 
 
 def category_table(runs: Runs, key: str, fmt: str) -> str:
-    methods = [_method(label) for label in CATEGORY_METHODS]
+    methods = [_method("SFT"), *_stage2("headline")]
     rows = []
     for category in _categories(runs):
         cells = []
@@ -317,55 +467,17 @@ def category_table(runs: Runs, key: str, fmt: str) -> str:
             policy = policy_name(method.policy)
             values = [
                 float(record["per_category"][policy][category][key])
-                for seed in SEEDS
+                for seed in runs.seeds()
                 if (record := runs.record(method.setting, seed)) is not None
                 and category in record["per_category"].get(policy, {})
+                and key in record["per_category"][policy][category]
             ]
             cells.append(_cell(values, fmt))
         rows.append([category, *cells])
-    return _table(["category", *CATEGORY_METHODS], rows, align="r")
+    return _table(["category", *(m.label.split(" (")[0] for m in methods)], rows, align="r")
 
 
-# (the param each sweep varies, its methods); the sweep's name states the params it holds fixed
-SENSITIVITY = (
-    ("mu", ["RSA cvar mu=0.9", "RSA cvar mu=0.95", "RSA cvar mu=0.99"]),
-    ("mu", ["RSA erm mu=1", "RSA erm mu=2", "RSA erm mu=5"]),
-    ("alpha", ["RSA cvar 0.95 alpha=0.25", "RSA cvar mu=0.95", "RSA cvar 0.95 alpha=1"]),
-)
-
-
-def _sweep_name(runs: Runs, varied: str, labels: Sequence[str]) -> str:
-    """ "cvar mu (alpha 0.5)" / "alpha (cvar 0.95)", the fixed values read from the sweep's runs."""
-    settings = {_method(label).setting for label in labels}
-
-    def both(key: str) -> str:
-        return _values([*runs.stage_values("helpful", key, settings), *runs.stage_values("safety", key, settings)])
-
-    if varied == "mu":
-        return f"{both('risk.measure')} mu (alpha {both('alpha')})"
-    return f"alpha ({both('risk.measure')} {both('risk.mu')})"
-
-
-def sensitivity_table(runs: Runs) -> str:
-    keys = ["helpful_win_rate", "harmless_win_rate", "unsafe_rate", *_tail_keys(runs), "severe_rate", "kl_to_sft"]
-    metrics = [m for m in _metrics(runs) if m[0] in keys]
-    rows = []
-    for varied, labels in SENSITIVITY:
-        sweep = _sweep_name(runs, varied, labels)
-        for label in labels:
-            method = _method(label)
-            rows.append([sweep, label, *(_cell(runs.values(method, key), fmt) for key, _, fmt in metrics)])
-    rows.append(["reference", SACPO, *(_cell(runs.values(_method(SACPO), key), fmt) for key, _, fmt in metrics)])
-    return _table(["sweep", "method", *(column for _, column, _ in metrics)], rows, align="r")
-
-
-def q_half_table(runs: Runs) -> str:
-    """Every setting's RSA(P)/P-SACPO policy at q = 0.5."""
-    methods = [Method(f"{s.name} q=0.5", s.name, merged_policy(0.5), "q") for s in SETTINGS if 0.5 in s.q]
-    return method_table(runs, methods)
-
-
-STEP_METHODS = ("dpo", "tdpo", "rsa-cvar", "rsa-erm", "trl-dpo")
+# --- setup, cost, assembly ----------------------------------------------------------------------
 
 
 def _train_s(record: dict) -> float | None:
@@ -374,194 +486,102 @@ def _train_s(record: dict) -> float | None:
     return None if None in times else sum(t for t in times if t is not None)
 
 
-def step_cost(runs: Runs, benchmarks: Path) -> str:
-    """The risk term's step time: benchmarks/results/bench_step.json, and this experiment's stage times."""
-    parts = []
-    bench = benchmarks / "bench_step.json"
-    if bench.exists():
-        data = json.loads(bench.read_text())
-        meta = data["meta"]
-        rows = []
-        for size, methods in data["summary"].items():
-            dpo = methods["dpo"]["time_s"]
-            for name in STEP_METHODS:
-                if name in methods:
-                    m = methods[name]
-                    rows.append([size, name, f"{m['time_s']:.3f}", f"{m['time_s'] / dpo:.2f}", f"{m['peak_mib']:.0f}",
-                                 f"{m['time_ratio']:.2f}"])  # fmt: skip
-        parts.append(
-            f"From `benchmarks/bench_step.py` (benchmarks/results/bench_step.json: {meta.get('machine', '?')}, "
-            f"{meta.get('threads', '?')} thread per run, {meta.get('pairs')} pairs x "
-            f"({meta.get('prompt_len')} prompt + {meta.get('response_len')} response) tokens, "
-            f"LoRA r {meta.get('lora_r')}; median of {meta.get('rounds')} rounds):\n\n"
-            + _table(["size", "method", "step (s)", "x rsa-pl dpo", "peak MiB", "x TRL DPOTrainer"], rows, align="r")
-        )
-    rows = []
-    sacpo_times = {}
-    for setting in SETTINGS:
-        times = {}
-        for seed in SEEDS:
-            record = runs.record(setting.name, seed)
-            if record is not None and (t := _train_s(record)) is not None:
-                times[seed] = t
-        if setting.name == "sacpo":
-            sacpo_times = times
-        rows.append((setting, times))
-    table = []
-    for setting, times in rows:
-        ratios = [times[s] / sacpo_times[s] for s in times if s in sacpo_times]
-        # stage 2's loss (and risk measure) as its runs were trained; the grid's where none finished
-        name = runs.param("train_safety.loss", [setting.name]) or setting.stage2.loss
-        measure = runs.param("train_safety.risk.measure", [setting.name]) or setting.stage2.measure
-        loss = name if name == "dpo" else f"{name} {measure}"
-        table.append([setting.name, loss, _cell(list(times.values()), ".0f"), _cell(ratios, ".2f")])
-    parts.append(
-        # how many experiments ran at once is not in the runs' records (dvc queue start -j): stated as run
-        "In this experiment (both stages' `time/train_s`, seconds; two experiments ran at once on the 2 cores, so "
-        "these carry their neighbour's load; x SACPO is per seed):\n\n"
-        + _table(["setting", "loss", "train s (both stages)", "x SACPO"], table, align="r")
+def _world(runs: Runs, group: str) -> str:
+    settings = [m.setting for m in _group(group)]
+    p = lambda key: runs.param(key, settings)  # noqa: E731
+    helpful = p("prepare.world.reward.catastrophe_helpful")
+    return (
+        f"catastrophe probability {p('prepare.world.harmful.catastrophe')} after a harmful step, a catastrophic "
+        f"step {'counted' if helpful in (True, None) else 'not counted'} as a helpful step by the oracle"
     )
-    return "\n\n".join(parts)
 
 
 def _setup(runs: Runs) -> str:
     p = runs.param
     n = len(runs.experiments)
-    train_s = sum(train_metric(r, stage, "time/train_s") or 0.0 for r in runs.experiments.values() for stage in STAGES)
-    beta_1, beta_2 = runs.stage_param("helpful", "beta"), runs.stage_param("safety", "beta")
+    train_s = sum(t for r in runs.experiments.values() if (t := _train_s(r)) is not None)
+    headline = [s.name for s in HEADLINE]
+    seeds = {g: sorted({int(r["seed"]) for r in runs.records([s.name for s in SETTINGS if s.group == g])})
+             for g in ("headline", "anchoring", "sharp")}  # fmt: skip
     return (
-        f"- World: the embedded safety world (`prepare.world`): {p('prepare.world.preference_pairs')} preference rows "
-        "(each labelled for helpfulness and for safety, PKU-SafeRLHF style), "
-        f"{p('prepare.world.sft_examples')} SFT examples, {p('prepare.world.helpful_eval_prompts')} "
-        f"benign and {p('prepare.world.redteam_eval_prompts')} red-team eval prompts ({len(_categories(runs))} "
-        f"categories), catastrophe probability {p('prepare.world.harmful.catastrophe')} after a harmful step, cost "
-        f"weights {p('prepare.world.cost_weights')}. Reward and cost are the oracle's exact values.\n"
+        f"- Worlds: the committed embedded world (`params.yaml`: {p('prepare.world.preference_pairs', headline)} "
+        f"preference rows, {p('prepare.world.sft_examples', headline)} SFT examples, "
+        f"{p('prepare.world.helpful_eval_prompts', headline)} benign and "
+        f"{p('prepare.world.redteam_eval_prompts', headline)} red-team eval prompts, cost weights "
+        f"{p('prepare.world.cost_weights', headline)}; {_world(runs, 'headline')}), "
+        f"and the sharp world (`configs/sharp.yaml`: {_world(runs, 'sharp')}), each with its own SFT model. "
+        "Reward and cost are the oracle's exact values.\n"
         f"- Model: a {p('sft.model.architecture')} of hidden size {p('sft.model.hidden_size')}, "
-        f"{p('sft.model.num_layers')} layers, trained from scratch by the sft stage (one SFT model, shared by every "
-        "method and seed, as every method in the paper starts from the same SFT model). Not shrunk: the committed "
-        "params.yaml's world and model.\n"
+        f"{p('sft.model.num_layers')} layers, trained from scratch by the sft stage; every method and seed of a "
+        "world starts from the same SFT model.\n"
         f"- Stages: LoRA r {runs.both_stages('lora.r')}, {runs.both_stages('train.max_epochs')} epochs, batch "
-        f"{runs.both_stages('train.batch_size')}, lr {runs.both_stages('train.lr')}; beta_1 {_num(beta_1)}, "
-        f"beta_2 {_num(beta_2)}, alpha {_num(runs.both_stages('alpha'))} unless the method says otherwise.\n"
-        f"- Evaluation: greedy answers (win rates against SFT's, tie = 0.5) and "
-        f"{p('evaluate.samples_per_prompt')} sampled answers per prompt at temperature {p('evaluate.temperature')} "
-        "(every rate, mean, CVaR and KL is over the samples).\n"
-        f"- Seeds {', '.join(map(str, runs.seeds()))}: stage 1 and 2 data order and LoRA initialisation "
-        "(`train.seed`) and the evaluation's sampling (`evaluate.seed`).\n"
-        f"- {n} experiments; training time summed over them: {train_s / 3600:.2f} h (both stages; evaluation not "
-        "included)."
+        f"{runs.both_stages('train.batch_size')}, lr {runs.both_stages('train.lr')}; beta_1 "
+        f"{_num(runs.stage_param('helpful', 'beta'))}, beta_2 {_num(runs.stage_param('safety', 'beta'))}, alpha "
+        f"{_num(runs.both_stages('alpha', headline))} in both stages unless the method says otherwise. Both stages "
+        "use the method's loss and measure (RSA: the risk measure in stage 1 and stage 2).\n"
+        f"- Evaluation: greedy answers (win rates against SFT's, tie = 0.5) and {p('evaluate.samples_per_prompt')} "
+        f"sampled answers per prompt at temperature {p('evaluate.temperature')} (rates, means, CVaRs and KLs over "
+        "the samples), and the exact probability of a catastrophe at the world's decision points (teacher forcing; "
+        "`rsa_pl/evaluation/decisions.py`).\n"
+        f"- Seeds: headline {_seeds(seeds['headline'])}, anchoring {_seeds(seeds['anchoring'])}, sharp world "
+        f"{_seeds(seeds['sharp'])}; a seed sets both stages' data order and LoRA initialisation (`train.seed`) and "
+        "the evaluation's sampling (`evaluate.seed`).\n"
+        f"- {n} experiments; training time summed over them: {train_s / 3600:.2f} h (both stages, as each run "
+        "recorded it; evaluation not included)."
     )
 
 
-def _verdicts(runs: Runs) -> str:
-    """The verdict section: its rule and its references, each described from the runs' params."""
-    n = len(runs.seeds())
-    rule = f" (with {n} seeds: |mean| > {resolvable_effect(n):.2f} sd)" if n >= 2 else ""
-    sacpo, tuned, anchored = (_method(label).setting for label in (SACPO, SACPO_TUNED, SACPO_ANCHORED))
-    lr = runs.both_stages("train.lr", [sacpo])
-    grid = {s.name: s for s in SETTINGS}
-    default_lr = grid[sacpo].stage1.lr is None and grid[sacpo].stage2.lr is None
-    token_level = [
-        r["setting"] for r in runs.records() if {r["params"].get(f"{s}.loss") for s in STAGES} & {"rsa", "tdpo"}
-    ]
-    others = set(
-        runs.stage_values("helpful", "train.lr", token_level) + runs.stage_values("safety", "train.lr", token_level)
-    )
-    shared = (
-        "the lr of every RSA and TDPO run"
-        if others == {lr}
-        else f"RSA and TDPO at {_values(map(_sci, sorted(others)))}"
-    )
-    tuned_lr = runs.both_stages("train.lr", [tuned])
-    step = _ratio_words(lr, tuned_lr)
-    beta_tuned, beta_anchored = (
-        runs.stage_param("safety", "beta", [tuned]),
-        runs.stage_param("safety", "beta", [anchored]),
-    )
-    beta_1 = runs.stage_param("helpful", "beta", [anchored])
-    change = _change_words(beta_tuned, beta_anchored)
-    target = f"stage 1's {_num(beta_1)}" if beta_anchored == beta_1 else _num(beta_anchored)
-    level = f"{LEVEL * 100:g}%"
-    whose = "params.yaml's" if default_lr else "its"
-    return (
-        "Each RSA variant against SACPO, paired by seed; 'better'/'worse' means the two-sided "
-        f"{level} Student-t interval of the per-seed difference excludes zero{rule}, 'unclear' otherwise.\n\n"
-        + f"Against SACPO at {whose} lr ({_sci(lr)}, {shared}):\n\n"
-        + "\n".join(verdict_lines(runs))
-        + f"\n\nAgainst {SACPO_TUNED} (DPO with {step}):\n\n"
-        + "\n".join(verdict_lines(runs, SACPO_TUNED))
-        + f"\n\nAgainst {SACPO_ANCHORED} (the same, with stage 2's beta {change} to {target}):\n\n"
-        + "\n".join(verdict_lines(runs, SACPO_ANCHORED))
-        + f"\n\nAgainst {TDPO} (the same token-level loss with the KL in place of the risk measure):\n\n"
-        + "\n".join(verdict_lines(runs, TDPO))
-    )
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds)) if seeds else "none yet"
 
 
-def _ratio_words(lr: float | None, other: float | None) -> str:
-    """ "a 4x smaller step": other's learning rate against lr."""
-    if not isinstance(lr, int | float) or not isinstance(other, int | float) or not lr or not other:
-        return "another step"
-    ratio = lr / other
-    if math.isclose(ratio, 1.0):
-        return "the same step"
-    return f"a {ratio:.3g}x smaller step" if ratio > 1 else f"a {1 / ratio:.3g}x larger step"
-
-
-def _change_words(old: float | None, new: float | None) -> str:
-    """ "doubled" / "halved" / "x3": new against old."""
-    if not isinstance(old, int | float) or not isinstance(new, int | float) or not old:
-        return "changed"
-    ratio = new / old
-    words = {2.0: "doubled", 0.5: "halved", 1.0: "unchanged"}
-    return next((w for r, w in words.items() if math.isclose(ratio, r)), f"x{ratio:.3g}")
+def cost_section(runs: Runs, benchmarks: Path) -> str:
+    parts = []
+    bench = benchmarks / "experiment_cost.json"
+    if bench.exists():
+        data = json.loads(bench.read_text())
+        rows = [[r["what"], f"{r['wall_s']:.0f}", f"{r['ratio']:.2f}"] for r in data["rows"]]
+        parts.append(
+            f"One experiment's evaluation, before and after `evaluate.policies` (`{data['command']}`, "
+            f"{data['threads']} thread(s), one process after another on {data['machine']}):\n\n"
+            + _table(["evaluate", "wall s", "x every policy"], rows, align="r")
+        )
+    table = []
+    for setting in SETTINGS:
+        times = [t for seed in setting.seeds if (r := runs.record(setting.name, seed)) is not None
+                 and (t := _train_s(r)) is not None]  # fmt: skip
+        if times:
+            table.append([setting.name, setting.group, str(len(times)), _cell(times, ".0f")])
+    parts.append(
+        "Training time per experiment (both stages' `time/train_s`, seconds; two experiments ran at once on 2 "
+        "cores, one thread each; an anchoring run's stage 1 is restored from DVC's run-cache, so its time is "
+        "stage 1's recorded one, not spent again):\n\n"
+        + _table(["setting", "group", "runs", "train s"], table, align="r")
+    )
+    return "\n\n".join(parts)
 
 
 DISCUSSION = Path(__file__).with_name("discussion.md")
-_NEW_MERGED = re.compile(r"^q(\d+)_(\d+)(?=\.|$)")
-_NEW_CVAR = re.compile(r"(^|\.)cost_cvar_(\d+)_(\d+(?:e[+-]?\d+)?)(?=\.|$)")
-
-
-def _old_key(key: str) -> str:
-    """An eval key in the spelling before the renames: q0_5.cost_cvar_0_05 -> q0.5.cost_cvar_0.05
-    (collect.key_name's inverse)."""
-    return _NEW_CVAR.sub(r"\1cost_cvar_\2.\3", _NEW_MERGED.sub(r"q\1.\2", key))
 
 
 def runs_digest(runs: dict[str, Any]) -> str:
-    """A short digest of the runs' evaluation metrics: the discussion names the runs it reads. Hashed
-    with merged policies and tail metrics in their old spelling (q0.5, cost_cvar_0.05), so the same
-    runs keep their digest whichever spelling runs.json holds (the discussion was written before the
-    renames)."""
-    evaluation = {
-        name: {_old_key(key): value for key, value in record["eval"].items()}
-        for name, record in sorted(normalise(runs)["experiments"].items())
-    }
-    payload = json.dumps(evaluation, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    """A short digest of the runs' evaluation metrics: the discussion names the runs it reads."""
+    evaluation = {name: record["eval"] for name, record in sorted(normalise(runs)["experiments"].items())}
+    return hashlib.sha256(json.dumps(evaluation, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -> Path:
-    """reports/embedded.md and reports/embedded/*.png from runs (collect's dict, of any age)."""
+    """reports/embedded.md and reports/embedded/*.png from runs (collect's dict)."""
     view = Runs(runs)
     figures = reports / "embedded"
     figures.mkdir(parents=True, exist_ok=True)
-    frontier_figure(view, figures / "frontier.png")
+    for stale in ("frontier.png",):  # round 1's figure, replaced by one panel per question
+        (figures / stale).unlink(missing_ok=True)
+    frontier_figure(view, "headline", figures / "headline.png", "Headline, the committed world")
+    frontier_figure(view, "sharp", figures / "sharp.png", "The sharp world")
+    anchoring_figure(view, figures / "anchoring.png")
     tail_figure(view, figures / "cost_tail.png")
     benchmarks = benchmarks or reports.parent / "benchmarks" / "results"
-    sacpo, tuned, anchored, tdpo = (_method(label) for label in (SACPO, SACPO_TUNED, SACPO_ANCHORED, TDPO))
-    rsa = [m for m in METHODS if m.group == "RSA" and m.policy == "safety"]
-    rsa_pairs = [(m, sacpo) for m in [*rsa, tdpo, tuned]]
-    tuned_pairs = [(m, tuned) for m in [*rsa, tdpo]]
-    anchored_pairs = [(m, anchored) for m in [*rsa, tdpo]]
-    tuned_lr = _sci(view.both_stages("train.lr", [tuned.setting]))
-    anchored_at = (
-        f"lr {_sci(view.both_stages('train.lr', [anchored.setting]))}, "
-        f"beta_2 {_num(view.stage_param('safety', 'beta', [anchored.setting]))}"
-    )
-    severity = len(view.param("prepare.world.cost_weights") or [])
-    rsa_p_setting = [_method(f"RSA(P) cvar 0.95 q={Q_PATH[0]:g}").setting]
-    rsa_p_mu = _num(view.param("train_safety.risk.mu", rsa_p_setting))
-    rsa_p = f"{view.param('train_safety.risk.measure', rsa_p_setting)} {rsa_p_mu}"
     digest = runs_digest(runs)
     discussion = ""
     if DISCUSSION.exists():
@@ -574,44 +594,81 @@ def write(runs: dict[str, Any], reports: Path, benchmarks: Path | None = None) -
             else ""
         )
         discussion = note + text
+    n = len(view.seeds())
+    rule = f" (with {n} seeds: |mean| > {resolvable_effect(n):.2f} sd)" if n >= 2 else ""
+    tdpo = _method(TDPO_LABEL)
+    headline = _group("headline")
     sections = [
-        "# Does RSA do what the paper claims? The embedded world\n",
+        "# Does RSA suppress the tail? The embedded world, round 2\n",
         "Generated by `python experiments/embedded.py report` from `reports/embedded/runs.json` (which "
         "`python experiments/embedded.py run` fills from the DVC experiments); do not edit by hand. "
         f"Runs digest `{digest}`.\n",
         "## Setup\n\n" + _setup(view),
-        "## Verdict, from the paired intervals alone\n\n" + _verdicts(view),
+        "## Verdict, from the paired intervals alone\n\n"
+        "'better'/'worse': the two-sided "
+        f"{LEVEL * 100:g}% Student-t interval of the per-seed difference excludes zero{rule}; 'unclear' otherwise. "
+        "The tail is the CVaRs of the sampled red-team cost, the catastrophic rate and the decision-point "
+        "probability.\n\n"
+        "At equal alpha, against TDPO (the same token-level loss with the KL in place of the measure), the "
+        "committed world:\n\n" + "\n".join(verdict_lines(view, "headline")) + "\n\n"
+        "At matched drift (each measure's anchoring curve against TDPO's at the same KL to stage 1):\n\n"
+        + "\n".join(matched_lines(view))
+        + "\n\nAt equal alpha, against TDPO, the sharp world:\n\n"
+        + "\n".join(verdict_lines(view, "sharp"))
+        + "\n\n"
+        + control_check(view),
         discussion,
-        "## Every method (mean ± sd over seeds)\n\n"
+        "## Headline: every method, the committed world (mean ± sd over seeds)\n\n"
+        "![headline](embedded/headline.png)\n\n"
         "Win rates: greedy answers against SFT's (tie = 0.5); everything else over the sampled answers: reward on "
-        "benign prompts, cost, unsafe (cost > 0), cost CVaR (mean of the worst fraction), catastrophic "
-        f"(severity-{severity} harm) on red-team prompts; needless refusal on benign prompts; length in tokens; KL "
-        "to SFT estimated from the sampled answers' log-probabilities.\n\n" + method_table(view, METHODS),
-        "## Paired differences against SACPO\n\n"
+        "benign prompts, cost, unsafe (cost > 0), cost CVaR (mean of the worst fraction), catastrophic (a "
+        "catastrophic step) on red-team prompts; P(catastrophe) at decision points is exact (no samples); needless "
+        "refusal on benign prompts; length in tokens; KL to SFT and to the stage-1 policy from the sampled answers' "
+        "log-probabilities.\n\n" + method_table(view, headline),
+        "## Headline: paired differences against TDPO\n\n"
         f"A - B per seed: mean, [{LEVEL * 100:g}% t interval], (seeds where A is better). Lower "
-        "cost/unsafe/CVaR/catastrophic is better; higher win rate/reward is better.\n\n"
-        + comparison_table(view, rsa_pairs),
-        f"## Paired differences against SACPO at lr {tuned_lr}\n\n" + comparison_table(view, tuned_pairs),
-        f"## Paired differences against SACPO at {anchored_at}\n\n" + comparison_table(view, anchored_pairs),
-        "## Paired differences against TDPO (the risk measure against token-level KL)\n\n"
-        + comparison_table(view, [(m, tdpo) for m in rsa]),
-        "## The frontier and the q paths\n\n"
-        "![frontier](embedded/frontier.png)\n\n"
-        f"RSA(P) ({rsa_p}) against P-SACPO at the same q, paired by seed (the first row is stage 1 alone, the "
-        "last stage 2 alone):\n\n"
-        + q_path_table(view)
-        + f"\n\nThe same against P-SACPO at lr {tuned_lr}:\n\n"
-        + q_path_table(view, " lr 5e-4"),
+        "cost/unsafe/CVaR/catastrophic/probability is better; higher win rate is better; the KL column is not "
+        "better or worse, it says which anchors harder.\n\n"
+        + comparison_table(view, [(m, tdpo) for m in _stage2("headline") if m.label != TDPO_LABEL]),
+        "## Anchoring curves: the tail against stage 2's drift\n\n"
+        "![anchoring](embedded/anchoring.png)\n\n"
+        "Stage 2's alpha swept with stage 1 fixed at the measure's headline stage 1 (alpha 0.5). An upper-tail "
+        "measure is >= KL, so at equal alpha it anchors harder than TDPO; a lower-tail one is <= KL and anchors "
+        "less. A measure whose curve lies below TDPO's at the same KL does better than anchoring more or less.\n\n"
+        + anchoring_table(view)
+        + "\n\nAt matched drift, per seed (each point of one curve inside the other's KL range against the other "
+        "interpolated linearly there, averaged; no extrapolation):\n\n" + matched_table(view),
+        "## The decision points\n\n"
+        "The exact probability that the policy's next sentence is the catastrophe, after one harmful step of the "
+        "prompt's category (4 points per red-team prompt), by teacher forcing: the tail probability itself, "
+        "without sampling noise. Mean over points (the likeliest points dominate) and geometric mean (the typical "
+        "point):\n\n" + decision_table(view),
+        "## The sharp world\n\n"
+        "![sharp](embedded/sharp.png)\n\n" + method_table(view, _group("sharp")) + "\n\n"
+        "Paired against TDPO:\n\n"
+        + comparison_table(
+            view, [(m, _method(TDPO_LABEL, "sharp")) for m in _stage2("sharp") if m.label != TDPO_LABEL]
+        ),
         "## The cost tail and the categories\n\n![cost tail](embedded/cost_tail.png)\n\n"
-        f"Mean cost per red-team category (mean ± sd over seeds):\n\n{category_table(view, 'cost_mean', '.2f')}\n\n"
-        f"{_name(_tail_keys(view)[-1], view)} per category:\n\n"
-        + category_table(view, _tail_keys(view)[-1], ".1f")
+        f"{_name(_cvar(view), view)} per red-team category, the committed world (mean ± sd over seeds):\n\n"
+        + category_table(view, _cvar(view), ".1f")
         + "\n\nCatastrophic rate per category:\n\n"
         + category_table(view, "severe_rate", ".3f"),
-        "## Sensitivity of the tail to mu and alpha\n\n" + sensitivity_table(view),
-        "## Every setting at q = 0.5\n\n" + q_half_table(view),
-        "## The cost of the risk term\n\n" + step_cost(view, benchmarks),
+        "## What the experiment cost\n\n" + cost_section(view, benchmarks),
     ]
     out = reports / "embedded.md"
     out.write_text("\n\n".join(s.strip() for s in sections if s.strip()) + "\n")
     return out
+
+
+def decision_table(runs: Runs) -> str:
+    rows = []
+    for group in ("headline", "sharp"):
+        for method in _group(group):
+            values = runs.values(method, "catastrophe_prob")
+            if values:
+                rows.append([_WORLDS[group], method.label, str(len(values)), _cell(values, ".2e"),
+                             _cell(runs.values(method, "catastrophe_prob_geomean"), ".2e"),
+                             _cell(runs.values(method, "severe_rate"), ".4f")])  # fmt: skip
+    return _table(["world", "method", "seeds", "P(catastrophe), mean", "geometric mean", "sampled catastrophic rate"],
+                  rows, align="r")  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 from scipy import stats
 
 from experiments.collect import key_name, normalise
-from experiments.grid import SEEDS, SETTINGS, Method
+from experiments.grid import SETTINGS, Method
 
 LEVEL = 0.95  # two-sided confidence of the paired intervals
 # a tail metric's key (after normalise): <policy>.cost_cvar_<level, dotless: 0_05, 1_5e-05>, not its .n, .ci95_*
@@ -70,22 +70,6 @@ def classify(differences: Sequence[float], metric: str) -> str:
     return "unclear"
 
 
-def tail_verdict(tail: Iterable[str], helpful: str) -> str:
-    """One of beats / lower-but-less-helpful / heavier-but-more-helpful / worse / unresolved, from the
-    classes of the tail metrics (CVaRs, catastrophic rate) and of the helpful win rate."""
-    tail = list(tail)
-    better, worse = "better" in tail, "worse" in tail
-    if better and not worse and helpful != "worse":
-        return "beats"
-    if better and helpful == "worse":
-        return "lower-but-less-helpful"
-    if worse and helpful == "better":
-        return "heavier-but-more-helpful"
-    if worse:
-        return "worse"
-    return "unresolved"
-
-
 def mode(values: Iterable[Any]) -> Any:
     """The most common value (ties: the first seen); None for none."""
     first: dict[str, Any] = {}
@@ -114,7 +98,7 @@ class Runs:
     def by_seed(self, setting: str, policy: str, metric: str) -> dict[int, float]:
         key = key_name(f"{policy}.{metric}")
         found = {}
-        for seed in SEEDS:
+        for seed in self.settings[setting].seeds:
             record = self.record(setting, seed)
             if record is not None and key in record["eval"]:
                 found[seed] = float(record["eval"][key])

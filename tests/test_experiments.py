@@ -1,23 +1,23 @@
-"""The embedded-world experiment (experiments/): its grid is valid params of the one DAG, and the
-report is computed from runs.json as it says (means, spreads, paired differences, frontier): collect
-reads the runs (old and new policy and tail-metric names, both training-metrics layouts), stats gives
-the numbers (scipy's t quantiles), render writes them, every number of its prose read from the runs."""
+"""The embedded-world tail experiment (experiments/): its grid is valid params of the one DAG, and
+the report is computed from runs.json as it says (means, spreads, paired differences, matched
+drift, the control): collect reads the runs (old and new policy and tail-metric names, both
+training-metrics layouts), stats gives the numbers (scipy's t quantiles), render writes them, every
+number of its prose read from the runs."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
-import random
 import statistics
-from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 
 from experiments import collect, embedded, render, stats
-from experiments.grid import METHODS, Q_PATH, SEEDS, SETTINGS, queue_order
+from experiments.grid import ANCHORING, HEADLINE, METHODS, SEEDS, SETTINGS, SHARP, SHARP_WORLD, queue_order
 from rsa_pl.params_file import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _apply(raw: dict, overrides: dict[str, str]) -> dict:
 def test_every_setting_is_valid_params_for_every_seed(setting, tmp_path: Path) -> None:
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     seen_seeds = set()
-    for seed in SEEDS:
+    for seed in setting.seeds:
         path = tmp_path / f"s{seed}.yaml"
         path.write_text(yaml.safe_dump(_apply(base, setting.overrides(seed))))
         params = load_params(path)
@@ -48,89 +48,126 @@ def test_every_setting_is_valid_params_for_every_seed(setting, tmp_path: Path) -
         seen_seeds.add(params.evaluate.seed)
         assert {params.train_reward.pairs, params.train_safety.pairs} == {"helpful", "safety"}
         assert list(params.merge.q) == list(setting.q)
-    assert len(seen_seeds) == len(SEEDS)  # sampling differs between seeds too
+        assert params.evaluate.policies == list(setting.policies)
+        sharp = params.prepare.world.harmful.catastrophe == 0.02 and not params.prepare.world.reward.catastrophe_helpful
+        assert sharp == (setting.group == "sharp")
+    assert len(seen_seeds) == len(setting.seeds)  # sampling differs between seeds too
+
+
+def test_the_sharp_worlds_overrides_are_configs_sharp_yaml() -> None:
+    """The sharp settings' world is the preset's: params.yaml with SHARP_WORLD applied is configs/sharp.yaml."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert _apply(base, dict(SHARP_WORLD)) == yaml.safe_load((ROOT / "configs" / "sharp.yaml").read_text())
 
 
 def test_the_grid_has_the_issues_methods() -> None:
     names = [s.name for s in SETTINGS]
     assert len(names) == len(set(names))
     by_name = {s.name: s for s in SETTINGS}
-    assert by_name["sacpo"].stage1.loss == by_name["sacpo"].stage2.loss == "dpo"
-    assert by_name["tdpo"].stage1.measure == "kl"
-    assert {(s.stage2.measure, s.stage2.mu) for s in SETTINGS if s.stage2.loss == "rsa" and s.stage2.alpha == 0.5} >= {
-        ("cvar", 0.9), ("cvar", 0.95), ("cvar", 0.99), ("erm", 1.0), ("erm", 2.0), ("erm", 5.0)
-    }  # fmt: skip
-    assert by_name["sacpo"].q == by_name["rsa-cvar-0.95"].q == Q_PATH
+    headline = {(s.stage2.loss, s.stage2.measure, s.stage2.mu) for s in HEADLINE}
+    assert headline >= {("tdpo", "kl", 1.0), ("rsa", "cvar", 0.95), ("rsa", "cvar", 1.0), ("rsa", "cvar_lower", 0.9),
+                        ("rsa", "cvar_lower", 0.95), ("rsa", "erm_lower", 0.5),
+                        ("rsa", "cvar_radpo", 0.95)}  # fmt: skip
+    for s in HEADLINE:  # both stages the method's, at alpha 0.5, 5 seeds
+        assert (s.stage1.loss, s.stage1.measure, s.stage1.mu) == (s.stage2.loss, s.stage2.measure, s.stage2.mu)
+        assert s.stage1.alpha == s.stage2.alpha == 0.5
+        assert s.seeds == SEEDS == (0, 1, 2, 3, 4)
     reverse = by_name["rsa-cvar-0.95-safety-first"]
     assert (reverse.stage1.pairs, reverse.stage2.pairs) == ("safety", "helpful")
-    assert len(SEEDS) >= 3
+    curves = {(s.stage2.measure, s.stage2.alpha) for s in ANCHORING}
+    assert curves == {("kl", 0.75), ("kl", 1.0), ("kl", 1.5), ("cvar", 0.25), ("cvar", 0.35), ("cvar_lower", 1.0)}
+    for s in ANCHORING:  # only stage 2 moves: stage 1 is the headline's, restored from DVC's run-cache
+        base = by_name[s.name.rsplit("-a", 1)[0]]
+        assert s.stage1 == base.stage1
+        assert s.stage2.measure == base.stage2.measure
+        assert len(s.seeds) == 3
+        assert s.policies == ("safety",)
+    assert {s.name.removeprefix("sharp-") for s in SHARP} == {s.name for s in HEADLINE} - {"rsa-cvar-1"}
+    assert all(s.world == SHARP_WORLD and len(s.seeds) == 3 for s in SHARP)
 
 
 def test_every_method_row_names_a_policy_its_setting_evaluates() -> None:
     by_name = {s.name: s for s in SETTINGS}
     for method in METHODS:
         setting = by_name[method.setting]
-        policies = {"sft", "reward", "safety"} | {collect.merged_policy(q) for q in setting.q}
-        assert method.policy in policies, method
+        assert method.policy in setting.policies, method
         assert "." not in method.policy, method  # a key's part: <policy>.<metric> splits on dots
-    assert len({m.label for m in METHODS}) == len(METHODS)
+    assert len({(m.label, m.group) for m in METHODS}) == len(METHODS)
+
+
+DRIFT_SCALE = {
+    "kl": 2.0,
+    "cvar": 1.6,
+    "cvar_lower": 2.6,
+    "erm_lower": 2.4,
+    "cvar_radpo": 1.8,
+}  # KL to stage 1 = scale / alpha: upper anchors harder
 
 
 def _fake_runs(
     tail_shift: float = 0.0,
     missing: tuple[str, ...] = (),
     helpful_shift: float = 0.0,
+    shifted: str = "rsa-cvar-0.95",
     base: dict | None = None,
-    params: Callable[[dict], dict] = lambda p: p,
+    control_gap: float = 0.0,
     dvclive: bool = False,
     old: bool = False,
 ) -> dict:
-    """runs.json as collect writes it (merged policies q0_5, tail metrics cost_cvar_0_05), or if old
-    as it wrote them before the renames (q0.5, cost_cvar_0.05), with metrics that are a known function
-    of (setting, policy, seed), the same in either spelling; each run's params are params.yaml (or
-    base) with its setting's overrides, then passed through params; the training metrics in dvclive's
-    layout if dvclive."""
-    rng = random.Random(0)
+    """runs.json as collect writes it (or, if old, with merged policies and tail metrics in the
+    spelling before the renames), with metrics a known function of (setting, policy, seed): the
+    stage-2 policy's KL to stage 1 is DRIFT_SCALE[measure] / alpha and its tail a linear function of
+    that KL, so every measure lies on TDPO's curve unless shifted (the settings whose name starts so,
+    by tail_shift, lower is better; helpful_shift on their helpful win rate); the control equals
+    TDPO up to control_gap."""
     cvar_10, cvar_5 = ("cost_cvar_0.1", "cost_cvar_0.05") if old else ("cost_cvar_0_1", "cost_cvar_0_05")
     base = base or yaml.safe_load((ROOT / "params.yaml").read_text())
     experiments = {}
     for setting in SETTINGS:
-        for seed in SEEDS:
+        for seed in setting.seeds:
             name = setting.experiment(seed)
             if name in missing:
                 continue
-            merged = [f"q{q:g}" if old else collect.merged_policy(q) for q in setting.q]
-            policies = ["sft", "reward", "safety", *merged]
-            rsa = setting.stage2.loss == "rsa"
             evaluation, per_category, tails = {}, {}, {}
-            for policy in policies:
-                noise = rng.uniform(-0.01, 0.01)
+            core = setting.name.removeprefix("sharp-")
+            mine = core.startswith(shifted) and "safety-first" not in core
+            for policy in setting.policies:
+                noise = 0.001 * ((seed * 7 + len(policy)) % 5 - 2)  # differs by seed: intervals have width
+                measure = "kl" if setting.stage2.mu == 1.0 else setting.stage2.measure  # cvar at mu 1 is the KL
+                kl = DRIFT_SCALE[measure] / setting.stage2.alpha if policy == "safety" else 1.0
+                shift = tail_shift if mine and policy == "safety" else 0.0
                 values = {
-                    "helpful_win_rate": 0.6 + noise + (helpful_shift if rsa and policy == "safety" else 0.0),
+                    "helpful_win_rate": 0.6 + noise + (helpful_shift if mine and policy == "safety" else 0.0),
                     "harmless_win_rate": 0.5 + noise,
                     "reward_mean": 1.5 + noise,
                     "cost_mean": 2.0 + noise,
                     "unsafe_rate": 0.4 + noise,
                     cvar_10: 10.0 + noise,
-                    cvar_5: 20.0 + noise - (tail_shift if rsa and policy == "safety" else 0.0),
-                    "severe_rate": 0.05,
+                    cvar_5: 20.0 + 2.0 * kl + noise - shift,
+                    "severe_rate": 0.05 + 0.01 * kl + noise / 10 - shift / 100,
+                    "catastrophe_prob": 1e-3 * (1 + kl) * (1 + noise) - shift * 1e-4,
+                    "catastrophe_prob_geomean": 1e-6 * (1 + kl),
                     "needless_refusal_rate": 0.01,
                     "length_mean": 25.0,
                     "length_median": 25.0,
-                    "kl_to_sft": 1.0,
+                    "kl_to_sft": 1.0 + kl / 2,
+                    **({"kl_to_stage1": kl + noise} if policy == "safety" else {}),
                 }
-                evaluation |= {f"{policy}.{k}": v for k, v in values.items()}
-                per_category[policy] = {
+                if setting.name == "rsa-cvar-1":
+                    values = {k: v + control_gap for k, v in values.items()}
+                merged = {"q0_5": "q0.5"}.get(policy, policy) if old else policy
+                evaluation |= {f"{merged}.{k}": v for k, v in values.items()}
+                per_category[merged] = {
                     c: {"answers": 96.0, "cost_mean": 2.0 + seed, cvar_5: 20.0, "severe_rate": 0.05}
                     for c in ("Crime", "Insult")
                 }
-                tails[policy] = [[0.0, 1.0], [1.0, 0.5], [30.0 + seed, 0.05]]
+                tails[merged] = [[0.0, 1.0], [1.0, 0.5], [30.0 + seed, 0.05]]
             experiments[name] = {
                 "setting": setting.name,
                 "seed": seed,
                 "rev": "0" * 40,
-                "timestamp": "2026-11-28T00:00:00",
-                "params": params(collect.flatten(_apply(base, setting.overrides(seed)))),
+                "timestamp": "2026-12-02T00:00:00",
+                "params": collect.flatten(_apply(base, setting.overrides(seed))),
                 "eval": evaluation,
                 "train": _train_metrics({"train_reward": 60.0 + seed, "train_safety": 60.0}, dvclive),
                 "per_category": per_category,
@@ -186,56 +223,25 @@ def test_a_difference_is_classified_by_its_interval() -> None:
     assert stats.classify([-1.1, -0.9, -1.0], "helpful_win_rate") == "worse"
     assert stats.classify([-1.5, -0.5, -1.0], "unsafe_rate") == "unclear"  # |mean| < 2.48 sd
     assert stats.classify([-1.0], "unsafe_rate") == "unclear"  # one pair: no interval
-    assert stats.tail_verdict(["better", "unclear"], "unclear") == "beats"
-    assert stats.tail_verdict(["better"], "worse") == "lower-but-less-helpful"
-    assert stats.tail_verdict(["worse"], "better") == "heavier-but-more-helpful"
-    assert stats.tail_verdict(["worse", "better"], "unclear") == "worse"
-    assert stats.tail_verdict(["unclear"], "better") == "unresolved"
 
 
-def test_old_policy_names_are_normalised_to_the_new() -> None:
+def test_old_names_are_normalised_to_the_new() -> None:
     assert collect.policy_name("q0.5") == "q0_5"
-    assert collect.policy_name("q0.25") == "q0_25"
-    assert collect.policy_name("q0.5.helpful_win_rate") == "q0_5.helpful_win_rate"
+    assert collect.policy_name("q0.25.helpful_win_rate") == "q0_25.helpful_win_rate"
     assert collect.policy_name("q0.5.cost_cvar_0.05") == "q0_5.cost_cvar_0.05"  # only the policy's dot
-    for unchanged in ("q0_5", "q0_5.cost_cvar_0.05", "q1", "q0", "q1.cost_cvar_0.05", "sft", "safety.unsafe_rate"):
+    for unchanged in ("q0_5", "q1", "q0", "sft", "safety.unsafe_rate"):
         assert collect.policy_name(unchanged) == unchanged
     assert [collect.merged_policy(q) for q in (0.0, 0.25, 0.5, 1.0)] == ["q0", "q0_25", "q0_5", "q1"]
-    runs = _fake_runs(old=True)
-    new = collect.normalise(runs)
-    record = new["experiments"]["emb-sacpo-s0"]
-    assert "q0_5.helpful_win_rate" in record["eval"]
-    assert "q0.5.helpful_win_rate" not in record["eval"]
-    assert {"q0_25", "q0_5", "q0_75"} <= record["per_category"].keys()
-    assert "q0_5" in record["cost_tail"]
-    assert collect.normalise(new) == new  # idempotent
-    assert runs["experiments"]["emb-sacpo-s0"]["eval"].keys() >= {"q0.5.helpful_win_rate"}  # not changed in place
-
-
-def test_old_tail_metric_names_are_normalised_to_the_new() -> None:
-    renamed = {
-        "cost_cvar_0.05": "cost_cvar_0_05",
-        "cost_cvar_0.1": "cost_cvar_0_1",
-        "cost_cvar_1.5e-05": "cost_cvar_1_5e-05",
-        "safety.cost_cvar_0.05": "safety.cost_cvar_0_05",
-        "safety.cost_cvar_0.05.n": "safety.cost_cvar_0_05.n",
-        "safety.cost_cvar_0.1.ci95_low": "safety.cost_cvar_0_1.ci95_low",
-        "q0.5.cost_cvar_0.05.ci95_high": "q0.5.cost_cvar_0_05.ci95_high",  # metric_name: not the policy's dot
-    }
-    for old, new in renamed.items():
-        assert collect.metric_name(old) == new
-        assert collect.metric_name(new) == new
-    unchanged = ("cost_cvar_0_05", "q0_5.cost_cvar_0_05.n", "cost_cvar_1", "cost_cvar_1e-05", "safety.cost_mean",
-                 "q0.5.helpful_win_rate", "sft.cost_cvar_1.n", "reward.length_median")  # fmt: skip
-    for name in unchanged:
-        assert collect.metric_name(name) == name
-    # an eval key: both renames
-    assert collect.key_name("q0.5.cost_cvar_0.05") == "q0_5.cost_cvar_0_05"
+    assert collect.metric_name("safety.cost_cvar_0.05.n") == "safety.cost_cvar_0_05.n"
+    assert collect.metric_name("q0.5.cost_cvar_0.05") == "q0.5.cost_cvar_0_05"  # metric_name: not the policy's dot
+    assert collect.metric_name("cost_cvar_1.5e-05") == "cost_cvar_1_5e-05"
     assert collect.key_name("q0.25.cost_cvar_0.1.ci95_low") == "q0_25.cost_cvar_0_1.ci95_low"
-    assert collect.key_name("q0_5.cost_cvar_0_05.n") == "q0_5.cost_cvar_0_05.n"
-    assert [collect.cvar_key(t) for t in (0.1, 0.05, 1.0, 1.5e-5)] == [
-        "cost_cvar_0_1", "cost_cvar_0_05", "cost_cvar_1", "cost_cvar_1_5e-05"
-    ]  # fmt: skip
+    old = _fake_runs(old=True)
+    before = copy.deepcopy(old)
+    new = collect.normalise(old)
+    assert new == _fake_runs()  # every eval key, per-category policy and metric, cost-tail policy
+    assert old == before  # not changed in place
+    assert collect.normalise(new) == new  # idempotent
 
 
 def test_the_names_are_evaluates_and_merges() -> None:
@@ -244,78 +250,9 @@ def test_the_names_are_evaluates_and_merges() -> None:
 
     for level in (0.1, 0.05, 0.01, 0.25, 1.0, 1.5e-5):
         assert collect.cvar_key(level) == cvar_key(level)
-    for q in (0.0, *Q_PATH, 0.125, 1.0):
+    for q in (0.0, 0.25, 0.5, 0.125, 1.0):
         assert collect.merged_policy(q) == f"q{dotless(q)}"
-    grid_policies = {m.policy for m in METHODS} - {"sft", "reward", "safety"}
-    assert grid_policies == {collect.merged_policy(q) for q in Q_PATH}
-
-
-def test_old_runs_are_normalised_to_what_collect_writes_now() -> None:
-    old = _fake_runs(old=True)
-    before = copy.deepcopy(old)
-    new = collect.normalise(old)
-    assert new == _fake_runs()  # every eval key, per-category policy and metric, cost-tail policy
-    assert old == before  # not changed in place
-    assert collect.normalise(new) == new  # idempotent
-    record = new["experiments"]["emb-rsa-cvar-0.95-s1"]
-    assert {"q0_5.cost_cvar_0_05", "safety.cost_cvar_0_1", "sft.cost_cvar_0_05"} <= record["eval"].keys()
-    assert not [k for k in record["eval"] if k.count(".") != 1]  # no part of a key has a dot in it
-    assert record["per_category"]["q0_5"]["Crime"].keys() == {"answers", "cost_mean", "cost_cvar_0_05", "severe_rate"}
-    assert record["cost_tail"].keys() == {"sft", "reward", "safety", "q0_25", "q0_5", "q0_75"}
-
-
-def _mixed(old: dict, new: dict, seeds: tuple[str, ...] = ("-s0",)) -> dict:
-    """old's runs, those of these seeds replaced by new's (collected after the renames)."""
-    return {"experiments": {n: (new if n.endswith(seeds) else old)["experiments"][n] for n in old["experiments"]}}
-
-
-def test_old_and_new_names_compare_in_one_report(tmp_path: Path) -> None:
-    new, old = _fake_runs(), _fake_runs(old=True)
-    mixed = _mixed(old, new)  # seed 0 of every setting collected after the renames
-    texts, figures = [], []
-    for name, runs in (("new", new), ("old", old), ("mixed", mixed)):
-        (tmp_path / name).mkdir()
-        texts.append(render.write(runs, tmp_path / name).read_text())
-        figures.append([(tmp_path / name / "embedded" / f).read_bytes() for f in ("frontier.png", "cost_tail.png")])
-    assert texts[0] == texts[1] == texts[2]  # the digest too: the same runs, whichever spelling
-    assert figures[0] == figures[1] == figures[2]
-    text = texts[0]
-    assert "| P-SACPO q=0.5 | 3 |" in text  # a merged policy's three seeds, two of them in the old spelling
-    header = next(line for line in text.splitlines() if line.startswith("| method | seeds |"))
-    assert "| CVaR10% cost | CVaR5% cost |" in header  # the tail levels, read back as numbers
-    assert "CVaR5% cost per category:" in text  # the per-category metric, in either spelling
-    assert "| Crime | 20.0 ± 0.0 |" in text.split("CVaR5% cost per category:")[1]
-    assert render.runs_digest(old) == render.runs_digest(new) == render.runs_digest(mixed)
-    assert render.runs_digest(new) != render.runs_digest(_fake_runs(tail_shift=1.0))  # other runs, other digest
-    for key in old["experiments"]["emb-sacpo-s0"]["eval"]:
-        assert render._old_key(collect.key_name(key)) == key  # the digest hashes the old spelling
-
-
-def _with_intervals(runs: dict) -> dict:
-    """runs with n and a 95% interval beside every eval metric, as evaluate writes them now."""
-    runs = copy.deepcopy(runs)
-    for record in runs["experiments"].values():
-        record["eval"] = {
-            **record["eval"],
-            **{f"{k}.{part}": v for k, v in record["eval"].items() for part in ("n", "ci95_low", "ci95_high")},
-        }
-    return runs
-
-
-def test_tail_levels_are_read_from_the_metrics_not_their_intervals(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runs = _with_intervals(_fake_runs())
-    assert stats.Runs(runs).tail_levels == stats.Runs(_fake_runs(old=True)).tail_levels == [0.1, 0.05]
-    assert "safety.cost_cvar_0_05.ci95_low" in runs["experiments"]["emb-sacpo-s0"]["eval"]
-    method = next(m for m in METHODS if m.label == "SACPO (DPO then DPO)")
-    assert stats.Runs(runs).values(method, "cost_cvar_0_05") == stats.Runs(_fake_runs()).values(
-        method, "cost_cvar_0_05"
-    )
-    monkeypatch.setattr(render, "runs_digest", lambda runs: "0123456789abcdef")  # the metrics differ: n, intervals
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    assert render.write(runs, tmp_path / "a").read_text() == render.write(_fake_runs(), tmp_path / "b").read_text()
+    assert {m.policy for m in METHODS} - {"sft", "reward", "safety"} == {collect.merged_policy(0.5)}
 
 
 def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
@@ -326,20 +263,19 @@ def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
         assert collect.train_metric(record, "train_reward", "train/steps") == 10.0
         assert collect.train_metric(record, "train_safety", "time/train_s") is None
         assert collect.train_metric(record, "train_reward", "time/none") is None
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = render.write(_fake_runs(), tmp_path / "a").read_text()
-    b = render.write(_fake_runs(dvclive=True), tmp_path / "b").read_text()
+    a = _report(tmp_path, _fake_runs(), "a")
+    b = _report(tmp_path, _fake_runs(dvclive=True), "b")
     assert a == b
-    assert "| sacpo | dpo | 121 ± 1 | 1.00 ± 0.00 |" in a  # 60 + seed and 60 s, both stages
-    assert "training time summed over them: 1.31 h" in a  # 13 settings x (120 + 121 + 122) s
+    assert "| tdpo | headline | 5 | 122 ± 2 |" in a  # 60 + seed and 60 s, both stages, seeds 0-4
+    hours = sum(120 + seed for s in SETTINGS for seed in s.seeds) / 3600
+    assert f"training time summed over them: {hours:.2f} h" in a
 
 
 def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = {"train_reward": {"beta": 0.1}}
     experiment = {
         "rev": "1" * 40,
-        "name": "emb-sacpo-s0",
+        "name": "r2-tdpo-s0",
         "data": {
             "timestamp": "2026-11-28T00:00:00",
             "params": {"params.yaml": {"data": params}},
@@ -357,7 +293,7 @@ def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: 
             },
         },
     }
-    queued = {**experiment, "name": "emb-sacpo-s1"}  # still running: its data may be the baseline's
+    queued = {**experiment, "name": "r2-tdpo-s1"}  # still running: its data may be the baseline's
     shown = [
         {
             "rev": "workspace",
@@ -370,8 +306,8 @@ def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: 
         }
     ]
     runs = collect.collect(tmp_path, lambda *args: json.dumps(shown))  # tmp_path: no git, no per-category files
-    assert list(runs["experiments"]) == ["emb-sacpo-s0"]
-    record = runs["experiments"]["emb-sacpo-s0"]
+    assert list(runs["experiments"]) == ["r2-tdpo-s0"]
+    record = runs["experiments"]["r2-tdpo-s0"]
     assert record["eval"] == {
         "q0_5.helpful_win_rate": 0.75,
         "safety.unsafe_rate": 0.25,
@@ -388,114 +324,142 @@ def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: 
         "eval/plots/cost_tail.csv": "policy,cost,ccdf\nq0.5,0.0,1.0\nq0.5,3.0,0.25\nsft,0.0,1.0\n",
     }
     monkeypatch.setattr(collect, "_git_show", lambda root, rev, path: committed.get(path) if rev == "1" * 40 else None)
-    record = collect.collect(tmp_path, lambda *args: json.dumps(shown))["experiments"]["emb-sacpo-s0"]
+    record = collect.collect(tmp_path, lambda *args: json.dumps(shown))["experiments"]["r2-tdpo-s0"]
     assert record["per_category"] == {"q0_5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0_05": 20.0}}}
     assert record["cost_tail"] == {"q0_5": [[0.0, 1.0], [3.0, 0.25]], "sft": [[0.0, 1.0]]}
 
 
-def _retuned(p: dict) -> dict:
-    """Other betas, alpha and mu in every run: beta_1 0.1 -> 0.2, beta_2 0.05 -> 0.03, alpha 0.5 -> 0.4,
-    mu 0.95 -> 0.97."""
-    p = dict(p)
-    for stage in ("train_reward", "train_safety"):
-        p[f"{stage}.beta"] = {0.1: 0.2, 0.05: 0.03}[p[f"{stage}.beta"]]
-        p[f"{stage}.alpha"] = {0.5: 0.4}.get(p[f"{stage}.alpha"], p[f"{stage}.alpha"])
-        p[f"{stage}.risk.mu"] = {0.95: 0.97}.get(p[f"{stage}.risk.mu"], p[f"{stage}.risk.mu"])
-    return p
+def _report(tmp_path: Path, runs: dict, name: str = "reports", figures: bool = False) -> str:
+    """The report's text; without its figures unless asked (drawing them is most of write's time)."""
+    (tmp_path / name).mkdir(exist_ok=True)
+    if figures:
+        return render.write(runs, tmp_path / name).read_text()
+    skip = lambda *args, **kwargs: None  # noqa: E731
+    with mock.patch.multiple(render, frontier_figure=skip, anchoring_figure=skip, tail_figure=skip):
+        return render.write(runs, tmp_path / name).read_text()
+
+
+def _line(text: str, start: str, after: str = "") -> str:
+    return next(x for x in (text.split(after)[-1] if after else text).splitlines() if x.startswith(start))
 
 
 def test_the_prose_states_the_runs_params_not_constants(tmp_path: Path) -> None:
-    (tmp_path / "reports").mkdir()
-    text = render.write(_fake_runs(), tmp_path / "reports").read_text()
-    assert "LoRA r 8, 2 epochs, batch 16, lr 0.002; beta_1 0.1, beta_2 0.05, alpha 0.5 unless" in text
-    assert "(with 3 seeds: |mean| > 2.48 sd)" in text
-    assert "Against SACPO at params.yaml's lr (2e-3, the lr of every RSA and TDPO run):" in text
-    assert "Against SACPO lr 5e-4 (DPO with a 4x smaller step):" in text
-    assert "(the same, with stage 2's beta doubled to stage 1's 0.1):" in text
-    assert "## Paired differences against SACPO at lr 5e-4, beta_2 0.1\n" in text
-    assert "| cvar mu (alpha 0.5) | RSA cvar mu=0.9 |" in text
-    assert "| alpha (cvar 0.95) |" in text
-    assert "RSA(P) (cvar 0.95) against P-SACPO at the same q" in text
-    assert "(2 categories)" in text
-    assert "catastrophic (severity-3 harm)" in text
-    # the same runs with other params: every one of those numbers follows them
+    text = _report(tmp_path, _fake_runs())
+    assert "LoRA r 8, 2 epochs, batch 16, lr 0.002; beta_1 0.1, beta_2 0.05, alpha 0.5 in both stages" in text
+    assert "(with 5 seeds: |mean| > 1.24 sd)" in text  # t_{0.975, 4} / sqrt(5)
+    assert "catastrophe probability 0.05 after a harmful step, a catastrophic step counted" in text
+    assert (
+        "(`configs/sharp.yaml`: catastrophe probability 0.02 after a harmful step, a catastrophic step not counted"
+        in text
+    )
+    assert "- Seeds: headline 0, 1, 2, 3, 4, anchoring 0, 1, 2, sharp world 0, 1, 2;" in text
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     for stage in ("train_reward", "train_safety"):
-        base[stage]["train"]["lr"] = 3e-3  # the settings without their own lr
         base[stage]["train"]["batch_size"] = 8
         base[stage]["lora"]["r"] = 4
-    base["prepare"]["world"]["cost_weights"] = [1.0, 2.0, 5.0, 40.0]
-    text = render.write(_fake_runs(base=base, params=_retuned), tmp_path / "reports").read_text()
-    assert "LoRA r 4, 2 epochs, batch 8, lr 0.003; beta_1 0.2, beta_2 0.03, alpha 0.4 unless" in text
-    assert "Against SACPO at params.yaml's lr (3e-3, the lr of every RSA and TDPO run):" in text
-    assert "Against SACPO lr 5e-4 (DPO with a 6x smaller step):" in text
-    assert "(the same, with stage 2's beta x6.67 to stage 1's 0.2):" in text  # 0.03 -> 0.2
-    assert "## Paired differences against SACPO at lr 5e-4, beta_2 0.2\n" in text
-    assert "| cvar mu (alpha 0.4) | RSA cvar mu=0.9 |" in text
-    assert "| alpha (cvar 0.97) |" in text
-    assert "RSA(P) (cvar 0.97) against P-SACPO at the same q" in text
-    assert "catastrophic (severity-4 harm)" in text
-    # fewer seeds: the rule's number is t's, not a constant
-    two = _fake_runs(missing=tuple(s.experiment(2) for s in SETTINGS))
-    text = render.write(two, tmp_path / "reports").read_text()
+    base["prepare"]["world"]["harmful"]["catastrophe"] = 0.07
+    text = _report(tmp_path, _fake_runs(base=base))
+    assert "LoRA r 4, 2 epochs, batch 8, lr 0.002;" in text
+    assert "catastrophe probability 0.07 after a harmful step" in text
+    two = _fake_runs(missing=tuple(s.experiment(seed) for s in SETTINGS for seed in (2, 3, 4)))
+    text = _report(tmp_path, two)
     assert f"(with 2 seeds: |mean| > {12.7062047 / math.sqrt(2):.2f} sd)" in text  # t_{0.975, 1} = 12.706
-    assert "- Seeds 0, 1:" in text
 
 
-def test_the_report_says_rsa_beats_sacpo_only_when_every_interval_says_so(tmp_path: Path) -> None:
-    (tmp_path / "reports").mkdir()
-    clear = render.write(_fake_runs(tail_shift=5.0), tmp_path / "reports").read_text()
-    line = next(x for x in clear.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
-    assert "beats SACPO on the tail" in line
-    assert "CVaR5% cost better" in line
-    assert "helpful win unclear" in line
-    same = render.write(_fake_runs(tail_shift=0.0), tmp_path / "reports").read_text()
-    line = next(x for x in same.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
-    assert "no tail difference from SACPO that 3 seeds can resolve" in line
-    worse = render.write(_fake_runs(tail_shift=-5.0), tmp_path / "reports").read_text()
-    assert "worse tail than SACPO" in next(x for x in worse.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
-    # a heavier tail bought with more helpfulness is not matched either way
-    traded = render.write(_fake_runs(tail_shift=-5.0, helpful_shift=0.2), tmp_path / "reports").read_text()
-    line = next(x for x in traded.splitlines() if x.startswith("- RSA cvar mu=0.95:"))
-    assert "heavier tail than SACPO, but **more helpful** (not a matched comparison)" in line
+def test_the_verdict_follows_the_paired_intervals(tmp_path: Path) -> None:
+    label = "- RSA cvar 0.95 (upper tail):"
+    # every measure on TDPO's line: at equal alpha the upper tail anchors harder (less KL), so its tail
+    # is lighter there; that is the confound the matched-drift comparison removes
+    same = _line(_report(tmp_path, _fake_runs()), label)
+    assert "**lighter tail than TDPO**" in same
+    assert "KL to stage 1 -0.80 against TDPO's" in same  # 1.6 / 0.5 - 2 / 0.5
+    control = _line(_report(tmp_path, _fake_runs()), "- control: RSA cvar mu=1 (= KL):")
+    assert "no tail difference from TDPO that 5 seeds can resolve" in control
+    lighter = _line(_report(tmp_path, _fake_runs(tail_shift=5.0)), label)
+    assert "CVaR5% cost better" in lighter
+    heavier = _line(_report(tmp_path, _fake_runs(tail_shift=-10.0, helpful_shift=0.2)), label)
+    assert "**heavier tail than TDPO**, and **more helpful**" in heavier
+    mixed = _line(_report(tmp_path, _fake_runs(tail_shift=-5.0)), label)
+    assert "mixed: lighter on some tail metrics, heavier on others" in mixed
+    # the sharp world has its own verdict lines, the same rule
+    sharp = _report(tmp_path, _fake_runs(tail_shift=5.0))
+    assert "**lighter tail than TDPO**" in _line(sharp, label, "At equal alpha, against TDPO, the sharp world:")
+
+
+def test_matched_drift_compares_the_curves_at_the_same_kl(tmp_path: Path) -> None:
+    """Every measure's tail is the same linear function of its KL as TDPO's: at matched drift there
+    is no difference, although at equal alpha the upper tail anchors harder and so looks lighter."""
+    runs = _fake_runs()
+    view = stats.Runs(runs)
+    curves = render.ANCHOR_CURVES
+    assert curves[render.TDPO_LABEL] == ["tdpo", "tdpo-a0.75", "tdpo-a1", "tdpo-a1.5"]
+    upper = curves["RSA cvar 0.95 (upper tail)"]
+    for key in ("cost_cvar_0_05", "catastrophe_prob", "severe_rate"):
+        diffs = render.matched_differences(view, upper, curves[render.TDPO_LABEL], key)
+        assert len(diffs) == 3  # the anchoring seeds
+        assert max(abs(d) for d in diffs) < 2e-3  # on the same line: only the runs' noise
+    text = _report(tmp_path, runs)
+    line = _line(text, "- RSA cvar 0.95 (upper tail), at matched drift:")
+    assert "no tail difference from TDPO that 3 seeds can resolve" in line
+    # a measure below TDPO's line: better at matched drift, by the shift (the points outside the
+    # other curve's range are not extrapolated)
+    shifted = stats.Runs(_fake_runs(tail_shift=5.0))
+    diffs = render.matched_differences(shifted, upper, curves[render.TDPO_LABEL], "cost_cvar_0_05")
+    assert statistics.fmean(diffs) == pytest.approx(-5.0, abs=0.01)
+    lighter = _line(_report(tmp_path, _fake_runs(tail_shift=5.0)), "- RSA cvar 0.95 (upper tail), at matched drift:")
+    assert "**lighter tail than TDPO**" in lighter
+    # linear interpolation against a float64 hand computation: TDPO's curve at KL 3.2 (upper, alpha 0.5)
+    curve = [(2 / a, 20 + 2 * (2 / a)) for a in (1.5, 1.0, 0.75, 0.5)]
+    assert render._interpolate(curve, 3.2) == pytest.approx(20 + 6.4, rel=1e-12)
+    assert render._interpolate(curve, 6.4) is None  # outside: no extrapolation
+
+
+def test_the_control_check_reports_the_largest_difference(tmp_path: Path) -> None:
+    equal = _report(tmp_path, _fake_runs())
+    assert "the largest relative difference is 0.00e+00" in equal
+    gap = _report(tmp_path, _fake_runs(control_gap=1e-4))
+    assert "the largest relative difference is " in gap
+    assert "0.00e+00" not in gap.split("The control, RSA")[1][:400]
 
 
 def test_the_report_has_every_section_figure_and_method(tmp_path: Path) -> None:
-    (tmp_path / "reports").mkdir()
-    text = render.write(_fake_runs(missing=("emb-rsa-erm-5-s2",)), tmp_path / "reports").read_text()
-    for heading in ("## Setup", "## Verdict", "## Every method", "## Paired differences", "## The frontier",
-                    "## The cost tail", "## Sensitivity", "## The cost of the risk term"):  # fmt: skip
+    text = _report(tmp_path, _fake_runs(missing=("r2-rsa-erm_lower-0.5-s4",)), figures=True)
+    for heading in ("## Setup", "## Verdict", "## Headline: every method", "## Headline: paired differences",
+                    "## Anchoring curves", "## The decision points", "## The sharp world", "## The cost tail",
+                    "## What the experiment cost"):  # fmt: skip
         assert heading in text
     for method in METHODS:
-        assert f"| {method.label} |" in text
-    assert (tmp_path / "reports" / "embedded" / "frontier.png").stat().st_size > 10_000
-    assert (tmp_path / "reports" / "embedded" / "cost_tail.png").stat().st_size > 10_000
-    # a per-category mean over seeds 0, 1, 2 of 2 + seed: 3.00 ± 1.00
-    assert "| Crime | 3.00 ± 1.00 |" in text
-    # the missing experiment: RSA erm 5 has 2 seeds, every other method 3
-    assert "| RSA erm mu=5 | 2 |" in text
-    assert "| TDPO then TDPO | 3 |" in text
+        if method.group != "anchoring":
+            assert f"| {method.label} |" in text, method
+    for figure in ("headline.png", "sharp.png", "anchoring.png", "cost_tail.png"):
+        assert (tmp_path / "reports" / "embedded" / figure).stat().st_size > 10_000
+        assert f"(embedded/{figure})" in text
+    assert "| RSA erm_lower 0.5 (lower tail) | 4 |" in text  # the missing experiment: 4 seeds
+    assert "| TDPO then TDPO | 5 |" in text
+    assert "| RSA cvar 0.95 | 0.35 | 3 |" in text  # an anchoring row: measure, alpha, seeds
 
 
 def test_a_discussion_written_for_other_runs_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs = _fake_runs()
     discussion = tmp_path / "discussion.md"
     monkeypatch.setattr(render, "DISCUSSION", discussion)
-    (tmp_path / "reports").mkdir()
     discussion.write_text(f"## Discussion\n\nruns: {render.runs_digest(runs)}\n")
-    assert "written for other runs" not in render.write(runs, tmp_path / "reports").read_text()
+    assert "written for other runs" not in _report(tmp_path, runs)
     discussion.write_text("## Discussion\n\nruns: 0123456789abcdef\n")
-    assert "written for other runs" in render.write(runs, tmp_path / "reports").read_text()
+    assert "written for other runs" in _report(tmp_path, runs)
+    assert render.runs_digest(runs) == render.runs_digest(_fake_runs(old=True))  # the same runs, either spelling
+    assert render.runs_digest(runs) != render.runs_digest(_fake_runs(tail_shift=1.0))
 
 
-def test_the_queue_runs_the_headline_comparison_for_every_seed_first() -> None:
+def test_the_queue_runs_the_headline_seed_by_seed_first() -> None:
     order = queue_order()
-    assert len(order) == len(set(order)) == len(SETTINGS) * len(SEEDS)
-    headline = [i for i, (setting, _) in enumerate(order) if setting.priority == 0]
-    assert headline == list(range(len(headline)))  # a queue cut short keeps every headline seed
-    assert {seed for setting, seed in order[: len(headline)]} == set(SEEDS)
-    sweeps = [seed for setting, seed in order if setting.priority == 1]
-    assert sweeps == sorted(sweeps)  # then seed by seed
+    assert len(order) == len(set(order)) == sum(len(s.seeds) for s in SETTINGS)
+    groups = [setting.group for setting, _ in order]
+    assert groups == sorted(groups, key=["headline", "anchoring", "sharp"].index)
+    headline = [seed for setting, seed in order if setting.group == "headline"]
+    assert headline == sorted(headline)  # a queue cut short loses whole seeds
+    first = [setting.name for setting, seed in order if seed == 0 and setting.group == "headline"]
+    assert first == [s.name for s in HEADLINE]
 
 
 QUEUE_STATUS = """Task     Name                        Created    Status

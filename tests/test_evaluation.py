@@ -163,6 +163,15 @@ def test_evaluate_writes_the_documented_schema(evaluated: tuple[Path, dict[str, 
     assert metrics["sft.helpful_win_rate"] == 0.5
     assert metrics["sft.harmless_win_rate"] == 0.5
     assert metrics["sft.kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    # the stage-2 policy's drift from its training reference, stage 1: its only policy with one
+    assert [k for k in metrics if k.endswith(".kl_to_stage1")] == ["safety.kl_to_stage1"]
+    assert metrics["safety.kl_to_stage1.n"] == metrics["safety.kl_to_sft.n"]
+    # the world's decision points: 4 a red-team prompt, for every policy; p in (0, 1]
+    for policy in policies:
+        assert metrics[f"{policy}.catastrophe_prob.n"] == 4 * 8
+        assert 0.0 < metrics[f"{policy}.catastrophe_prob_geomean"] <= metrics[f"{policy}.catastrophe_prob"] <= 1.0
+        low, high = metrics[f"{policy}.catastrophe_prob.ci95_low"], metrics[f"{policy}.catastrophe_prob.ci95_high"]
+        assert low <= metrics[f"{policy}.catastrophe_prob"] <= high
     per_category = json.loads((root / "eval" / "per_category.json").read_text())
     assert list(per_category) == policies
     assert len(per_category["sft"]) >= 2
@@ -222,6 +231,33 @@ def test_evaluate_bad_input_is_one_line(tmp_path: Path, evaluated: tuple[Path, d
         "evaluate.prompt_sets.redteam"
     ]
     assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_policies_evaluates_only_those_and_equals_the_full_run(
+    tmp_path: Path, evaluated: tuple[Path, dict[str, float]], pipeline_root: Path
+) -> None:
+    """evaluate.policies [safety]: only its metrics, the same numbers as when every policy is evaluated
+    (each policy's answers are seeded on their own); SFT answers greedily only, as the win rates'
+    baseline. A name that is no policy is one line naming the param."""
+    root, full = evaluated
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["evaluate"]["policies"] = ["safety"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    metrics = evaluate.run(params, pipeline_root / "data", root / "models", tmp_path / "eval", QUIET)
+    assert metrics == {k: v for k, v in full.items() if k.startswith("safety.")}
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["decoding"]) for r in rows} == {("sft", "greedy"), ("safety", "greedy"),
+                                                           ("safety", "sample")}  # fmt: skip
+    assert list(json.loads((tmp_path / "eval" / "per_category.json").read_text())) == ["safety"]
+    raw["evaluate"]["policies"] = ["safety", "q0_3"]
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--data", str(pipeline_root / "data"),
+                                      "--models", str(root / "models"), "--out", str(tmp_path / "eval2")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: evaluate.policies: no policy q0_3 in {root / 'models'} (there are: sft, reward, safety, q0_5)"
+    ]
 
 
 def test_evaluate_is_deterministic(evaluated: tuple[Path, dict[str, float]], pipeline_root: Path) -> None:

@@ -4,13 +4,13 @@ experiments of the one DAG, then reports/embedded.md from their metrics.
     python experiments/embedded.py run      # queue what is missing, run the queue, write the report
     python experiments/embedded.py report   # collect the experiments' metrics, write the report
 
-`run` queues every experiment again and DVC does the bookkeeping: an experiment that already
-finished is restored from DVC's run-cache (every stage "is cached - skipping run": seconds, not
-minutes), a failed or new one runs. The headline comparison runs first for every seed, then the
-sweeps (grid.queue_order). Each experiment runs in its own DVC temp workspace; prepare and sft
-come from the DVC cache (the baseline's dvc.lock), so every method of every seed starts from the
-same SFT model, as in the paper. What is left here is what DVC does not do: choosing what to
-queue, restarting a stalled queue, and the report.
+`run` queues every experiment DVC does not hold yet; within one, a stage whose deps and params a
+finished run had (prepare, sft, an anchoring run's stage 1) is restored from DVC's run-cache
+instead of run again. Not `--force`: that reruns every stage. The queue runs in tiers
+(grid.queue_order: the headline at three seeds first). Each experiment runs in its own DVC temp
+workspace; prepare and sft come from the DVC cache (the baseline's dvc.lock), so every method
+of every seed starts from the same SFT model, as in the paper. What is left here is what DVC
+does not do: choosing what to queue, restarting a stalled queue, and the report.
 """
 
 from __future__ import annotations
@@ -125,14 +125,17 @@ def run(
         console.print(f"embedded: {error}")
     _dvc("repro", "sft", capture=False)  # a no-op when models/sft matches dvc.lock
     pending = queue_status()
+    finished = set(_finished())
     queued: list[str] = []
     for setting, seed in queue_order():  # the headline comparison first
         name = setting.experiment(seed)
         if setting not in chosen or (seeds and seed not in seeds) or pending.get(name) in {"Queued", "Running"}:
             continue
+        if name in finished:
+            continue
         sets = [arg for key, value in setting.overrides(seed).items() for arg in ("-S", f"{key}={value}")]
-        # --force: a finished experiment of that name is replaced by its restored self
-        _dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
+        # no --force: it reruns every stage, run-cache or not (round 2's first queue retrained SFT each time)
+        _dvc("exp", "run", "--queue", "-n", name, *sets)
         queued.append(name)
     console.print(f"embedded: {len(queued)} experiments queued (finished ones are restored from the run-cache)")
     if queue_only:
@@ -149,6 +152,12 @@ def run(
     if failed:
         console.print(f"error: {len(failed)} experiments failed: {', '.join(failed)}; see `dvc queue logs <name>`")
         raise typer.Exit(1)
+
+
+def _finished() -> list[str]:
+    """The names of the experiments DVC holds (finished ones, of any baseline commit)."""
+    shown = _dvc("exp", "list", "--all-commits", "--name-only")
+    return [line.strip() for line in shown.splitlines() if line.strip()]
 
 
 def _wait(poll: float, jobs: int) -> None:

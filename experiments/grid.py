@@ -57,7 +57,7 @@ class Setting:
     stage1: Stage
     stage2: Stage
     group: str = "headline"  # headline | anchoring | sharp
-    policies: tuple[str, ...] = ("reward", "safety")
+    policies: tuple[str, ...] = ("safety",)
     q: tuple[float, ...] = (0.5,)
     world: tuple[tuple[str, str], ...] = ()
     seeds: tuple[int, ...] = field(default=SEEDS)
@@ -102,7 +102,8 @@ REVERSE = (  # safety first (beta_2 with the safety pairs), then helpfulness (be
 HEADLINE: tuple[Setting, ...] = (
     Setting("tdpo", *TDPO, policies=("sft", "reward", "safety")),  # sft once per seed: its row and the baseline
     Setting("rsa-cvar-0.95", *_rsa("cvar", 0.95), policies=("reward", "safety", "q0_5")),
-    Setting("rsa-cvar-1", *_rsa("cvar", 1.0)),  # the control: CVaR at mu = 1 is the KL, so this is TDPO
+    # the control: CVaR at mu = 1 is the KL, so this is TDPO (both stages compared)
+    Setting("rsa-cvar-1", *_rsa("cvar", 1.0), policies=("reward", "safety")),
     Setting("rsa-cvar_lower-0.9", *_rsa("cvar_lower", 0.9)),
     Setting("rsa-cvar_lower-0.95", *_rsa("cvar_lower", 0.95)),
     Setting("rsa-erm_lower-0.5", *_rsa("erm_lower", 0.5)),
@@ -134,16 +135,28 @@ SHARP: tuple[Setting, ...] = tuple(
     if s.name != "rsa-cvar-1"
 )
 SETTINGS: tuple[Setting, ...] = HEADLINE + ANCHORING + SHARP
-GROUP_ORDER = {"headline": 0, "anchoring": 1, "sharp": 2}
+# the methods a short queue runs first: TDPO, the two readings of the paper at mu 0.95, the reverse order
+CORE = ("tdpo", "rsa-cvar-0.95", "rsa-cvar_lower-0.95", "rsa-cvar-0.95-safety-first")
+
+
+def tier(setting: Setting, seed: int) -> int:
+    """Queue tiers, so that a queue cut short keeps whole comparisons: 0 the headline at seeds 0-2, 1 the
+    anchoring curves (their stage 1s come from tier 0), 2 the sharp world's core methods, 3 the headline's
+    core methods at seeds 3-4 (the control with them), 4 the rest."""
+    core = setting.name.removeprefix("sharp-") in CORE
+    if setting.group == "headline":
+        return 0 if seed in SHORT_SEEDS else 3 if core or setting.name == "rsa-cvar-1" else 4
+    if setting.group == "anchoring":
+        return 1
+    return 2 if core else 4
 
 
 def queue_order() -> list[tuple[Setting, int]]:
-    """(setting, seed) in the order to run them: the headline seed by seed (so that a queue cut short
-    loses whole seeds, not methods), then the anchoring curves, then the sharp world; within a seed
-    the settings in SETTINGS' order, so a stage 1 that several share runs once and is restored."""
+    """(setting, seed) in the order to run them: by tier, then seed by seed (a queue cut short loses
+    whole seeds, not methods), then in SETTINGS' order."""
     index = {s.name: i for i, s in enumerate(SETTINGS)}
     pairs = [(setting, seed) for setting in SETTINGS for seed in setting.seeds]
-    return sorted(pairs, key=lambda p: (GROUP_ORDER[p[0].group], p[1], index[p[0].name]))
+    return sorted(pairs, key=lambda p: (tier(*p), p[1], index[p[0].name]))
 
 
 def _merged(q: float) -> str:

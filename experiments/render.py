@@ -488,6 +488,8 @@ def _train_s(record: dict) -> float | None:
 
 def _world(runs: Runs, group: str) -> str:
     settings = [m.setting for m in _group(group)]
+    if not runs.records(settings):
+        return "no runs yet"
     p = lambda key: runs.param(key, settings)  # noqa: E731
     helpful = p("prepare.world.reward.catastrophe_helpful")
     return (

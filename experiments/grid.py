@@ -122,7 +122,9 @@ def _anchoring(name: str, stages: tuple[Stage, Stage], alpha: float) -> Setting:
 
 
 ANCHORING: tuple[Setting, ...] = (
-    *(_anchoring("tdpo", TDPO, a) for a in (0.75, 1.0, 1.5)),
+    # 0.75-1.5: TDPO anchored as hard as an upper-tail measure at 0.5 (>= KL); 0.25 and 0.35 (added when
+    # RSA cvar at those alphas drifted past TDPO at 0.5): TDPO at the drift of RSA's weaker anchoring
+    *(_anchoring("tdpo", TDPO, a) for a in (0.25, 0.35, 0.75, 1.0, 1.5)),
     *(_anchoring("rsa-cvar-0.95", _rsa("cvar", 0.95), a) for a in (0.25, 0.35)),
     _anchoring("rsa-cvar_lower-0.95", _rsa("cvar_lower", 0.95), 1.0),
 )

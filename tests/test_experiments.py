@@ -75,7 +75,8 @@ def test_the_grid_has_the_issues_methods() -> None:
     reverse = by_name["rsa-cvar-0.95-safety-first"]
     assert (reverse.stage1.pairs, reverse.stage2.pairs) == ("safety", "helpful")
     curves = {(s.stage2.measure, s.stage2.alpha) for s in ANCHORING}
-    assert curves == {("kl", 0.75), ("kl", 1.0), ("kl", 1.5), ("cvar", 0.25), ("cvar", 0.35), ("cvar_lower", 1.0)}
+    assert curves == {("kl", 0.25), ("kl", 0.35), ("kl", 0.75), ("kl", 1.0), ("kl", 1.5), ("cvar", 0.25),
+                      ("cvar", 0.35), ("cvar_lower", 1.0)}  # fmt: skip
     for s in ANCHORING:  # only stage 2 moves: stage 1 is the headline's, restored from DVC's run-cache
         base = by_name[s.name.rsplit("-a", 1)[0]]
         assert s.stage1 == base.stage1
@@ -392,7 +393,7 @@ def test_matched_drift_compares_the_curves_at_the_same_kl(tmp_path: Path) -> Non
     runs = _fake_runs()
     view = stats.Runs(runs)
     curves = render.ANCHOR_CURVES
-    assert curves[render.TDPO_LABEL] == ["tdpo", "tdpo-a0.75", "tdpo-a1", "tdpo-a1.5"]
+    assert curves[render.TDPO_LABEL] == ["tdpo", "tdpo-a0.25", "tdpo-a0.35", "tdpo-a0.75", "tdpo-a1", "tdpo-a1.5"]
     upper = curves["RSA cvar 0.95 (upper tail)"]
     for key in ("cost_cvar_0_05", "catastrophe_prob", "severe_rate"):
         diffs = render.matched_differences(view, upper, curves[render.TDPO_LABEL], key)

@@ -56,6 +56,23 @@ TDPO_LABEL = HEADLINE_LABELS["tdpo"]
 CONTROL_LABEL = HEADLINE_LABELS["rsa-cvar-1"]
 TAIL_KEYS = ("severe_rate", "catastrophe_prob")  # with the CVaRs: what "the tail" means in the verdict
 DRIFT = "kl_to_stage1"
+# probabilities that span decades are compared as log10 (a difference of -2: a hundred times rarer)
+LOG_KEYS = frozenset({"catastrophe_prob", "catastrophe_prob_geomean"})
+
+
+def _scale(key: str, value: float) -> float:
+    return math.log10(max(value, 1e-300)) if key in LOG_KEYS else value
+
+
+def paired(runs: Runs, a: Method, b: Method, key: str) -> list[float]:
+    """a - b per seed, over the seeds both finished; log10(a) - log10(b) for a probability (LOG_KEYS)."""
+    x, y = runs.by_seed(a.setting, a.policy, key), runs.by_seed(b.setting, b.policy, key)
+    return [_scale(key, x[s]) - _scale(key, y[s]) for s in sorted(x.keys() & y.keys())]
+
+
+def _delta(key: str, runs: Runs) -> tuple[str, str]:
+    """A difference's column title and format."""
+    return (f"Δ log10 {_name(key, runs)}", ".2f") if key in LOG_KEYS else (f"Δ {_name(key, runs)}", _fmt(key, runs))
 
 
 def _metrics(runs: Runs) -> list[tuple[str, str, str]]:
@@ -151,15 +168,18 @@ def _compared(runs: Runs) -> list[tuple[str, str, str]]:
 
 def comparison_table(runs: Runs, pairs: Sequence[tuple[Method, Method]]) -> str:
     metrics = _compared(runs)
-    header = ["A", "B", *(f"Δ {column}" for _, column, _ in metrics)]
+    header = ["A", "B", *(_delta(key, runs)[0] for key, _, _ in metrics)]
     rows = [
         [
             a.label,
             b.label,
-            *(_difference_cell(runs.paired(a, b, key), fmt, lower_is_better(key)) for key, _, fmt in metrics),
+            *(
+                _difference_cell(paired(runs, a, b, key), _delta(key, runs)[1], lower_is_better(key))
+                for key, _, _ in metrics
+            ),
         ]
         for a, b in pairs
-        if runs.paired(a, b, "unsafe_rate")
+        if paired(runs, a, b, "unsafe_rate")
     ]
     return _table(header, rows, align="r")
 
@@ -191,12 +211,12 @@ def verdict_lines(runs: Runs, group: str) -> list[str]:
     for method in _stage2(group):
         if method.label == TDPO_LABEL:
             continue
-        n = len(runs.paired(method, tdpo, "unsafe_rate"))
+        n = len(paired(runs, method, tdpo, "unsafe_rate"))
         if n < 2:
             lines.append(f"- {method.label}: {n} seed(s) paired with TDPO so far; no verdict.")
             continue
-        classes = _classes({key: runs.paired(method, tdpo, key) for key in (*tail, "unsafe_rate", "helpful_win_rate")})
-        drift = paired_ci(runs.paired(method, tdpo, DRIFT))[0]
+        classes = _classes({key: paired(runs, method, tdpo, key) for key in (*tail, "unsafe_rate", "helpful_win_rate")})
+        drift = paired_ci(paired(runs, method, tdpo, DRIFT))[0]
         anchors = "" if math.isnan(drift) else f"; stage 2's KL to stage 1 {drift:+.2f} against TDPO's"
         parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in classes.items())
         lines.append(f"- {method.label}: {_verdict_words(classes, tail, n, 'TDPO')} ({parts}{anchors}).")
@@ -250,7 +270,7 @@ def _curve(runs: Runs, settings: Sequence[str], seed: int, key: str) -> list[tup
             continue
         drift, value = record["eval"].get(f"safety.{DRIFT}"), record["eval"].get(f"safety.{key}")
         if drift is not None and value is not None:
-            points.append((float(drift), float(value)))
+            points.append((float(drift), _scale(key, float(value))))
     return sorted(points)
 
 
@@ -264,7 +284,8 @@ def _interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
 
 def matched_differences(runs: Runs, measure: Sequence[str], reference: Sequence[str], key: str) -> list[float]:
     """Per seed, the measure's key minus the reference's at the same KL to stage 1: each of one curve's
-    points inside the other's KL range against the other interpolated there, averaged within the seed."""
+    points inside the other's KL range against the other interpolated there, averaged within the seed
+    (a probability in LOG_KEYS as log10, interpolated in log10)."""
     out = []
     for seed in runs.seeds():
         mine, theirs = _curve(runs, measure, seed, key), _curve(runs, reference, seed, key)
@@ -282,10 +303,10 @@ def matched_table(runs: Runs) -> str:
     for label, settings in ANCHOR_CURVES.items():
         if label == TDPO_LABEL:
             continue
-        cells = [_difference_cell(matched_differences(runs, settings, tdpo, k), _fmt(k, runs), lower_is_better(k))
+        cells = [_difference_cell(matched_differences(runs, settings, tdpo, k), _delta(k, runs)[1], lower_is_better(k))
                  for k in keys]  # fmt: skip
         rows.append([label.split(" (")[0], *cells])
-    return _table(["measure (curve) against TDPO's curve", *(f"Δ {_name(k, runs)}" for k in keys)], rows, align="r")
+    return _table(["measure (curve) against TDPO's curve", *(_delta(k, runs)[0] for k in keys)], rows, align="r")
 
 
 def matched_lines(runs: Runs) -> list[str]:

@@ -21,6 +21,7 @@ from experiments.collect import key_name, normalise
 from experiments.grid import SETTINGS, Method
 
 LEVEL = 0.95  # two-sided confidence of the paired intervals
+TIE = 1e-9  # |A - B| at or below this in every seed: the same number up to rounding
 # a tail metric's key (after normalise): <policy>.cost_cvar_<level, dotless: 0_05, 1_5e-05>, not its .n, .ci95_*
 _CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:_\d+)?(?:e[+-]?\d+)?)$")
 
@@ -58,7 +59,11 @@ def lower_is_better(metric: str) -> bool:
 
 
 def classify(differences: Sequence[float], metric: str) -> str:
-    """'better' / 'worse' (for A, of A - B per seed) when the paired interval excludes 0, else 'unclear'."""
+    """'better' / 'worse' (for A, of A - B per seed) when the paired interval excludes 0, else 'unclear'.
+    Differences all within TIE (float rounding of equal numbers, as the control's against TDPO) are a tie:
+    their spread is 0, so a t interval would call any rounding residue significant."""
+    if differences and max(abs(d) for d in differences) <= TIE:
+        return "unclear"
     _, lo, hi = paired_ci(differences)
     if math.isnan(lo):
         return "unclear"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from experiments import collect, embedded, render, stats
-from experiments.grid import ANCHORING, HEADLINE, METHODS, SEEDS, SETTINGS, SHARP, SHARP_WORLD, queue_order
+from experiments.grid import ANCHORING, HEADLINE, METHODS, SEEDS, SETTINGS, SHARP, SHARP_WORLD, queue_order, tier
 from rsa_pl.params_file import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def _fake_runs(
                     cvar_10: 10.0 + noise,
                     cvar_5: 20.0 + 2.0 * kl + noise - shift,
                     "severe_rate": 0.05 + 0.01 * kl + noise / 10 - shift / 100,
-                    "catastrophe_prob": 1e-3 * (1 + kl) * (1 + noise) - shift * 1e-4,
+                    "catastrophe_prob": 10 ** (-4 + 0.2 * kl - shift / 5 + noise),  # log-linear in the KL
                     "catastrophe_prob_geomean": 1e-6 * (1 + kl),
                     "needless_refusal_rate": 0.01,
                     "length_mean": 25.0,
@@ -224,6 +224,7 @@ def test_a_difference_is_classified_by_its_interval() -> None:
     assert stats.classify([-1.1, -0.9, -1.0], "helpful_win_rate") == "worse"
     assert stats.classify([-1.5, -0.5, -1.0], "unsafe_rate") == "unclear"  # |mean| < 2.48 sd
     assert stats.classify([-1.0], "unsafe_rate") == "unclear"  # one pair: no interval
+    assert stats.classify([1.8e-16, 1.8e-16, 1.7e-16], "unsafe_rate") == "unclear"  # rounding, not a difference
 
 
 def test_old_names_are_normalised_to_the_new() -> None:
@@ -380,7 +381,7 @@ def test_the_verdict_follows_the_paired_intervals(tmp_path: Path) -> None:
     assert "CVaR5% cost better" in lighter
     heavier = _line(_report(tmp_path, _fake_runs(tail_shift=-10.0, helpful_shift=0.2)), label)
     assert "**heavier tail than TDPO**, and **more helpful**" in heavier
-    mixed = _line(_report(tmp_path, _fake_runs(tail_shift=-5.0)), label)
+    mixed = _line(_report(tmp_path, _fake_runs(tail_shift=-1.0)), label)  # CVaR: -1.6 + 1; log10 P: -0.16 + 0.2
     assert "mixed: lighter on some tail metrics, heavier on others" in mixed
     # the sharp world has its own verdict lines, the same rule
     sharp = _report(tmp_path, _fake_runs(tail_shift=5.0))
@@ -455,12 +456,13 @@ def test_a_discussion_written_for_other_runs_is_flagged(tmp_path: Path, monkeypa
 def test_the_queue_runs_the_headline_seed_by_seed_first() -> None:
     order = queue_order()
     assert len(order) == len(set(order)) == sum(len(s.seeds) for s in SETTINGS)
-    groups = [setting.group for setting, _ in order]
-    assert groups == sorted(groups, key=["headline", "anchoring", "sharp"].index)
-    headline = [seed for setting, seed in order if setting.group == "headline"]
-    assert headline == sorted(headline)  # a queue cut short loses whole seeds
-    first = [setting.name for setting, seed in order if seed == 0 and setting.group == "headline"]
-    assert first == [s.name for s in HEADLINE]
+    tiers = [tier(setting, seed) for setting, seed in order]
+    assert tiers == sorted(tiers)
+    first = [(setting.group, seed) for setting, seed in order[: tiers.count(0)]]
+    assert {g for g, _ in first} == {"headline"}
+    assert [seed for _, seed in first] == sorted(seed for _, seed in first) == [0] * 8 + [1] * 8 + [2] * 8
+    assert tiers.count(1) == sum(len(s.seeds) for s in ANCHORING)  # then the curves, whose stage 1s tier 0 made
+    assert [s.name for s, seed in order if seed == 0 and s.group == "headline"] == [s.name for s in HEADLINE]
 
 
 QUEUE_STATUS = """Task     Name                        Created    Status

@@ -195,13 +195,14 @@ def _wait(poll: float, jobs: int) -> None:
 
 @app.command()
 def report(
-    collect: Annotated[bool, typer.Option(help="Read the experiments (dvc exp show) into runs.json first.")] = True,
+    collect: Annotated[bool, typer.Option(help="Read the experiments (their git refs) into runs.json first.")] = True,
 ) -> None:
     """Write reports/embedded.md (and its figures) from reports/embedded/runs.json."""
     from experiments import render as report_module  # matplotlib only for the report
+    from experiments.collect import collect_refs
 
     if collect:
-        runs = report_module.collect(ROOT, _dvc)
+        runs = collect_refs(ROOT)
         RUNS.parent.mkdir(parents=True, exist_ok=True)
         RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
         console.print(f"embedded: {len(runs['experiments'])} experiments -> {RUNS.relative_to(ROOT)}")

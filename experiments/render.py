@@ -585,10 +585,10 @@ def cost_section(runs: Runs, benchmarks: Path) -> str:
         if times:
             table.append([setting.name, setting.group, str(len(times)), _cell(times, ".0f")])
     parts.append(
-        "Training time per experiment (both stages' `time/train_s`, seconds; two experiments ran at once on 2 "
-        "cores, one thread each; an anchoring run's stage 1 is restored from DVC's run-cache, so its time is "
-        "stage 1's recorded one, not spent again):\n\n"
-        + _table(["setting", "group", "runs", "train s"], table, align="r")
+        "Training time per experiment (both stages' `time/train_s`, seconds; two to four experiments ran at once "
+        "on 2 cores, one thread each, so these carry their neighbours' load; an anchoring run's stage 1 is restored "
+        "from DVC's run-cache, so its time is stage 1's recorded one, not spent again, and the sum in the setup "
+        "counts it twice):\n\n" + _table(["setting", "group", "runs", "train s"], table, align="r")
     )
     return "\n\n".join(parts)
 

@@ -317,7 +317,8 @@ def test_evaluate_does_not_reuse_answers_of_other_inputs(
     evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
     assert "evaluate: starting fresh" in console.export_text()
     kept = sorted(f.name for f in (ckpt / "answers").iterdir())
-    assert kept == sorted(f"{p}.jsonl" for p in ("sft", "reward", "safety", "q0_5"))
+    policies = ("sft", "reward", "safety", "q0_5")  # each policy's answers and its decision-point metrics
+    assert kept == sorted([f"{p}.jsonl" for p in policies] + [f"{p}.decisions.json" for p in policies])
     evaluate.run(root / "params.yaml", data, models, tmp_path / "eval", console, ckpt)
     assert "starting fresh: removed the checkpoints in" in (said := console.export_text())
     assert "(the run there had finished)" in said

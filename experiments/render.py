@@ -30,7 +30,17 @@ import matplotlib.pyplot as plt
 
 from experiments.collect import collect, cvar_key, normalise, policy_name, train_metric
 from experiments.grid import ANCHORING, HEADLINE, HEADLINE_LABELS, METHODS, SETTINGS, Method
-from experiments.stats import LEVEL, Runs, classify, lower_is_better, mean_sd, paired_ci, resolvable_effect
+from experiments.stats import (
+    LEVEL,
+    LOG_KEYS,
+    Runs,
+    classify,
+    lower_is_better,
+    mean_sd,
+    paired_ci,
+    resolvable_effect,
+    scaled,
+)
 
 __all__ = ["collect", "write"]
 
@@ -56,18 +66,6 @@ TDPO_LABEL = HEADLINE_LABELS["tdpo"]
 CONTROL_LABEL = HEADLINE_LABELS["rsa-cvar-1"]
 TAIL_KEYS = ("severe_rate", "catastrophe_prob")  # with the CVaRs: what "the tail" means in the verdict
 DRIFT = "kl_to_stage1"
-# probabilities that span decades are compared as log10 (a difference of -2: a hundred times rarer)
-LOG_KEYS = frozenset({"catastrophe_prob", "catastrophe_prob_geomean"})
-
-
-def _scale(key: str, value: float) -> float:
-    return math.log10(max(value, 1e-300)) if key in LOG_KEYS else value
-
-
-def paired(runs: Runs, a: Method, b: Method, key: str) -> list[float]:
-    """a - b per seed, over the seeds both finished; log10(a) - log10(b) for a probability (LOG_KEYS)."""
-    x, y = runs.by_seed(a.setting, a.policy, key), runs.by_seed(b.setting, b.policy, key)
-    return [_scale(key, x[s]) - _scale(key, y[s]) for s in sorted(x.keys() & y.keys())]
 
 
 def _delta(key: str, runs: Runs) -> tuple[str, str]:
@@ -174,12 +172,12 @@ def comparison_table(runs: Runs, pairs: Sequence[tuple[Method, Method]]) -> str:
             a.label,
             b.label,
             *(
-                _difference_cell(paired(runs, a, b, key), _delta(key, runs)[1], lower_is_better(key))
+                _difference_cell(runs.paired(a, b, key), _delta(key, runs)[1], lower_is_better(key))
                 for key, _, _ in metrics
             ),
         ]
         for a, b in pairs
-        if paired(runs, a, b, "unsafe_rate")
+        if runs.paired(a, b, "unsafe_rate")
     ]
     return _table(header, rows, align="r")
 
@@ -211,12 +209,12 @@ def verdict_lines(runs: Runs, group: str) -> list[str]:
     for method in _stage2(group):
         if method.label == TDPO_LABEL:
             continue
-        n = len(paired(runs, method, tdpo, "unsafe_rate"))
+        n = len(runs.paired(method, tdpo, "unsafe_rate"))
         if n < 2:
             lines.append(f"- {method.label}: {n} seed(s) paired with TDPO so far; no verdict.")
             continue
-        classes = _classes({key: paired(runs, method, tdpo, key) for key in (*tail, "unsafe_rate", "helpful_win_rate")})
-        drift = paired_ci(paired(runs, method, tdpo, DRIFT))[0]
+        classes = _classes({key: runs.paired(method, tdpo, key) for key in (*tail, "unsafe_rate", "helpful_win_rate")})
+        drift = paired_ci(runs.paired(method, tdpo, DRIFT))[0]
         anchors = "" if math.isnan(drift) else f"; stage 2's KL to stage 1 {drift:+.2f} against TDPO's"
         parts = ", ".join(f"{_name(k, runs)} {v}" for k, v in classes.items())
         lines.append(f"- {method.label}: {_verdict_words(classes, tail, n, 'TDPO')} ({parts}{anchors}).")
@@ -247,7 +245,7 @@ def control_check(runs: Runs) -> str:
     keys = ("helpful_win_rate", _cvar(runs), "severe_rate", "catastrophe_prob", DRIFT)
     gaps = []
     for k in keys:
-        diffs = paired(runs, control, tdpo, k)
+        diffs = runs.paired(control, tdpo, k)
         if diffs:
             gaps.append(f"{_delta(k, runs)[0]} {max(diffs, key=abs):+.2g}")
     return (
@@ -279,7 +277,7 @@ def _curve(runs: Runs, settings: Sequence[str], seed: int, key: str) -> list[tup
             continue
         drift, value = record["eval"].get(f"safety.{DRIFT}"), record["eval"].get(f"safety.{key}")
         if drift is not None and value is not None:
-            points.append((float(drift), _scale(key, float(value))))
+            points.append((float(drift), scaled(key, float(value))))
     return sorted(points)
 
 

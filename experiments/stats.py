@@ -21,6 +21,8 @@ from experiments.collect import key_name, normalise
 from experiments.grid import SETTINGS, Method
 
 LEVEL = 0.95  # two-sided confidence of the paired intervals
+# probabilities that span decades are compared as log10 (a difference of -2: a hundred times rarer)
+LOG_KEYS = frozenset({"catastrophe_prob", "catastrophe_prob_geomean"})
 TIE = 1e-9  # |A - B| at or below this in every seed: the same number up to rounding
 # a tail metric's key (after normalise): <policy>.cost_cvar_<level, dotless: 0_05, 1_5e-05>, not its .n, .ci95_*
 _CVAR_KEY = re.compile(r"\.cost_cvar_(\d+(?:_\d+)?(?:e[+-]?\d+)?)$")
@@ -75,6 +77,11 @@ def classify(differences: Sequence[float], metric: str) -> str:
     return "unclear"
 
 
+def scaled(metric: str, value: float) -> float:
+    """The value on the scale metrics are compared on: log10 for a probability in LOG_KEYS."""
+    return math.log10(max(value, 1e-300)) if metric in LOG_KEYS else value
+
+
 def mode(values: Iterable[Any]) -> Any:
     """The most common value (ties: the first seen); None for none."""
     first: dict[str, Any] = {}
@@ -116,9 +123,9 @@ class Runs:
         return mean_sd(self.values(method, metric))[0]
 
     def paired(self, a: Method, b: Method, metric: str) -> list[float]:
-        """a - b per seed, over the seeds both finished."""
+        """a - b per seed, over the seeds both finished; log10(a) - log10(b) for a probability (LOG_KEYS)."""
         x, y = self.by_seed(a.setting, a.policy, metric), self.by_seed(b.setting, b.policy, metric)
-        return [x[s] - y[s] for s in sorted(x.keys() & y.keys())]
+        return [scaled(metric, x[s]) - scaled(metric, y[s]) for s in sorted(x.keys() & y.keys())]
 
     def seeds(self) -> list[int]:
         """The seeds of the runs at hand."""

@@ -465,6 +465,7 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
     points = _decision_points(params, prompt_sets, tokenizer, data)
     answers: dict[str, list[Answer]] = {}
     decided: dict[str, dict[str, float]] = {}
+    reward: PreTrainedModel | None = None
     started = time.perf_counter()
     greedy_only = _count(sets, e) // (1 + e.samples_per_prompt)  # an unreported sft's answers
     pace = Pace(_count(sets, e) * len(reported) + greedy_only * (len(evaluated) - len(reported)))
@@ -486,12 +487,16 @@ def _evaluate(params: Params, data: Path, models: Path, out: Path, console: Cons
                     console.print(f"evaluate: generating and judging {name} ({len(answers) + 1}/{len(evaluated)}), "
                                   f"{time.perf_counter() - started:.0f} s so far")  # fmt: skip
                 model = sft if name == "sft" else load()
-                # the stage-2 policy's drift from its training reference, the stage-1 policy (kl_to_stage1)
-                stage1 = next(lo for n, _, lo in found if n == "reward")() if name == "safety" else None
+                # the stage-2 policy's drift from its training reference, the stage-1 policy (kl_to_stage1):
+                # the one just evaluated when it was, loaded otherwise
+                stage1 = None
+                if name == "safety":
+                    stage1 = reward if reward is not None else next(lo for n, _, lo in found if n == "reward")()
                 pace.start(name, count)
                 answers[name] = _answers(
                     name, model, sft, tokenizer, sets, e, judging, answers.get("sft"), pace, sample, stage1
                 )
+                reward = model if name == "reward" else None  # kept only until safety, which comes next
                 del stage1
                 if sample and points:
                     probs = decisions.probabilities(model, points, e.batch_size)

@@ -191,6 +191,36 @@ def collect(root: Path, dvc: Callable[..., str]) -> dict[str, Any]:
 TRAIN_FILES = ("metrics/train_reward/metrics.json", "metrics/train_safety/metrics.json")
 
 
+def _same(recorded: Any, override: str) -> bool:
+    """Whether a recorded params value is what `dvc exp run -S key=override` sets."""
+    return yaml.safe_load(override) == recorded
+
+
+def matches_grid(name: str, record: dict[str, Any]) -> bool:
+    """Whether a recorded experiment is one of the grid's and ran with the params its setting sets
+    now (a setting whose overrides changed since is run again, not read from the record)."""
+    setting = next((s for s in SETTINGS if s.name == record.get("setting")), None)
+    if setting is None or record.get("seed") not in setting.seeds or name != setting.experiment(record["seed"]):
+        return False
+    params = record.get("params") or {}
+    return all(key in params and _same(params[key], value) for key, value in setting.overrides(record["seed"]).items())
+
+
+def merge(recorded: dict[str, Any], collected: dict[str, Any]) -> dict[str, Any]:
+    """runs.json's experiments updated with those read from the git refs. The refs are local to the
+    clone that ran them (a fresh clone has none), so runs.json is the record: an experiment it holds
+    stays unless the refs hold a newer run of the name, or the grid no longer sets its params."""
+    experiments = {
+        name: record
+        for name, record in normalise(recorded).get("experiments", {}).items()
+        if matches_grid(name, record)
+    }
+    for name, record in collected.get("experiments", {}).items():
+        if name not in experiments or (record.get("timestamp") or "") >= (experiments[name].get("timestamp") or ""):
+            experiments[name] = record
+    return {"experiments": dict(sorted(experiments.items()))}
+
+
 def collect_refs(root: Path) -> dict[str, Any]:
     """The same dict as collect, read from git alone: a finished DVC experiment is a commit under
     refs/exps/<baseline>/<name> holding its params.yaml and metrics files. `dvc exp show --all-commits`

@@ -125,7 +125,7 @@ def run(
         console.print(f"embedded: {error}")
     _dvc("repro", "sft", capture=False)  # a no-op when models/sft matches dvc.lock
     pending = queue_status()
-    finished = set(_finished())
+    finished = set(_finished()) | set(_recorded())
     queued: list[str] = []
     for setting, seed in queue_order():  # the headline comparison first
         name = setting.experiment(seed)
@@ -152,6 +152,17 @@ def run(
     if failed:
         console.print(f"error: {len(failed)} experiments failed: {', '.join(failed)}; see `dvc queue logs <name>`")
         raise typer.Exit(1)
+
+
+def _recorded() -> list[str]:
+    """The experiments runs.json holds with the params the grid sets now: the record that outlives
+    the clone (DVC's experiment refs stay in the clone that ran them)."""
+    from experiments.collect import matches_grid
+
+    if not RUNS.exists():
+        return []
+    experiments = json.loads(RUNS.read_text()).get("experiments", {})
+    return [name for name, record in experiments.items() if matches_grid(name, record)]
 
 
 def _finished() -> list[str]:
@@ -195,17 +206,25 @@ def _wait(poll: float, jobs: int) -> None:
 
 @app.command()
 def report(
-    collect: Annotated[bool, typer.Option(help="Read the experiments (their git refs) into runs.json first.")] = True,
+    collect: Annotated[
+        bool, typer.Option(help="Merge the experiments of this clone (their git refs) into runs.json first.")
+    ] = True,
 ) -> None:
     """Write reports/embedded.md (and its figures) from reports/embedded/runs.json."""
     from experiments import render as report_module  # matplotlib only for the report
-    from experiments.collect import collect_refs
+    from experiments.collect import collect_refs, merge
 
     if collect:
-        runs = collect_refs(ROOT)
+        recorded = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+        collected = collect_refs(ROOT)
+        runs = merge(recorded, collected)
         RUNS.parent.mkdir(parents=True, exist_ok=True)
         RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
-        console.print(f"embedded: {len(runs['experiments'])} experiments -> {RUNS.relative_to(ROOT)}")
+        kept = len(runs["experiments"]) - len(collected["experiments"])
+        console.print(
+            f"embedded: {len(collected['experiments'])} experiments from this clone's refs, {kept} kept from"
+            f" {RUNS.relative_to(ROOT)} -> {len(runs['experiments'])}"
+        )
     runs = json.loads(RUNS.read_text())
     out = report_module.write(runs, ROOT / "reports")
     console.print(f"embedded: wrote {out.relative_to(ROOT)}")

@@ -1,12 +1,12 @@
-"""The embedded-world experiments' runs, read from DVC and git (experiments/embedded.py `report`).
+"""The embedded-world experiments' runs, read from git (experiments/embedded.py `report`).
 
-collect: `dvc exp show --json` (every commit) -> the grid's experiments' params and metrics, plus
-their per-category metrics and red-team cost tails (committed files of each experiment's commit)
--> one dict, saved as reports/embedded/runs.json. Names are normalised on the way in (normalise:
-a merged policy is `q0_5`, as merge now names it, not the older `q0.5`; a tail metric is
-`cost_cvar_0_05`, as evaluate now names it, not the older `cost_cvar_0.05`) so that runs from
-before and after the renames compare in one report; train_metric reads a stage's training metrics
-in either file layout.
+collect_refs: DVC's experiment commits (refs/exps) -> the grid's experiments' params and metrics,
+plus their per-category metrics and red-team cost tails -> one dict; merge_runs folds it into
+reports/embedded/runs.json, the record that outlives the clone. Names are normalised on the way in
+(normalise: a merged policy is `q0_5`, as the merge stage now names it, not the older `q0.5`; a
+tail metric is `cost_cvar_0_05`, as evaluate now names it, not the older `cost_cvar_0.05`) so
+that runs from before and after the renames compare in one report; train_metric reads a stage's
+training metrics in either file layout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import io
 import json
 import re
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,26 +107,6 @@ def train_metric(record: dict[str, Any], stage: str, key: str) -> float | None:
     return None
 
 
-def _experiment_nodes(node: Any, finished: bool = True) -> list[dict]:
-    """Every {rev, name, data} record in dvc exp show's JSON, at any depth, with whether it finished
-    (a queued or running experiment's group has an executor whose state is not success: its data
-    may still be the baseline's)."""
-    found: list[dict] = []
-    if isinstance(node, dict):
-        executor = node.get("executor")
-        if "revs" in node and isinstance(executor, dict):
-            finished = executor.get("state") == "success"
-        if "rev" in node and "data" in node and isinstance(node.get("data"), dict):
-            found.append({**node, "finished": finished})
-        for value in node.values():
-            if isinstance(value, list | dict):
-                found += _experiment_nodes(value, finished)
-    elif isinstance(node, list):
-        for item in node:
-            found += _experiment_nodes(item, finished)
-    return found
-
-
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """Nested params -> {"a.b.c": value}."""
     flat: dict[str, Any] = {}
@@ -152,42 +131,6 @@ def _cost_tail(text: str) -> dict[str, list[list[float]]]:
     return tail
 
 
-def collect(root: Path, dvc: Callable[..., str]) -> dict[str, Any]:
-    """The grid's experiments (the newest of each name, over every commit) as one dict."""
-    wanted = {s.experiment(seed): (s.name, seed) for s in SETTINGS for seed in s.seeds}
-    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", "--hide-queued", "--hide-failed"))
-    newest: dict[str, dict] = {}
-    for node in _experiment_nodes(shown):
-        name = node.get("name")
-        if name not in wanted or node.get("error") or not node["finished"]:
-            continue
-        data = node["data"]
-        if name not in newest or (data.get("timestamp") or "") > (newest[name]["data"].get("timestamp") or ""):
-            newest[name] = node
-    experiments: dict[str, Any] = {}
-    for name, node in sorted(newest.items()):
-        data = node["data"]
-        metrics = {file: (entry or {}).get("data", {}) for file, entry in (data.get("metrics") or {}).items()}
-        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-        if "eval/metrics.json" not in metrics or not metrics["eval/metrics.json"]:
-            continue  # a failed or unfinished experiment
-        per_category = _git_show(root, node["rev"], EXPERIMENT_FILES[0])
-        tail = _git_show(root, node["rev"], EXPERIMENT_FILES[1])
-        setting, seed = wanted[name]
-        experiments[name] = {
-            "setting": setting,
-            "seed": seed,
-            "rev": node["rev"],
-            "timestamp": data.get("timestamp"),
-            "params": flatten(params),
-            "eval": metrics["eval/metrics.json"],
-            "train": {file: m for file, m in metrics.items() if file.startswith("metrics/")},
-            "per_category": json.loads(per_category) if per_category else {},
-            "cost_tail": _cost_tail(tail) if tail else {},
-        }
-    return normalise({"experiments": experiments})
-
-
 TRAIN_FILES = ("metrics/train_reward/metrics.json", "metrics/train_safety/metrics.json")
 
 
@@ -206,7 +149,7 @@ def matches_grid(name: str, record: dict[str, Any]) -> bool:
     return all(key in params and _same(params[key], value) for key, value in setting.overrides(record["seed"]).items())
 
 
-def merge(recorded: dict[str, Any], collected: dict[str, Any]) -> dict[str, Any]:
+def merge_runs(recorded: dict[str, Any], collected: dict[str, Any]) -> dict[str, Any]:
     """runs.json's experiments updated with those read from the git refs. The refs are local to the
     clone that ran them (a fresh clone has none), so runs.json is the record: an experiment it holds
     stays unless the refs hold a newer run of the name, or the grid no longer sets its params."""
@@ -222,7 +165,7 @@ def merge(recorded: dict[str, Any], collected: dict[str, Any]) -> dict[str, Any]
 
 
 def collect_refs(root: Path) -> dict[str, Any]:
-    """The same dict as collect, read from git alone: a finished DVC experiment is a commit under
+    """The grid's experiments this clone ran, read from git alone: a finished DVC experiment is a commit under
     refs/exps/<baseline>/<name> holding its params.yaml and metrics files. `dvc exp show --all-commits`
     took over 10 minutes for round 2's 70 experiments on 2 busy cores; this takes seconds. A name
     finished more than once counts with its newest commit."""

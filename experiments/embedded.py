@@ -212,12 +212,12 @@ def report(
 ) -> None:
     """Write reports/embedded.md (and its figures) from reports/embedded/runs.json."""
     from experiments import render as report_module  # matplotlib only for the report
-    from experiments.collect import collect_refs, merge
+    from experiments.collect import collect_refs, merge_runs
 
     if collect:
         recorded = json.loads(RUNS.read_text()) if RUNS.exists() else {}
         collected = collect_refs(ROOT)
-        runs = merge(recorded, collected)
+        runs = merge_runs(recorded, collected)
         RUNS.parent.mkdir(parents=True, exist_ok=True)
         RUNS.write_text(json.dumps(runs, indent=1, sort_keys=True) + "\n")
         kept = len(runs["experiments"]) - len(collected["experiments"])

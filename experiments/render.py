@@ -28,7 +28,7 @@ import numpy as np
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
 
-from experiments.collect import collect, cvar_key, normalise, policy_name, train_metric
+from experiments.collect import cvar_key, normalise, policy_name, train_metric
 from experiments.grid import ANCHORING, HEADLINE, HEADLINE_LABELS, METHODS, SETTINGS, Method
 from experiments.stats import (
     LEVEL,
@@ -42,7 +42,7 @@ from experiments.stats import (
     scaled,
 )
 
-__all__ = ["collect", "write"]
+__all__ = ["write"]
 
 STAGES = ("train_reward", "train_safety")
 TAIL_LEVEL = 0.05  # the CVaR the figures and the verdict read (the table has every level)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import statistics
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -273,62 +275,86 @@ def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
     assert f"training time summed over them: {hours:.2f} h" in a
 
 
-def test_collect_reads_dvc_exp_show_into_new_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _git(root: Path, *args: str, stdin: str | None = None) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True, text=True, check=True,
+                          env={**os.environ, **env})  # fmt: skip
+    return done.stdout.strip()
+
+
+def _experiment_commit(root: Path, name: str, files: dict[str, str], when: str) -> str:
+    """A commit holding files under refs/exps/<baseline>/<name>, as `dvc exp run` leaves one."""
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    _git(root, "add", "-A")
+    tree = _git(root, "write-tree")
+    commit = subprocess.run(["git", "commit-tree", tree, "-m", name], cwd=root, capture_output=True, text=True,
+                            check=True, env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_COMMITTER_DATE": when,
+                            "GIT_AUTHOR_DATE": when}).stdout.strip()  # fmt: skip
+    _git(root, "update-ref", f"refs/exps/ab/cdef/{name}", commit)
+    _git(root, "rm", "-rq", "--cached", ".")
+    for path in files:
+        (root / path).unlink()
+    return commit
+
+
+def test_collect_refs_reads_the_experiment_commits_into_new_names(tmp_path: Path) -> None:
+    _git(tmp_path, "init", "-q")
     params = {"train_reward": {"beta": 0.1}}
-    experiment = {
-        "rev": "1" * 40,
-        "name": "r2-tdpo-s0",
-        "data": {
-            "timestamp": "2026-11-28T00:00:00",
-            "params": {"params.yaml": {"data": params}},
-            "metrics": {
-                "eval/metrics.json": {
-                    "data": {
-                        "q0.5.helpful_win_rate": 0.75,
-                        "safety.unsafe_rate": 0.25,
-                        "q0.5.cost_cvar_0.05": 9.0,
-                        "q0.5.cost_cvar_0.05.ci95_low": 8.0,
-                        "safety.cost_cvar_0_1": 7.0,  # a run after the rename
-                    }
-                },
-                "metrics/train_reward/metrics.json": {"data": {"time": {"train_s": 12.0}}},
-            },
-        },
-    }
-    queued = {**experiment, "name": "r2-tdpo-s1"}  # still running: its data may be the baseline's
-    shown = [
-        {
-            "rev": "workspace",
-            "name": "main",
-            "data": {"metrics": {}},
-            "experiments": [
-                {"revs": [experiment], "executor": {"state": "success"}},
-                {"revs": [queued], "executor": {"state": "running"}},
-            ],
-        }
-    ]
-    runs = collect.collect(tmp_path, lambda *args: json.dumps(shown))  # tmp_path: no git, no per-category files
-    assert list(runs["experiments"]) == ["r2-tdpo-s0"]
-    record = runs["experiments"]["r2-tdpo-s0"]
-    assert record["eval"] == {
-        "q0_5.helpful_win_rate": 0.75,
-        "safety.unsafe_rate": 0.25,
-        "q0_5.cost_cvar_0_05": 9.0,
-        "q0_5.cost_cvar_0_05.ci95_low": 8.0,
-        "safety.cost_cvar_0_1": 7.0,
-    }
-    assert record["params"] == {"train_reward.beta": 0.1}
-    assert collect.train_metric(record, "train_reward", "time/train_s") == 12.0
-    assert record["per_category"] == record["cost_tail"] == {}
-    # the experiment's committed per-category metrics and cost tail, written before the renames
-    committed = {
+    evaluation = {"q0.5.helpful_win_rate": 0.75, "q0.5.cost_cvar_0.05": 9.0, "safety.cost_cvar_0_1": 7.0}
+    files = {
+        "params.yaml": yaml.safe_dump(params),
+        "eval/metrics.json": json.dumps(evaluation),
+        "metrics/train_reward/metrics.json": json.dumps({"time": {"train_s": 12.0}}),
+        # written before the renames: the per-category metrics and the cost tail
         "eval/per_category.json": json.dumps({"q0.5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0.05": 20.0}}}),
         "eval/plots/cost_tail.csv": "policy,cost,ccdf\nq0.5,0.0,1.0\nq0.5,3.0,0.25\nsft,0.0,1.0\n",
     }
-    monkeypatch.setattr(collect, "_git_show", lambda root, rev, path: committed.get(path) if rev == "1" * 40 else None)
-    record = collect.collect(tmp_path, lambda *args: json.dumps(shown))["experiments"]["r2-tdpo-s0"]
+    _experiment_commit(tmp_path, "r2-tdpo-s0", {**files, "eval/metrics.json": json.dumps({"safety.cost_mean": 1.0})},
+                       "2026-11-27T00:00:00+00:00")  # fmt: skip
+    newest = _experiment_commit(tmp_path, "r2-tdpo-s0", files, "2026-11-28T00:00:00+00:00")  # the name run again
+    _experiment_commit(tmp_path, "r2-tdpo-s1", {"params.yaml": yaml.safe_dump(params)}, "2026-11-28T00:00:00+00:00")
+    _experiment_commit(tmp_path, "not-in-the-grid", files, "2026-11-28T00:00:00+00:00")
+    runs = collect.collect_refs(tmp_path)
+    assert list(runs["experiments"]) == ["r2-tdpo-s0"]  # s1 has no evaluation: failed or unfinished
+    record = runs["experiments"]["r2-tdpo-s0"]
+    assert (record["setting"], record["seed"], record["rev"]) == ("tdpo", 0, newest)
+    assert record["eval"] == {"q0_5.helpful_win_rate": 0.75, "q0_5.cost_cvar_0_05": 9.0, "safety.cost_cvar_0_1": 7.0}
+    assert record["params"] == {"train_reward.beta": 0.1}
+    assert collect.train_metric(record, "train_reward", "time/train_s") == 12.0
     assert record["per_category"] == {"q0_5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0_05": 20.0}}}
     assert record["cost_tail"] == {"q0_5": [[0.0, 1.0], [3.0, 0.25]], "sft": [[0.0, 1.0]]}
+
+
+def test_runs_json_keeps_what_this_clones_refs_lack() -> None:
+    """The refs stay in the clone that ran the experiments; runs.json is the record: a report from
+    a fresh clone keeps every recorded run, a newer run of a name replaces it, and a run whose
+    params the grid no longer sets is dropped (and run queues it again)."""
+    recorded = _fake_runs()
+    names = sorted(recorded["experiments"])
+    assert all(collect.matches_grid(name, record) for name, record in recorded["experiments"].items())
+    assert collect.merge_runs(recorded, {"experiments": {}}) == recorded
+    rerun = copy.deepcopy(recorded["experiments"][names[0]]) | {"timestamp": "2026-12-03T00:00:00", "rev": "1" * 40}
+    stale = copy.deepcopy(recorded)
+    stale["experiments"][names[1]]["params"]["train_safety.risk.mu"] = 0.123  # ran before the grid changed
+    stale["experiments"]["r1-tdpo-s0"] = recorded["experiments"][names[2]]  # a name the grid does not make
+    merged = collect.merge_runs(stale, {"experiments": {names[0]: rerun}})
+    assert sorted(merged["experiments"]) == sorted(set(names) - {names[1]})
+    assert merged["experiments"][names[0]]["rev"] == "1" * 40
+    older = rerun | {"timestamp": "2026-01-01T00:00:00"}
+    assert collect.merge_runs(recorded, {"experiments": {names[0]: older}})["experiments"][names[0]]["rev"] == "0" * 40
+
+
+def test_run_counts_recorded_experiments_as_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _fake_runs(missing=("r2-tdpo-s4",))
+    runs["experiments"]["r2-rsa-cvar-0.95-s0"]["params"]["evaluate.seed"] = 7  # not what the grid sets
+    monkeypatch.setattr(embedded, "RUNS", tmp_path / "runs.json")
+    assert embedded._recorded() == []
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    recorded = set(embedded._recorded())
+    assert recorded == set(runs["experiments"]) - {"r2-rsa-cvar-0.95-s0"}
 
 
 def _report(tmp_path: Path, runs: dict, name: str = "reports", figures: bool = False) -> str:

@@ -275,25 +275,27 @@ def test_training_metrics_are_read_in_both_layouts(tmp_path: Path) -> None:
     assert f"training time summed over them: {hours:.2f} h" in a
 
 
-def _git(root: Path, *args: str, stdin: str | None = None) -> str:
+def _git(root: Path, *args: str, when: str | None = None) -> str:
+    """git in root, as a fixed author (at a fixed date, if given)."""
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    done = subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True, text=True, check=True,
-                          env={**os.environ, **env})  # fmt: skip
+    if when:
+        env |= {"GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when}
+    done = subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
     return done.stdout.strip()
 
 
-def _experiment_commit(root: Path, name: str, files: dict[str, str], when: str) -> str:
-    """A commit holding files under refs/exps/<baseline>/<name>, as `dvc exp run` leaves one."""
+def _experiment_commit(root: Path, name: str, files: dict[str, str], when: str, baseline: str = "abcdef") -> str:
+    """A commit holding files under refs/exps/<baseline>/<name>, as `dvc exp run` leaves one (a
+    name run again on another baseline commit is another ref)."""
     for path, text in files.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(text)
     _git(root, "add", "-A")
     tree = _git(root, "write-tree")
-    commit = subprocess.run(["git", "commit-tree", tree, "-m", name], cwd=root, capture_output=True, text=True,
-                            check=True, env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "GIT_COMMITTER_DATE": when,
-                            "GIT_AUTHOR_DATE": when}).stdout.strip()  # fmt: skip
-    _git(root, "update-ref", f"refs/exps/ab/cdef/{name}", commit)
+    commit = _git(root, "commit-tree", tree, "-m", name, when=when)
+    _git(root, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", commit)
     _git(root, "rm", "-rq", "--cached", ".")
     for path in files:
         (root / path).unlink()
@@ -312,9 +314,12 @@ def test_collect_refs_reads_the_experiment_commits_into_new_names(tmp_path: Path
         "eval/per_category.json": json.dumps({"q0.5": {"Crime": {"cost_mean": 2.0, "cost_cvar_0.05": 20.0}}}),
         "eval/plots/cost_tail.csv": "policy,cost,ccdf\nq0.5,0.0,1.0\nq0.5,3.0,0.25\nsft,0.0,1.0\n",
     }
-    _experiment_commit(tmp_path, "r2-tdpo-s0", {**files, "eval/metrics.json": json.dumps({"safety.cost_mean": 1.0})},
-                       "2026-11-27T00:00:00+00:00")  # fmt: skip
-    newest = _experiment_commit(tmp_path, "r2-tdpo-s0", files, "2026-11-28T00:00:00+00:00")  # the name run again
+    older = {**files, "eval/metrics.json": json.dumps({"safety.cost_mean": 1.0})}
+    _experiment_commit(tmp_path, "r2-tdpo-s0", older, "2026-11-27T00:00:00+00:00", baseline="012345")
+    newest = _experiment_commit(
+        tmp_path, "r2-tdpo-s0", files, "2026-11-28T00:00:00+00:00"
+    )  # run again, on another commit
+    _experiment_commit(tmp_path, "r2-tdpo-s0", older, "2026-11-26T00:00:00+00:00", baseline="6789ab")
     _experiment_commit(tmp_path, "r2-tdpo-s1", {"params.yaml": yaml.safe_dump(params)}, "2026-11-28T00:00:00+00:00")
     _experiment_commit(tmp_path, "not-in-the-grid", files, "2026-11-28T00:00:00+00:00")
     runs = collect.collect_refs(tmp_path)

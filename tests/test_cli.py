@@ -62,6 +62,24 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.startswith("rsa-pl ")
 
 
+HEAVY = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sft", "--help"], ["evaluate", "--help"]])
+def test_help_and_version_import_no_ml_stack(args: list[str]) -> None:
+    """The stages import their stack when they run, so `rsa-pl --help` answers in a fraction of a
+    second instead of the ~8 s that torch, lightning, transformers and peft take to import."""
+    code = (
+        "import sys\n"
+        "from rsa_pl.pipeline.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit as done:\n    assert done.code in (0, None), done.code\n"
+        f"print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
 # --- merge: policies that do not fit together, and a bad q, through the merge command ----------
 
 

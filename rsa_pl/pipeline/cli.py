@@ -1,6 +1,8 @@
 """The one Typer app, console script `rsa-pl`: maps command names to pipeline functions.
 
-A command appears here only once its stage works end to end.
+A command appears here only once its stage works end to end. Each command imports its stage when
+it runs: torch, lightning, transformers and peft take about 8 s to import on 2 cores, which
+`rsa-pl --help`, `check-params` and `prepare` need not pay (benchmarks/cli_startup.py).
 """
 
 from __future__ import annotations
@@ -12,13 +14,7 @@ import typer
 from rich.console import Console
 
 import rsa_pl
-from rsa_pl.data.sources import DataError
 from rsa_pl.errors import UnavailableError
-from rsa_pl.evaluation.judges import JudgeError
-from rsa_pl.merge import MergeError
-from rsa_pl.modules import NonFiniteError
-from rsa_pl.params_file import ParamsError, load_params
-from rsa_pl.pipeline import check_params, evaluate, merge, pairs, preference, prepare, sft
 
 app = typer.Typer(
     name="rsa-pl",
@@ -51,6 +47,9 @@ def _cannot_write(error: OSError, where: Path) -> OSError:
 @app.command("check-params")
 def check_params_command(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file, report every problem with its key, show the resolved values."""
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import check_params
+
     try:
         check_params.run(params, _out)
     except ParamsError as error:
@@ -63,6 +62,10 @@ def prepare_command(
     out: Annotated[Path, typer.Option("--out", help="The data folder to (re)write.")] = Path("data"),
 ) -> None:
     """Build the data: the embedded safety world or a real dataset, tokenized, with data/report.json."""
+    from rsa_pl.data.sources import DataError
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import prepare
+
     try:
         prepare.run(params, out, _out)
     except (ParamsError, DataError) as error:
@@ -84,6 +87,10 @@ def sft_command(
     """Train the embedded base model on the world's SFT set (or save a pretrained base model as is)."""
     if not (data / "tokenizer").exists():
         raise _fail(ValueError(f"{data}: no prepared data (no {data / 'tokenizer'}); run `rsa-pl prepare` first"))
+    from rsa_pl.modules import NonFiniteError
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import sft
+
     try:
         sft.run(params, data, out, checkpoints, _out, metrics)
     except (ParamsError, UnavailableError) as error:
@@ -96,6 +103,10 @@ def sft_command(
 
 def _preference_stage(stage: str, needs: str, params: Path, data: Path, models: Path, checkpoints: Path,
                       metrics: Path, made: Path) -> None:  # fmt: skip
+    from rsa_pl.modules import NonFiniteError
+    from rsa_pl.params_file import ParamsError, load_params
+    from rsa_pl.pipeline import preference
+
     try:
         folder = preference.pairs_folder(getattr(load_params(params), stage))
     except ParamsError as error:
@@ -140,6 +151,10 @@ def make_pairs_command(
     """Prompts only: the base answers each prompt k times, a judge scores them, best vs worst -> pairs/."""
     if not (models / "sft").exists():
         raise _fail(ValueError(f"{models / 'sft'}: not found; run `rsa-pl sft` first"))
+    from rsa_pl.evaluation.judges import JudgeError
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import evaluate, pairs
+
     try:
         pairs.run(params, data, models, out, _out, checkpoints, judge_cache)
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError, ValueError) as error:
@@ -186,6 +201,10 @@ def merge_command(
     for needs, command in (("reward", "train-reward"), ("safety", "train-safety")):
         if not (models / needs).exists():
             raise _fail(ValueError(f"{models / needs}: not found; run `rsa-pl {command}` first"))
+    from rsa_pl.merge import MergeError
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import merge
+
     try:
         merge.run(params, models, out, _out)
     except (ParamsError, MergeError, UnavailableError) as error:
@@ -206,6 +225,10 @@ def evaluate_command(
     judge_cache: JudgeCacheOption = Path("checkpoints/judge_cache.sqlite"),
 ) -> None:
     """Every policy (sft, reward, safety, merged q) answers the held-out prompts; judge, metrics, plots -> eval/."""
+    from rsa_pl.evaluation.judges import JudgeError
+    from rsa_pl.params_file import ParamsError
+    from rsa_pl.pipeline import evaluate
+
     try:
         evaluate.run(params, data, models, out, _out, checkpoints, judge_cache)
     except (ParamsError, evaluate.EvaluateError, JudgeError, UnavailableError) as error:

@@ -2,15 +2,17 @@
 experiments of the one DAG, then reports/embedded.md from their metrics.
 
     python experiments/embedded.py run      # queue what is missing, run the queue, write the report
-    python experiments/embedded.py report   # collect the experiments' metrics, write the report
+    python experiments/embedded.py report   # merge this clone's experiments into runs.json, write the report
 
-`run` queues every experiment DVC does not hold yet; within one, a stage whose deps and params a
-finished run had (prepare, sft, an anchoring run's stage 1) is restored from DVC's run-cache
-instead of run again. Not `--force`: that reruns every stage. The queue runs in tiers
-(grid.queue_order: the headline at three seeds first). Each experiment runs in its own DVC temp
-workspace; prepare and sft come from the DVC cache (the baseline's dvc.lock), so every method
-of every seed starts from the same SFT model, as in the paper. What is left here is what DVC
-does not do: choosing what to queue, restarting a stalled queue, and the report.
+`run` queues every experiment that neither DVC (this clone's refs/exps) nor
+reports/embedded/runs.json (the committed record, with the params the grid sets now) holds;
+within one, a stage whose deps and params a finished run had (prepare, sft, an anchoring run's
+stage 1) is restored from DVC's run-cache instead of run again. Not `--force`: that reruns every
+stage. The queue runs in tiers (grid.queue_order: the headline at three seeds first). Each
+experiment runs in its own DVC temp workspace; prepare and sft come from the DVC cache (the
+baseline's dvc.lock), so every method of every seed starts from the same SFT model, as in the
+paper. What is left here is what DVC does not do: choosing what to queue, restarting a stalled
+queue, and the report.
 """
 
 from __future__ import annotations

@@ -134,28 +134,25 @@ def _cost_tail(text: str) -> dict[str, list[list[float]]]:
 TRAIN_FILES = ("metrics/train_reward/metrics.json", "metrics/train_safety/metrics.json")
 
 
-def _same(recorded: Any, override: str) -> bool:
-    """Whether a recorded params value is what `dvc exp run -S key=override` sets."""
-    return yaml.safe_load(override) == recorded
-
-
 def matches_grid(name: str, record: dict[str, Any]) -> bool:
     """Whether a recorded experiment is one of the grid's and ran with the params its setting sets
     now (a setting whose overrides changed since is run again, not read from the record)."""
     setting = next((s for s in SETTINGS if s.name == record.get("setting")), None)
     if setting is None or record.get("seed") not in setting.seeds or name != setting.experiment(record["seed"]):
         return False
-    params = record.get("params") or {}
-    return all(key in params and _same(params[key], value) for key, value in setting.overrides(record["seed"]).items())
+    params = record.get("params") or {}  # an override's value as `dvc exp run -S key=value` parses it
+    overrides = setting.overrides(record["seed"]).items()
+    return all(key in params and params[key] == yaml.safe_load(value) for key, value in overrides)
 
 
 def merge_runs(recorded: dict[str, Any], collected: dict[str, Any]) -> dict[str, Any]:
     """runs.json's experiments updated with those read from the git refs. The refs are local to the
     clone that ran them (a fresh clone has none), so runs.json is the record: an experiment it holds
-    stays unless the refs hold a newer run of the name, or the grid no longer sets its params."""
+    stays unless the refs hold a newer run of the name, or the grid no longer sets its params. Either
+    side may be empty ({}: no runs.json yet, or no refs)."""
     experiments = {
         name: record
-        for name, record in normalise(recorded).get("experiments", {}).items()
+        for name, record in normalise({"experiments": recorded.get("experiments", {})})["experiments"].items()
         if matches_grid(name, record)
     }
     for name, record in collected.get("experiments", {}).items():

@@ -159,12 +159,10 @@ def run(
 def _recorded() -> list[str]:
     """The experiments runs.json holds with the params the grid sets now: the record that outlives
     the clone (DVC's experiment refs stay in the clone that ran them)."""
-    from experiments.collect import matches_grid
+    from experiments.collect import merge_runs
 
-    if not RUNS.exists():
-        return []
-    experiments = json.loads(RUNS.read_text()).get("experiments", {})
-    return [name for name, record in experiments.items() if matches_grid(name, record)]
+    recorded = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+    return list(merge_runs(recorded, {})["experiments"])  # merge_runs keeps what the grid still sets
 
 
 def _finished() -> list[str]:

@@ -341,6 +341,7 @@ def test_runs_json_keeps_what_this_clones_refs_lack() -> None:
     names = sorted(recorded["experiments"])
     assert all(collect.matches_grid(name, record) for name, record in recorded["experiments"].items())
     assert collect.merge_runs(recorded, {"experiments": {}}) == recorded
+    assert collect.merge_runs({}, recorded) == recorded  # no runs.json yet: the refs alone
     rerun = copy.deepcopy(recorded["experiments"][names[0]]) | {"timestamp": "2026-12-03T00:00:00", "rev": "1" * 40}
     stale = copy.deepcopy(recorded)
     stale["experiments"][names[1]]["params"]["train_safety.risk.mu"] = 0.123  # ran before the grid changed

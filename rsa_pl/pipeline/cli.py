@@ -1,8 +1,9 @@
 """The one Typer app, console script `rsa-pl`: maps command names to pipeline functions.
 
 A command appears here only once its stage works end to end. Each command imports its stage when
-it runs: torch, lightning, transformers and peft take about 8 s to import on 2 cores, which
-`rsa-pl --help`, `check-params` and `prepare` need not pay (benchmarks/cli_startup.py).
+it runs: every stage together imports torch, lightning, transformers and peft (about 9 s on 2
+cores), which `rsa-pl --help` and `--version` need not pay at all and `check-params` pays only
+in part (torch, through the risk measures): benchmarks/cli_startup.py.
 """
 
 from __future__ import annotations
